@@ -1,0 +1,1 @@
+//! Viterbi encoder (in progress).
