@@ -48,7 +48,7 @@ impl BitWidth {
 
     /// Width implied by the last dimension of a `.trellis` tensor (16·K int16 words per tile).
     pub fn from_tile_words(words: usize) -> Option<BitWidth> {
-        if words % 8 != 0 || words > 128 {
+        if !words.is_multiple_of(8) || words > 128 {
             return None;
         }
         let w = BitWidth {
@@ -59,7 +59,7 @@ impl BitWidth {
 
     fn is_valid(self) -> bool {
         match self.twice {
-            2..=16 if self.twice % 2 == 0 => true,
+            2..=16 if self.twice.is_multiple_of(2) => true,
             3 | 5 | 7 => true,
             _ => false,
         }
@@ -75,7 +75,7 @@ impl BitWidth {
 
     /// True for 1..8, false for 1.5 / 2.5 / 3.5.
     pub fn is_integer(self) -> bool {
-        self.twice % 2 == 0
+        self.twice.is_multiple_of(2)
     }
 
     /// The integer part ⌊K⌋.
@@ -117,7 +117,7 @@ impl BitWidth {
             (i + 1) * self.floor()
         } else {
             // Positions 0..=i hold (i+1) codes of ⌊K⌋ bits plus one extra bit per odd position.
-            (i + 1) * self.floor() + (i + 1) / 2
+            (i + 1) * self.floor() + i.div_ceil(2)
         }
     }
 }

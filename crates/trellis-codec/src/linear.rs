@@ -79,14 +79,12 @@ impl<'a> TrellisLinear<'a> {
                 expected,
             });
         }
-        if let Some(b) = &bias {
-            if b.len() != n_padded {
-                return Err(LinearShapeError::Length {
-                    what: "bias",
-                    got: b.len(),
-                    expected: n_padded,
-                });
-            }
+        if let Some(b) = bias.as_ref().filter(|b| b.len() != n_padded) {
+            return Err(LinearShapeError::Length {
+                what: "bias",
+                got: b.len(),
+                expected: n_padded,
+            });
         }
         if in_features > k_padded {
             return Err(LinearShapeError::LogicalTooLarge {

@@ -128,8 +128,8 @@ mod tests {
     #[test]
     fn permutation_is_a_bijection() {
         let mut seen = [false; TILE_WEIGHTS];
-        for t in 0..TILE_WEIGHTS {
-            let i = usize::from(POSITION_TO_TILE_INDEX[t]);
+        for &index in &POSITION_TO_TILE_INDEX {
+            let i = usize::from(index);
             assert!(!seen[i], "tile index {i} hit twice");
             seen[i] = true;
         }
