@@ -1,14 +1,198 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The compute layer: a small set of fused operations that every model is written in, and
+//! the CPU implementation of them.
+//!
+//! A backend owns its memory. Weights are uploaded once at load into backend handles
+//! ([`Backend::Linear`], [`Backend::Vector`], …); activations live in [`Backend::Buffer`]s that
+//! the model allocates once for its largest batch; the KV cache is one pool of fixed-size blocks
+//! addressed through per-sequence block tables. Ops take handles and sizes and never allocate,
+//! so one decode step is a fixed sequence of op calls over fixed buffers — the shape a CUDA
+//! graph capture needs, and the reason the CPU path allocates nothing per token.
+//!
+//! Every op works on `rows` tokens at once: a prefill chunk of one sequence, or one token of
+//! each of several sequences in a batched decode step. [`Batch`] says, per token, its position
+//! and sequence, and where each sequence's cache blocks are.
+
+pub mod cpu;
+mod spec;
+
+pub use spec::{
+    AttentionSpec, Batch, GroupRanking, KvCacheLayout, KvDtype, MlaSpec, RopeSpec, RouterSpec,
+    ScoringFunction,
+};
+
+use trellis_format::{LinearWeights, TensorView};
+
+/// Why an op or an upload could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{tensor}: {reason}")]
+    Weight { tensor: String, reason: String },
+    #[error("unsupported on the {backend} backend: {what}")]
+    Unsupported { backend: &'static str, what: String },
+    #[error("out of memory allocating {bytes} bytes for {what}")]
+    OutOfMemory { what: String, bytes: usize },
+    #[error(transparent)]
+    Format(#[from] trellis_format::FormatError),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+/// The fused operations models are written in.
+///
+/// Shapes: activations are row-major `[rows, width]` f32; `rows` ≤ the rows the buffer was
+/// allocated for. Inputs and outputs of one op are distinct buffers unless the op says it
+/// works in place.
+pub trait Backend {
+    /// Activations and scratch, f32.
+    type Buffer;
+    /// A linear layer: EXL3 trellis (decoded on the fly) or dense f32/f16/bf16.
+    type Linear;
+    /// A small f32 vector (norm weights, biases, router bias).
+    type Vector;
+    /// A token embedding table.
+    type Embedding;
+    /// Rotary embedding frequencies.
+    type Rope;
+    /// MoE router: gate weight, selection bias and routing rule.
+    type Router;
+    /// Routed experts of one MoE layer (gated MLPs).
+    type Experts;
+    /// Per-token expert choices and weights produced by [`Backend::moe_route`].
+    type Routing;
+    /// MLA `kv_b_proj` prepared for absorbed attention.
+    type MlaKvB;
+    /// Paged KV cache of all layers.
+    type KvCache;
+
+    fn name(&self) -> &'static str;
+
+    // ---- uploads and allocation (load time) -------------------------------------------
+    fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<Self::Linear>;
+    fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;
+    fn upload_embedding(&self, table: &TensorView<'_>) -> Result<Self::Embedding>;
+    fn upload_rope(&self, spec: &RopeSpec) -> Result<Self::Rope>;
+    fn upload_router(
+        &self,
+        gate: &LinearWeights<'_>,
+        selection_bias: Option<&[f32]>,
+        spec: &RouterSpec,
+    ) -> Result<Self::Router>;
+    /// `experts[e] = (gate_proj, up_proj, down_proj)`.
+    fn upload_experts(
+        &self,
+        experts: Vec<(Self::Linear, Self::Linear, Self::Linear)>,
+    ) -> Result<Self::Experts>;
+    /// `kv_b_proj` weight `[heads·(qk_nope + v), kv_lora_rank]` (HF orientation).
+    fn upload_mla_kv_b(&self, weights: &LinearWeights<'_>, spec: &MlaSpec) -> Result<Self::MlaKvB>;
+    fn alloc(&self, len: usize) -> Result<Self::Buffer>;
+    fn alloc_routing(&self, rows: usize, top_k: usize) -> Result<Self::Routing>;
+    fn alloc_kv_cache(&self, layout: &KvCacheLayout) -> Result<Self::KvCache>;
+
+    // ---- host transfers ----------------------------------------------------------------
+    fn write(&self, dst: &mut Self::Buffer, src: &[f32]);
+    fn read(&self, src: &Self::Buffer, dst: &mut [f32]);
+    /// Expert ids and weights of the first `rows` tokens (`rows × top_k` each).
+    fn read_routing(&self, routing: &Self::Routing, rows: usize) -> (Vec<u32>, Vec<f32>);
+
+    // ---- ops -----------------------------------------------------------------------------
+    /// `out[i] = table[tokens[i]] · scale`.
+    fn embed(&self, table: &Self::Embedding, tokens: &[u32], scale: f32, out: &mut Self::Buffer);
+    /// Row-wise `out = x / rms(x) · weight` over rows of `weight.len()` values.
+    fn rms_norm(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Vector,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buffer,
+    );
+    /// In-place RMSNorm of `rows` consecutive vectors of `weight.len()` values (per-head norms).
+    fn rms_norm_inplace(&self, x: &mut Self::Buffer, weight: &Self::Vector, eps: f32, rows: usize);
+    /// `out = x · W (+ bias)` for `rows` rows.
+    fn linear(&self, w: &Self::Linear, x: &Self::Buffer, rows: usize, out: &mut Self::Buffer);
+    /// `dst[j] = src[rows[j]]` for rows of `width` values.
+    fn copy_rows(&self, src: &Self::Buffer, width: usize, rows: &[u32], dst: &mut Self::Buffer);
+    /// `x += y` over the first `len` values.
+    fn add(&self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize);
+    /// `gate = silu(gate) ⊙ up` over the first `len` values.
+    fn silu_mul(&self, gate: &mut Self::Buffer, up: &Self::Buffer, len: usize);
+    /// `gate = gelu_tanh(gate) ⊙ up` over the first `len` values.
+    fn gelu_tanh_mul(&self, gate: &mut Self::Buffer, up: &Self::Buffer, len: usize);
+    /// Rotate dims `offset .. offset + rope.dim()` of each of `heads` heads (stride `head_dim`)
+    /// of every token, at that token's position.
+    fn rope(
+        &self,
+        x: &mut Self::Buffer,
+        rope: &Self::Rope,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        batch: &Batch<'_>,
+    );
+
+    /// Write each token's key and value rows into its cache slot (`k`, `v`: `[rows, kv_heads·head_dim]`).
+    fn kv_append(
+        &self,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        batch: &Batch<'_>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+    );
+    /// Causal GQA attention of each token over its sequence's cache (including itself).
+    fn attention(
+        &self,
+        q: &Self::Buffer,
+        spec: &AttentionSpec,
+        batch: &Batch<'_>,
+        cache: &Self::KvCache,
+        layer: usize,
+        out: &mut Self::Buffer,
+    );
+
+    /// MLA: from `kv_a_proj_with_mqa` output `[rows, kv_lora_rank + rope]`, RMS-normalise the
+    /// latent, rotate the shared rope key, and write both into the latent cache.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_append(
+        &self,
+        ckv: &Self::Buffer,
+        kv_norm: &Self::Vector,
+        rope: &Self::Rope,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+    );
+    /// MLA attention over the latent cache. `q` is `[rows, heads·(qk_nope + qk_rope)]`
+    /// (rope part unrotated; rotated in place); `out` is `[rows, heads·v_head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attention(
+        &self,
+        q: &mut Self::Buffer,
+        kv_b: &Self::MlaKvB,
+        rope: &Self::Rope,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &Self::KvCache,
+        layer: usize,
+        out: &mut Self::Buffer,
+    );
+
+    /// Choose experts and their weights for each token.
+    fn moe_route(
+        &self,
+        router: &Self::Router,
+        x: &Self::Buffer,
+        rows: usize,
+        routing: &mut Self::Routing,
+    );
+    /// `out = Σ_j weight_j · expert_j(x)` over each token's chosen experts (overwrites `out`).
+    fn moe_experts(
+        &self,
+        experts: &Self::Experts,
+        x: &Self::Buffer,
+        rows: usize,
+        routing: &Self::Routing,
+        out: &mut Self::Buffer,
+    );
 }

@@ -1,14 +1,39 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Model directories as trellis reads them.
+//!
+//! * [`ModelDir`]: `config.json` → a typed [`ModelConfig`] per architecture family, the EXL3
+//!   [`QuantizationConfig`], the [`GenerationDefaults`] of `generation_config.json`, and the
+//!   tensors;
+//! * [`TensorStore`]: single or sharded safetensors files, memory-mapped, every header
+//!   validated at open; [`TensorView`]s borrow from the map;
+//! * [`TensorStore::linear`]: a linear layer as [`LinearWeights`] — an EXL3 trellis group
+//!   (built as a [`trellis_codec::TrellisLinear`]) or a dense weight — with dtypes and shapes
+//!   checked;
+//! * [`summarize`]: the [`ModelSummary`] behind `trellis inspect`.
+//!
+//! Nothing here knows about backends, model math, HTTP or the CLI. Every error is a
+//! [`FormatError`] whose message names the file, tensor or field and what was expected.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod config;
+mod dtype;
+mod error;
+pub mod generation;
+mod json;
+pub mod linear;
+mod model_dir;
+pub mod quant;
+pub mod store;
+pub mod summary;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use config::{
+    Architecture, CommonConfig, Gemma3Config, LayerAttention, LlamaConfig, LlamaFamily,
+    MlaMoeConfig, ModelConfig, Qwen3MoeConfig, RopeConfig, RopeScaling, ScoringFunc, SpecialTokens,
+    TopkMethod,
+};
+pub use dtype::DType;
+pub use error::{FormatError, Result};
+pub use generation::GenerationDefaults;
+pub use linear::{EXL3_PAD, LinearWeights, TrellisShape, expand_sign_bits, pad_to_exl3};
+pub use model_dir::ModelDir;
+pub use quant::{Calibration, ModuleStorage, QuantizationConfig, StoredTensor};
+pub use store::{TensorStore, TensorView};
+pub use summary::{ModelSummary, TensorKind, TensorSummary, logical_linear_shape, summarize};

@@ -1,0 +1,176 @@
+//! Attention over the paged cache: standard GQA, and MLA in its absorbed form over the
+//! compressed latent.
+
+use super::kv::CpuKvCache;
+use super::linear::{DenseData, dot};
+use super::ops::{rope_vector, softmax};
+use super::scratch::with_task_scratch;
+use crate::spec::{AttentionSpec, Batch, MlaSpec, RopeSpec};
+use rayon::prelude::*;
+
+/// First position token `i` attends to.
+fn window_start(pos: u32, window: Option<usize>) -> u32 {
+    match window {
+        Some(w) if (pos as usize) >= w => pos + 1 - w as u32,
+        _ => 0,
+    }
+}
+
+pub fn kv_append(k: &[f32], v: &[f32], batch: &Batch<'_>, cache: &mut CpuKvCache, layer: usize) {
+    let width = cache.layout.values_per_token / 2;
+    for i in 0..batch.rows() {
+        let slot = batch.slot(batch.sequence[i], batch.positions[i]);
+        cache.write_row(layer, slot, 0, &k[i * width..(i + 1) * width]);
+        cache.write_row(layer, slot, width, &v[i * width..(i + 1) * width]);
+    }
+}
+
+/// Each (token, head) pair is one task: scores over the token's visible positions, softmax,
+/// weighted sum of values. Keys occupy the first half of a slot's row, values the second.
+pub fn attention(
+    q: &[f32],
+    spec: &AttentionSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, d) = (spec.heads, spec.head_dim);
+    let group = h / spec.kv_heads;
+    let v_start = spec.kv_heads * d;
+    out[..batch.rows() * h * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let (i, head) = (task / h, task % h);
+            let kv_head = head / group;
+            let (seq, pos) = (batch.sequence[i], batch.positions[i]);
+            let first = window_start(pos, spec.sliding_window);
+            let qh = &q[(i * h + head) * d..(i * h + head + 1) * d];
+            let n = (pos - first + 1) as usize;
+            with_task_scratch(n, |scores| {
+                for (s, p) in scores.iter_mut().zip(first..=pos) {
+                    let slot = batch.slot(seq, p);
+                    let mut x = cache.dot_row(layer, slot, kv_head * d, qh) * spec.softmax_scale;
+                    if let Some(cap) = spec.logit_softcap {
+                        x = (x / cap).tanh() * cap;
+                    }
+                    *s = x;
+                }
+                softmax(scores);
+                o.fill(0.0);
+                for (&s, p) in scores.iter().zip(first..=pos) {
+                    cache.axpy_row(layer, batch.slot(seq, p), v_start + kv_head * d, s, o);
+                }
+            });
+        });
+}
+
+/// `kv_b_proj` split per head for the absorbed form: `uk[h]` is `[qk_nope, rank]` (maps a
+/// latent to a head's no-rope key) and `uv[h]` is `[v_head, rank]` (latent to value).
+pub struct MlaKvB {
+    pub weight: DenseData,
+    pub rank: usize,
+}
+
+pub fn mla_append(
+    ckv: &[f32],
+    kv_norm: &[f32],
+    rope: &RopeSpec,
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &mut CpuKvCache,
+    layer: usize,
+) {
+    let width = spec.cache_width();
+    let rank = spec.kv_lora_rank;
+    with_task_scratch(width, |row| {
+        for i in 0..batch.rows() {
+            let src = &ckv[i * width..(i + 1) * width];
+            let sum_sq = dot(&src[..rank], &src[..rank]);
+            let inv = 1.0 / (sum_sq / rank as f32 + spec.latent_norm_eps).sqrt();
+            for ((r, &x), &g) in row[..rank].iter_mut().zip(&src[..rank]).zip(kv_norm) {
+                *r = g * (x * inv);
+            }
+            row[rank..].copy_from_slice(&src[rank..]);
+            rope_vector(&mut row[rank..], rope, batch.positions[i]);
+            cache.write_row(
+                layer,
+                batch.slot(batch.sequence[i], batch.positions[i]),
+                0,
+                row,
+            );
+        }
+    });
+}
+
+/// Absorbed MLA: per head, `q_lat = W_UKᵀ q_nope`, scores against the cached latent plus the
+/// shared rope key, softmax, latent-weighted sum `o_lat`, then `o = W_UV o_lat`.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_attention(
+    q: &mut [f32],
+    kv_b: &MlaKvB,
+    rope: &RopeSpec,
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, nope, rope_dim, vd, rank) = (
+        spec.heads,
+        spec.qk_nope_dim,
+        spec.qk_rope_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    );
+    let qk = nope + rope_dim;
+    let rows = batch.rows();
+    for (row, &pos) in q[..rows * h * qk]
+        .chunks_exact_mut(h * qk)
+        .zip(batch.positions)
+    {
+        for head in row.chunks_exact_mut(qk) {
+            rope_vector(&mut head[nope..], rope, pos);
+        }
+    }
+    let q: &[f32] = q;
+    let per_head_rows = nope + vd;
+    out[..rows * h * vd]
+        .par_chunks_mut(vd)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let (i, head) = (task / h, task % h);
+            let (seq, pos) = (batch.sequence[i], batch.positions[i]);
+            let qh = &q[(i * h + head) * qk..(i * h + head + 1) * qk];
+            let (q_nope, q_rope) = qh.split_at(nope);
+            let n = pos as usize + 1;
+            with_task_scratch(2 * rank + n, |buf| {
+                let (q_lat, rest) = buf.split_at_mut(rank);
+                let (o_lat, scores) = rest.split_at_mut(rank);
+                // q_lat[c] = Σ_d q_nope[d] · W_UK[d][c]
+                q_lat.fill(0.0);
+                let w_row = &mut o_lat[..]; // borrowed as a row buffer before o_lat is needed
+                for (d, &qv) in q_nope.iter().enumerate() {
+                    kv_b.weight.row_into(head * per_head_rows + d, rank, w_row);
+                    for (l, &w) in q_lat.iter_mut().zip(w_row.iter()) {
+                        *l += qv * w;
+                    }
+                }
+                for (s, p) in scores.iter_mut().zip(0..=pos) {
+                    let slot = batch.slot(seq, p);
+                    let lat = cache.dot_row(layer, slot, 0, q_lat);
+                    let rot = cache.dot_row(layer, slot, rank, q_rope);
+                    *s = (lat + rot) * spec.softmax_scale;
+                }
+                softmax(scores);
+                o_lat.fill(0.0);
+                for (&s, p) in scores.iter().zip(0..=pos) {
+                    cache.axpy_row(layer, batch.slot(seq, p), 0, s, o_lat);
+                }
+                for (v, ov) in o.iter_mut().enumerate() {
+                    *ov = kv_b.weight.row_dot(head * per_head_rows + nope + v, o_lat);
+                }
+            });
+        });
+}

@@ -1,0 +1,398 @@
+//! The CPU backend: plain f32 arithmetic, multi-threaded with rayon over all cores.
+//!
+//! Weights are copied out of the memory map into backend-owned memory at upload (so the
+//! map can be dropped after load and resident memory stays ≈ the file size); EXL3 linears
+//! keep their packed trellis words and decode tiles inside the product.
+
+mod attention;
+mod kv;
+mod linear;
+mod moe;
+mod ops;
+mod scratch;
+
+pub use attention::MlaKvB as CpuMlaKvB;
+pub use kv::CpuKvCache;
+pub use linear::{CpuLinear, DenseData};
+pub use moe::{CpuExperts, CpuRouter, CpuRouting};
+
+use crate::spec::{AttentionSpec, Batch, KvCacheLayout, MlaSpec, RopeSpec, RouterSpec};
+use crate::{Backend, BackendError, Result};
+use half::bf16;
+use std::borrow::Cow;
+use trellis_codec::TrellisLinear;
+use trellis_format::{DType, LinearWeights, TensorView};
+
+/// Activations on the CPU.
+pub struct CpuBuffer(pub Vec<f32>);
+
+/// An embedding table, kept in its stored precision.
+pub struct CpuEmbedding {
+    pub table: DenseData,
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+/// The CPU backend. Ops run on the rayon pool they are called from: wrap model calls in
+/// [`CpuBackend::install`] to use this backend's own pool with its thread count.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend with `threads` worker threads (0 = one per core).
+    pub fn new(threads: usize) -> Result<CpuBackend> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("trellis-cpu-{i}"))
+            .build()
+            .map_err(|e| BackendError::Unsupported {
+                backend: "cpu",
+                what: format!("thread pool: {e}"),
+            })?;
+        Ok(CpuBackend { pool })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Run `f` (model code calling ops) on this backend's thread pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// Copy a tensor's values into owned storage of the same precision.
+fn dense_data(view: &TensorView<'_>) -> Result<DenseData> {
+    let weight_err = |reason: String| BackendError::Weight {
+        tensor: view.name.to_string(),
+        reason,
+    };
+    Ok(match view.dtype {
+        DType::F32 => DenseData::F32(view.to_f32()?),
+        DType::F16 => DenseData::F16(view.as_f16()?.into_owned()),
+        DType::BF16 => DenseData::BF16(
+            view.bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+        ),
+        other => return Err(weight_err(format!("dtype {other:?} is not a float type"))),
+    })
+}
+
+fn owned<T: Clone>(values: &[T]) -> Cow<'static, [T]> {
+    Cow::Owned(values.to_vec())
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+    type Linear = CpuLinear;
+    type Vector = Vec<f32>;
+    type Embedding = CpuEmbedding;
+    type Rope = RopeSpec;
+    type Router = CpuRouter;
+    type Experts = CpuExperts;
+    type Routing = CpuRouting;
+    type MlaKvB = CpuMlaKvB;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<CpuLinear> {
+        Ok(match weights {
+            LinearWeights::Trellis(t) => CpuLinear::Trellis(TrellisLinear {
+                trellis: owned(&t.trellis),
+                suh: owned(&t.suh),
+                svh: owned(&t.svh),
+                bias: t.bias.as_deref().map(owned),
+                ..t.clone()
+            }),
+            LinearWeights::Dense { weight, bias } => {
+                let [out_features, in_features] = weight.shape[..] else {
+                    return Err(BackendError::Weight {
+                        tensor: name.to_string(),
+                        reason: format!("expected a 2-D weight, got shape {:?}", weight.shape),
+                    });
+                };
+                CpuLinear::Dense {
+                    weight: dense_data(weight)?,
+                    bias: bias.as_ref().map(|b| b.to_f32()).transpose()?,
+                    in_features,
+                    out_features,
+                }
+            }
+        })
+    }
+
+    fn upload_vector(&self, values: &[f32]) -> Result<Vec<f32>> {
+        Ok(values.to_vec())
+    }
+
+    fn upload_embedding(&self, table: &TensorView<'_>) -> Result<CpuEmbedding> {
+        let [vocab, hidden] = table.shape[..] else {
+            return Err(BackendError::Weight {
+                tensor: table.name.to_string(),
+                reason: format!("expected [vocab, hidden], got {:?}", table.shape),
+            });
+        };
+        Ok(CpuEmbedding {
+            table: dense_data(table)?,
+            vocab,
+            hidden,
+        })
+    }
+
+    fn upload_rope(&self, spec: &RopeSpec) -> Result<RopeSpec> {
+        Ok(spec.clone())
+    }
+
+    fn upload_router(
+        &self,
+        gate: &LinearWeights<'_>,
+        selection_bias: Option<&[f32]>,
+        spec: &RouterSpec,
+    ) -> Result<CpuRouter> {
+        let name = "router";
+        let LinearWeights::Dense { weight, .. } = gate else {
+            return Err(BackendError::Unsupported {
+                backend: "cpu",
+                what: "a trellis-quantized MoE router".into(),
+            });
+        };
+        let [experts, hidden] = weight.shape[..] else {
+            return Err(BackendError::Weight {
+                tensor: weight.name.to_string(),
+                reason: format!("expected [experts, hidden], got {:?}", weight.shape),
+            });
+        };
+        if experts != spec.num_experts
+            || spec.top_k > experts
+            || spec.n_group == 0
+            || spec.n_group > 64
+            || experts % spec.n_group != 0
+            || spec.topk_group > spec.n_group
+        {
+            return Err(BackendError::Weight {
+                tensor: name.into(),
+                reason: format!(
+                    "routing of {} experts (top {}, {} groups, top {} groups) does not fit a gate of {experts} experts",
+                    spec.num_experts, spec.top_k, spec.n_group, spec.topk_group
+                ),
+            });
+        }
+        if let Some(b) = selection_bias.filter(|b| b.len() != experts) {
+            return Err(BackendError::Weight {
+                tensor: name.into(),
+                reason: format!(
+                    "selection bias has {} values for {experts} experts",
+                    b.len()
+                ),
+            });
+        }
+        Ok(CpuRouter {
+            gate: weight.to_f32()?,
+            hidden,
+            selection_bias: selection_bias.map(<[f32]>::to_vec),
+            spec: spec.clone(),
+        })
+    }
+
+    fn upload_experts(
+        &self,
+        experts: Vec<(CpuLinear, CpuLinear, CpuLinear)>,
+    ) -> Result<CpuExperts> {
+        Ok(CpuExperts { experts })
+    }
+
+    fn upload_mla_kv_b(&self, weights: &LinearWeights<'_>, spec: &MlaSpec) -> Result<CpuMlaKvB> {
+        let LinearWeights::Dense { weight, .. } = weights else {
+            return Err(BackendError::Unsupported {
+                backend: "cpu",
+                what: "a trellis-quantized kv_b_proj (absorbed MLA needs its rows)".into(),
+            });
+        };
+        let expected = [
+            spec.heads * (spec.qk_nope_dim + spec.v_head_dim),
+            spec.kv_lora_rank,
+        ];
+        if weight.shape != &expected[..] {
+            return Err(BackendError::Weight {
+                tensor: weight.name.to_string(),
+                reason: format!("expected shape {expected:?}, got {:?}", weight.shape),
+            });
+        }
+        Ok(CpuMlaKvB {
+            weight: dense_data(weight)?,
+            rank: spec.kv_lora_rank,
+        })
+    }
+
+    fn alloc(&self, len: usize) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(vec![0.0; len]))
+    }
+
+    fn alloc_routing(&self, rows: usize, top_k: usize) -> Result<CpuRouting> {
+        Ok(CpuRouting {
+            top_k,
+            ids: vec![0; rows * top_k],
+            weights: vec![0.0; rows * top_k],
+        })
+    }
+
+    fn alloc_kv_cache(&self, layout: &KvCacheLayout) -> Result<CpuKvCache> {
+        Ok(CpuKvCache::new(layout))
+    }
+
+    fn write(&self, dst: &mut CpuBuffer, src: &[f32]) {
+        dst.0[..src.len()].copy_from_slice(src);
+    }
+
+    fn read(&self, src: &CpuBuffer, dst: &mut [f32]) {
+        dst.copy_from_slice(&src.0[..dst.len()]);
+    }
+
+    fn read_routing(&self, routing: &CpuRouting, rows: usize) -> (Vec<u32>, Vec<f32>) {
+        let n = rows * routing.top_k;
+        (routing.ids[..n].to_vec(), routing.weights[..n].to_vec())
+    }
+
+    fn embed(&self, table: &CpuEmbedding, tokens: &[u32], scale: f32, out: &mut CpuBuffer) {
+        ops::embed(
+            &table.table,
+            table.hidden,
+            tokens,
+            scale,
+            &mut out.0[..tokens.len() * table.hidden],
+        );
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CpuBuffer,
+        weight: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut CpuBuffer,
+    ) {
+        ops::rms_norm(&x.0, weight, eps, rows, &mut out.0);
+    }
+
+    fn rms_norm_inplace(&self, x: &mut CpuBuffer, weight: &Vec<f32>, eps: f32, rows: usize) {
+        ops::rms_norm_inplace(&mut x.0, weight, eps, rows);
+    }
+
+    fn linear(&self, w: &CpuLinear, x: &CpuBuffer, rows: usize, out: &mut CpuBuffer) {
+        w.forward(&x.0, rows, &mut out.0);
+    }
+
+    fn copy_rows(&self, src: &CpuBuffer, width: usize, rows: &[u32], dst: &mut CpuBuffer) {
+        for (j, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            dst.0[j * width..(j + 1) * width].copy_from_slice(&src.0[r * width..(r + 1) * width]);
+        }
+    }
+
+    fn add(&self, x: &mut CpuBuffer, y: &CpuBuffer, len: usize) {
+        ops::add(&mut x.0[..len], &y.0[..len]);
+    }
+
+    fn silu_mul(&self, gate: &mut CpuBuffer, up: &CpuBuffer, len: usize) {
+        ops::silu_mul(&mut gate.0[..len], &up.0[..len]);
+    }
+
+    fn gelu_tanh_mul(&self, gate: &mut CpuBuffer, up: &CpuBuffer, len: usize) {
+        ops::gelu_tanh_mul(&mut gate.0[..len], &up.0[..len]);
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuBuffer,
+        rope: &RopeSpec,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        batch: &Batch<'_>,
+    ) {
+        ops::rope(
+            &mut x.0[..batch.rows() * heads * head_dim],
+            rope,
+            heads,
+            head_dim,
+            offset,
+            batch,
+        );
+    }
+
+    fn kv_append(
+        &self,
+        k: &CpuBuffer,
+        v: &CpuBuffer,
+        batch: &Batch<'_>,
+        cache: &mut CpuKvCache,
+        layer: usize,
+    ) {
+        attention::kv_append(&k.0, &v.0, batch, cache, layer);
+    }
+
+    fn attention(
+        &self,
+        q: &CpuBuffer,
+        spec: &AttentionSpec,
+        batch: &Batch<'_>,
+        cache: &CpuKvCache,
+        layer: usize,
+        out: &mut CpuBuffer,
+    ) {
+        attention::attention(&q.0, spec, batch, cache, layer, &mut out.0);
+    }
+
+    fn mla_append(
+        &self,
+        ckv: &CpuBuffer,
+        kv_norm: &Vec<f32>,
+        rope: &RopeSpec,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &mut CpuKvCache,
+        layer: usize,
+    ) {
+        attention::mla_append(&ckv.0, kv_norm, rope, spec, batch, cache, layer);
+    }
+
+    fn mla_attention(
+        &self,
+        q: &mut CpuBuffer,
+        kv_b: &CpuMlaKvB,
+        rope: &RopeSpec,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &CpuKvCache,
+        layer: usize,
+        out: &mut CpuBuffer,
+    ) {
+        attention::mla_attention(&mut q.0, kv_b, rope, spec, batch, cache, layer, &mut out.0);
+    }
+
+    fn moe_route(&self, router: &CpuRouter, x: &CpuBuffer, rows: usize, routing: &mut CpuRouting) {
+        moe::route(router, &x.0, rows, routing);
+    }
+
+    fn moe_experts(
+        &self,
+        experts: &CpuExperts,
+        x: &CpuBuffer,
+        rows: usize,
+        routing: &CpuRouting,
+        out: &mut CpuBuffer,
+    ) {
+        let hidden = experts
+            .experts
+            .first()
+            .map_or(0, |(g, _, _)| g.in_features());
+        moe::experts(experts, &x.0, rows, hidden, routing, &mut out.0);
+    }
+}

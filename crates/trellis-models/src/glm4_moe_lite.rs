@@ -1,0 +1,584 @@
+//! GLM-4.7-Flash (`glm4_moe_lite`) and the DeepSeek-V2/V3 family: multi-head latent
+//! attention over a compressed KV cache, and a mixture of experts with a shared expert.
+//!
+//! Per decoder layer (pre-norm):
+//!
+//! ```text
+//! h = RMSNorm(x)
+//! q = q_b(RMSNorm(q_a(h)))        (or q_proj(h) when q_lora_rank is null)
+//! c, k_rope = kv_a(h)             → cache [RMSNorm(c) ‖ RoPE(k_rope)]   (576 values per token)
+//! x = x + o_proj(MLA(q, cache))   (absorbed: queries meet the latent, kv_b folded in)
+//! h = RMSNorm(x)
+//! x = x + (dense MLP(h) below first_k_dense_replace, else Σ_top-k w_e·expert_e(h) + shared(h))
+//! ```
+//! then `logits = lm_head(RMSNorm(x))`.
+
+use crate::rope::{rope_spec, yarn_mscale};
+use crate::{CausalLm, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap};
+use trellis_backend::{Backend, Batch, GroupRanking, MlaSpec, RouterSpec, ScoringFunction};
+use trellis_format::{
+    DType, LinearWeights, MlaMoeConfig, ModelDir, RopeScaling, ScoringFunc, TensorStore, TopkMethod,
+};
+
+/// eps of `q_a_layernorm` and `kv_a_layernorm`: the reference builds them with the RMSNorm
+/// default rather than the config's `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// Dense tensor types accepted for norms and embeddings.
+const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// A gated MLP: `down(silu(gate(x)) ⊙ up(x))`.
+struct Mlp<B: Backend> {
+    gate: B::Linear,
+    up: B::Linear,
+    down: B::Linear,
+    intermediate: usize,
+}
+
+enum QueryProjection<B: Backend> {
+    /// `q_b(RMSNorm(q_a(h)))`.
+    LowRank {
+        a: B::Linear,
+        norm: B::Vector,
+        b: B::Linear,
+    },
+    /// `q_proj(h)`.
+    Direct(B::Linear),
+}
+
+struct Attention<B: Backend> {
+    query: QueryProjection<B>,
+    kv_a: B::Linear,
+    kv_norm: B::Vector,
+    kv_b: B::MlaKvB,
+    o: B::Linear,
+}
+
+struct Moe<B: Backend> {
+    router: B::Router,
+    experts: B::Experts,
+    shared: Option<Mlp<B>>,
+}
+
+enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Vector,
+    post_attention_norm: B::Vector,
+    attention: Attention<B>,
+    ffn: FeedForward<B>,
+}
+
+/// Activation buffers, sized at load for `max_rows` rows.
+struct Workspace<B: Backend> {
+    x: B::Buffer,
+    h: B::Buffer,
+    q_latent: B::Buffer,
+    q: B::Buffer,
+    ckv: B::Buffer,
+    attn: B::Buffer,
+    out: B::Buffer,
+    shared_out: B::Buffer,
+    gate: B::Buffer,
+    up: B::Buffer,
+    routing: B::Routing,
+    head_in: B::Buffer,
+    logits: B::Buffer,
+    logit_rows: usize,
+}
+
+pub struct Glm4MoeLite<B: Backend> {
+    info: ModelInfo,
+    hidden: usize,
+    eps: f32,
+    mla: MlaSpec,
+    embed: B::Embedding,
+    rope: B::Rope,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Vector,
+    lm_head: B::Linear,
+    options: LoadOptions,
+    ws: Workspace<B>,
+}
+
+fn norm_weight<B: Backend>(
+    b: &B,
+    store: &TensorStore,
+    name: &str,
+    dim: usize,
+) -> Result<B::Vector> {
+    let t = store.expect(name, &FLOATS, &[dim])?;
+    Ok(b.upload_vector(&t.to_f32()?)?)
+}
+
+fn linear<'s>(
+    store: &'s TensorStore,
+    prefix: &str,
+    in_f: usize,
+    out_f: usize,
+) -> Result<LinearWeights<'s>> {
+    Ok(store.linear(prefix, in_f, out_f)?)
+}
+
+fn upload<B: Backend>(
+    b: &B,
+    w: &LinearWeights<'_>,
+    name: &str,
+    bytes: &mut u64,
+) -> Result<B::Linear> {
+    *bytes += w.storage_bytes() as u64;
+    Ok(b.upload_linear(name, w)?)
+}
+
+fn load_mlp<B: Backend>(
+    b: &B,
+    store: &TensorStore,
+    prefix: &str,
+    hidden: usize,
+    inter: usize,
+    bytes: &mut u64,
+) -> Result<Mlp<B>> {
+    let gate = linear(store, &format!("{prefix}.gate_proj"), hidden, inter)?;
+    let up = linear(store, &format!("{prefix}.up_proj"), hidden, inter)?;
+    let down = linear(store, &format!("{prefix}.down_proj"), inter, hidden)?;
+    Ok(Mlp {
+        gate: upload(b, &gate, &format!("{prefix}.gate_proj"), bytes)?,
+        up: upload(b, &up, &format!("{prefix}.up_proj"), bytes)?,
+        down: upload(b, &down, &format!("{prefix}.down_proj"), bytes)?,
+        intermediate: inter,
+    })
+}
+
+fn router_spec(cfg: &MlaMoeConfig) -> RouterSpec {
+    RouterSpec {
+        num_experts: cfg.n_routed_experts,
+        top_k: cfg.num_experts_per_tok,
+        scoring: match cfg.scoring_func {
+            ScoringFunc::Sigmoid => ScoringFunction::Sigmoid,
+            ScoringFunc::Softmax => ScoringFunction::Softmax,
+        },
+        n_group: if cfg.topk_method == TopkMethod::Greedy {
+            1
+        } else {
+            cfg.n_group.max(1)
+        },
+        topk_group: if cfg.topk_method == TopkMethod::Greedy {
+            1
+        } else {
+            cfg.topk_group.max(1)
+        },
+        group_ranking: if cfg.topk_method == TopkMethod::NoauxTc {
+            GroupRanking::TopTwoSum
+        } else {
+            GroupRanking::Max
+        },
+        normalize: cfg.norm_topk_prob && cfg.num_experts_per_tok > 1,
+        scaling: cfg.routed_scaling_factor as f32,
+    }
+}
+
+impl<B: Backend> Glm4MoeLite<B> {
+    pub fn load(
+        dir: &ModelDir,
+        cfg: &MlaMoeConfig,
+        b: &B,
+        options: &LoadOptions,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
+        let store = &dir.tensors;
+        let hidden = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
+        let mut softmax_scale = 1.0 / (qk as f64).sqrt();
+        // DeepSeek's YaRN also sharpens the softmax by mscale(mscale_all_dim)².
+        if let RopeScaling::Yarn {
+            factor,
+            mscale_all_dim,
+            ..
+        } = cfg.rope.scaling
+            && mscale_all_dim != 0.0
+        {
+            let m = yarn_mscale(factor, mscale_all_dim);
+            softmax_scale *= m * m;
+        }
+        let mla = MlaSpec {
+            heads,
+            qk_nope_dim: cfg.qk_nope_head_dim,
+            qk_rope_dim: cfg.qk_rope_head_dim,
+            v_head_dim: cfg.v_head_dim,
+            kv_lora_rank: cfg.kv_lora_rank,
+            softmax_scale: softmax_scale as f32,
+            latent_norm_eps: LATENT_NORM_EPS,
+        };
+        if cfg.tie_word_embeddings
+            && !store.contains("lm_head.weight")
+            && !store.contains("lm_head.trellis")
+        {
+            return Err(ModelError::Unsupported(
+                "tied embeddings are not supported for MLA models".into(),
+            ));
+        }
+        let total = cfg.num_hidden_layers + 2;
+        progress(0, total, "embeddings");
+        let mut bytes_per_token = 0u64;
+        let embed_view = store.expect(
+            "model.embed_tokens.weight",
+            &FLOATS,
+            &[cfg.vocab_size, hidden],
+        )?;
+        bytes_per_token += (embed_view.bytes.len() / cfg.vocab_size) as u64;
+        let embed = b.upload_embedding(&embed_view)?;
+        let rope = b.upload_rope(&rope_spec(
+            &cfg.rope,
+            cfg.qk_rope_head_dim,
+            cfg.rope_interleave,
+        ))?;
+        let router = router_spec(cfg);
+
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            progress(l + 1, total, "decoder layers");
+            let p = format!("model.layers.{l}");
+            let mut layer_bytes = 0u64;
+            let input_norm = norm_weight(b, store, &format!("{p}.input_layernorm.weight"), hidden)?;
+            let post_attention_norm = norm_weight(
+                b,
+                store,
+                &format!("{p}.post_attention_layernorm.weight"),
+                hidden,
+            )?;
+            let query = match cfg.q_lora_rank {
+                Some(rank) => {
+                    let a = linear(store, &format!("{p}.self_attn.q_a_proj"), hidden, rank)?;
+                    let bw = linear(store, &format!("{p}.self_attn.q_b_proj"), rank, heads * qk)?;
+                    QueryProjection::LowRank {
+                        a: upload(b, &a, &format!("{p}.self_attn.q_a_proj"), &mut layer_bytes)?,
+                        norm: norm_weight(
+                            b,
+                            store,
+                            &format!("{p}.self_attn.q_a_layernorm.weight"),
+                            rank,
+                        )?,
+                        b: upload(b, &bw, &format!("{p}.self_attn.q_b_proj"), &mut layer_bytes)?,
+                    }
+                }
+                None => {
+                    let q = linear(store, &format!("{p}.self_attn.q_proj"), hidden, heads * qk)?;
+                    QueryProjection::Direct(upload(
+                        b,
+                        &q,
+                        &format!("{p}.self_attn.q_proj"),
+                        &mut layer_bytes,
+                    )?)
+                }
+            };
+            let kv_a = linear(
+                store,
+                &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                hidden,
+                mla.cache_width(),
+            )?;
+            let kv_b = linear(
+                store,
+                &format!("{p}.self_attn.kv_b_proj"),
+                cfg.kv_lora_rank,
+                heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            )?;
+            layer_bytes += kv_b.storage_bytes() as u64;
+            let o = linear(
+                store,
+                &format!("{p}.self_attn.o_proj"),
+                heads * cfg.v_head_dim,
+                hidden,
+            )?;
+            let attention = Attention {
+                query,
+                kv_a: upload(
+                    b,
+                    &kv_a,
+                    &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                    &mut layer_bytes,
+                )?,
+                kv_norm: norm_weight(
+                    b,
+                    store,
+                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                    cfg.kv_lora_rank,
+                )?,
+                kv_b: b.upload_mla_kv_b(&kv_b, &mla)?,
+                o: upload(b, &o, &format!("{p}.self_attn.o_proj"), &mut layer_bytes)?,
+            };
+            let ffn = if cfg.is_moe_layer(l) {
+                let gate = linear(
+                    store,
+                    &format!("{p}.mlp.gate"),
+                    hidden,
+                    cfg.n_routed_experts,
+                )?;
+                layer_bytes += gate.storage_bytes() as u64;
+                let bias = match store.try_get(&format!("{p}.mlp.gate.e_score_correction_bias")) {
+                    Some(t) => {
+                        t.check(&FLOATS, &[cfg.n_routed_experts])?;
+                        Some(t.to_f32()?)
+                    }
+                    None if cfg.topk_method == TopkMethod::NoauxTc => {
+                        return Err(ModelError::Invalid(format!(
+                            "{}: tensor {p}.mlp.gate.e_score_correction_bias is missing (topk_method noaux_tc selects experts with it)",
+                            store.dir().display()
+                        )));
+                    }
+                    None => None,
+                };
+                let mut experts = Vec::with_capacity(cfg.n_routed_experts);
+                let mut expert_bytes = 0u64;
+                for e in 0..cfg.n_routed_experts {
+                    let m = load_mlp(
+                        b,
+                        store,
+                        &format!("{p}.mlp.experts.{e}"),
+                        hidden,
+                        cfg.moe_intermediate_size,
+                        &mut expert_bytes,
+                    )?;
+                    experts.push((m.gate, m.up, m.down));
+                }
+                layer_bytes +=
+                    expert_bytes * cfg.num_experts_per_tok as u64 / cfg.n_routed_experts as u64;
+                let shared = if cfg.n_shared_experts > 0 {
+                    Some(load_mlp(
+                        b,
+                        store,
+                        &format!("{p}.mlp.shared_experts"),
+                        hidden,
+                        cfg.moe_intermediate_size * cfg.n_shared_experts,
+                        &mut layer_bytes,
+                    )?)
+                } else {
+                    None
+                };
+                FeedForward::Moe(Moe {
+                    router: b.upload_router(&gate, bias.as_deref(), &router)?,
+                    experts: b.upload_experts(experts)?,
+                    shared,
+                })
+            } else {
+                FeedForward::Dense(load_mlp(
+                    b,
+                    store,
+                    &format!("{p}.mlp"),
+                    hidden,
+                    cfg.intermediate_size,
+                    &mut layer_bytes,
+                )?)
+            };
+            bytes_per_token += layer_bytes;
+            layers.push(Layer {
+                input_norm,
+                post_attention_norm,
+                attention,
+                ffn,
+            });
+        }
+        progress(total - 1, total, "head");
+        let final_norm = norm_weight(b, store, "model.norm.weight", hidden)?;
+        let head = linear(store, "lm_head", hidden, cfg.vocab_size)?;
+        let lm_head = upload(b, &head, "lm_head", &mut bytes_per_token)?;
+        progress(total, total, "done");
+
+        let rows = options.max_rows.max(1);
+        let logit_rows = options.max_logit_rows.clamp(1, rows);
+        let q_rank = cfg.q_lora_rank.unwrap_or(0);
+        let ffn_width = cfg
+            .intermediate_size
+            .max(cfg.moe_intermediate_size * cfg.n_shared_experts.max(1));
+        let ws = Workspace {
+            x: b.alloc(rows * hidden)?,
+            h: b.alloc(rows * hidden)?,
+            q_latent: b.alloc(rows * q_rank.max(1))?,
+            q: b.alloc(rows * heads * qk)?,
+            ckv: b.alloc(rows * mla.cache_width())?,
+            attn: b.alloc(rows * heads * cfg.v_head_dim)?,
+            out: b.alloc(rows * hidden)?,
+            shared_out: b.alloc(rows * hidden)?,
+            gate: b.alloc(rows * ffn_width)?,
+            up: b.alloc(rows * ffn_width)?,
+            routing: b.alloc_routing(rows, cfg.num_experts_per_tok)?,
+            head_in: b.alloc(logit_rows * hidden)?,
+            logits: b.alloc(logit_rows * cfg.vocab_size)?,
+            logit_rows: 0,
+        };
+        let info = ModelInfo {
+            architecture: cfg.class_name.clone(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: hidden,
+            num_layers: cfg.num_hidden_layers,
+            max_position_embeddings: cfg.max_position_embeddings,
+            kv_values_per_token: mla.cache_width(),
+            bytes_per_token,
+        };
+        Ok(Glm4MoeLite {
+            info,
+            hidden,
+            eps: cfg.rms_norm_eps as f32,
+            mla,
+            embed,
+            rope,
+            layers,
+            final_norm,
+            lm_head,
+            options: LoadOptions {
+                max_rows: rows,
+                max_logit_rows: logit_rows,
+            },
+            ws,
+        })
+    }
+}
+
+fn run_mlp<B: Backend>(
+    b: &B,
+    mlp: &Mlp<B>,
+    x: &B::Buffer,
+    rows: usize,
+    gate: &mut B::Buffer,
+    up: &mut B::Buffer,
+    out: &mut B::Buffer,
+) {
+    b.linear(&mlp.gate, x, rows, gate);
+    b.linear(&mlp.up, x, rows, up);
+    b.silu_mul(gate, up, rows * mlp.intermediate);
+    b.linear(&mlp.down, gate, rows, out);
+}
+
+/// Copy `rows × width` values off the backend for an observer.
+fn host_copy<B: Backend>(b: &B, buf: &B::Buffer, len: usize) -> Vec<f32> {
+    let mut v = vec![0.0; len];
+    b.read(buf, &mut v);
+    v
+}
+
+impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(
+        &mut self,
+        b: &B,
+        tokens: &[u32],
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+        logit_rows: &[u32],
+        mut observer: Observer<'_>,
+    ) -> Result<()> {
+        let n = tokens.len();
+        if n == 0 || n > self.options.max_rows || batch.rows() != n {
+            return Err(ModelError::Invalid(format!(
+                "forward of {n} tokens with {} batch rows (at most {} rows per pass)",
+                batch.rows(),
+                self.options.max_rows
+            )));
+        }
+        if logit_rows.len() > self.options.max_logit_rows
+            || logit_rows.iter().any(|&r| r as usize >= n)
+        {
+            return Err(ModelError::Invalid(format!(
+                "logits requested for rows {logit_rows:?} of {n} (at most {} rows)",
+                self.options.max_logit_rows
+            )));
+        }
+        let (hidden, eps, mla) = (self.hidden, self.eps, &self.mla);
+        let ws = &mut self.ws;
+        b.embed(&self.embed, tokens, 1.0, &mut ws.x);
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            b.rms_norm(&ws.x, &layer.input_norm, eps, n, &mut ws.h);
+            let attn = &layer.attention;
+            match &attn.query {
+                QueryProjection::LowRank {
+                    a, norm, b: q_b, ..
+                } => {
+                    b.linear(a, &ws.h, n, &mut ws.q_latent);
+                    b.rms_norm_inplace(&mut ws.q_latent, norm, LATENT_NORM_EPS, n);
+                    b.linear(q_b, &ws.q_latent, n, &mut ws.q);
+                }
+                QueryProjection::Direct(q) => b.linear(q, &ws.h, n, &mut ws.q),
+            }
+            b.linear(&attn.kv_a, &ws.h, n, &mut ws.ckv);
+            b.mla_append(&ws.ckv, &attn.kv_norm, &self.rope, mla, batch, cache, l);
+            b.mla_attention(
+                &mut ws.q,
+                &attn.kv_b,
+                &self.rope,
+                mla,
+                batch,
+                cache,
+                l,
+                &mut ws.attn,
+            );
+            b.linear(&attn.o, &ws.attn, n, &mut ws.out);
+            b.add(&mut ws.x, &ws.out, n * hidden);
+
+            // Feed-forward block.
+            b.rms_norm(&ws.x, &layer.post_attention_norm, eps, n, &mut ws.h);
+            match &layer.ffn {
+                FeedForward::Dense(mlp) => {
+                    run_mlp(b, mlp, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.out)
+                }
+                FeedForward::Moe(moe) => {
+                    b.moe_route(&moe.router, &ws.h, n, &mut ws.routing);
+                    if let Some(obs) = observer.as_mut() {
+                        let (ids, weights) = b.read_routing(&ws.routing, n);
+                        obs(Tap::Routing {
+                            layer: l,
+                            ids: &ids,
+                            weights: &weights,
+                        });
+                    }
+                    b.moe_experts(&moe.experts, &ws.h, n, &ws.routing, &mut ws.out);
+                    if let Some(shared) = &moe.shared {
+                        run_mlp(
+                            b,
+                            shared,
+                            &ws.h,
+                            n,
+                            &mut ws.gate,
+                            &mut ws.up,
+                            &mut ws.shared_out,
+                        );
+                        b.add(&mut ws.out, &ws.shared_out, n * hidden);
+                    }
+                }
+            }
+            b.add(&mut ws.x, &ws.out, n * hidden);
+            if let Some(obs) = observer.as_mut() {
+                obs(Tap::Hidden {
+                    layer: l,
+                    values: &host_copy(b, &ws.x, n * hidden),
+                });
+            }
+        }
+
+        b.rms_norm(&ws.x, &self.final_norm, eps, n, &mut ws.h);
+        if let Some(obs) = observer.as_mut() {
+            obs(Tap::FinalNorm {
+                values: &host_copy(b, &ws.h, n * hidden),
+            });
+        }
+        b.copy_rows(&ws.h, hidden, logit_rows, &mut ws.head_in);
+        ws.logit_rows = logit_rows.len();
+        if !logit_rows.is_empty() {
+            b.linear(&self.lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
+        }
+        Ok(())
+    }
+
+    fn read_logits(&self, b: &B, dst: &mut [f32]) {
+        let len = self.ws.logit_rows * self.info.vocab_size;
+        b.read(&self.ws.logits, &mut dst[..len]);
+    }
+}
