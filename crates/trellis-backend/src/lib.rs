@@ -95,6 +95,11 @@ pub trait Backend {
     fn read_routing(&self, routing: &Self::Routing, rows: usize) -> (Vec<u32>, Vec<f32>);
 
     // ---- ops -----------------------------------------------------------------------------
+    /// Make one forward pass's inputs (token ids, positions, sequences, block tables) visible
+    /// to the ops that follow. Called once per forward pass before any op; a device backend
+    /// copies them into buffers it owns (the only host-to-device traffic of a step), the CPU
+    /// backend reads them in place.
+    fn begin_step(&self, tokens: &[u32], batch: &Batch<'_>);
     /// `out[i] = table[tokens[i]] · scale`.
     fn embed(&self, table: &Self::Embedding, tokens: &[u32], scale: f32, out: &mut Self::Buffer);
     /// Row-wise `out = x / rms(x) · weight` over rows of `weight.len()` values.

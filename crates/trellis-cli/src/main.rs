@@ -1,3 +1,55 @@
+//! `trellis`: run, inspect and make trellis-quantized (EXL3) language models.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Run, inspect and make trellis-quantized (EXL3) language models",
+    long_about = "Run, inspect and make trellis-quantized (EXL3) language models.\n\n\
+                  A model is a directory with config.json, safetensors weights (EXL3 or dense \
+                  bf16/f16/f32) and tokenizer.json, as written by ExLlamaV3 or `trellis synth`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, parameters, bits per weight and tensors.
+    Inspect(commands::inspect::Args),
+    /// Write the dense reconstructed weight of one linear layer to a safetensors file.
+    Dequant(commands::dequant::Args),
+    /// Run token ids through the model and save the logits of every position.
+    Logits(commands::logits::Args),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(commands::generate::Args),
+    /// Write a synthetic model with a real architecture's shapes and random trellis weights.
+    Synth(commands::synth::Args),
+}
+
 fn main() {
-    println!("Hello, world!");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Dequant(a) => commands::dequant::run(a),
+        Command::Logits(a) => commands::logits::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Synth(a) => commands::synth::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -4,6 +4,7 @@
 use crate::bits::{BitWidth, STATE_BITS, TILE_WEIGHTS};
 use crate::codebook::Codebook;
 use half::f16;
+use std::sync::OnceLock;
 
 /// Rows and columns of a tile.
 pub const TILE_SIZE: usize = 16;
@@ -33,10 +34,65 @@ pub const POSITION_TO_TILE_INDEX: [u8; TILE_WEIGHTS] = {
     table
 };
 
-/// The tile's int16 words viewed as the little-endian u32 words the bitstream is read from.
+/// Where each position's 16-bit state window lies in a tile of one bit width: the u32 words
+/// holding its first and last bit and the right shift that aligns it. Computed once per width.
+pub struct StateWindows {
+    first: [u8; TILE_WEIGHTS],
+    last: [u8; TILE_WEIGHTS],
+    shift: [u8; TILE_WEIGHTS],
+}
+
+impl StateWindows {
+    fn compute(bits: BitWidth) -> StateWindows {
+        let ring = bits.ring_bits();
+        let n_u32 = bits.tile_u32_words() as u32;
+        let mut w = StateWindows {
+            first: [0; TILE_WEIGHTS],
+            last: [0; TILE_WEIGHTS],
+            shift: [0; TILE_WEIGHTS],
+        };
+        for t in 0..TILE_WEIGHTS {
+            // Window [end − 16, end) of the ring, shifted by one ring length to stay non-negative.
+            let start = bits.stream_end(t) + ring - STATE_BITS;
+            let end = start + STATE_BITS;
+            let first = start / 32;
+            let last = (end - 1) / 32;
+            w.first[t] = (first % n_u32) as u8;
+            w.last[t] = (last % n_u32) as u8;
+            w.shift[t] = ((last + 1) * 32 - end) as u8;
+        }
+        w
+    }
+
+    /// The windows of `bits` (shared, computed on first use).
+    pub fn of(bits: BitWidth) -> &'static StateWindows {
+        static TABLES: [OnceLock<StateWindows>; 11] = [const { OnceLock::new() }; 11];
+        let index = BitWidth::ALL
+            .iter()
+            .position(|&w| w == bits)
+            .expect("every width is listed");
+        TABLES[index].get_or_init(|| StateWindows::compute(bits))
+    }
+
+    /// States of one tile whose words are given as little-endian u32s.
+    #[inline]
+    pub fn states(&self, u32_words: &[u32], out: &mut [u16; TILE_WEIGHTS]) {
+        for (t, state) in out.iter_mut().enumerate() {
+            let hi = u64::from(u32_words[usize::from(self.first[t])]);
+            let lo = u64::from(u32_words[usize::from(self.last[t])]);
+            // When the window lies inside one word, hi == lo and the shift selects it directly,
+            // since the shift is then below 32 and the high copy is shifted out by the u16 cut.
+            *state = ((((hi << 32) | lo) >> self.shift[t]) & 0xFFFF) as u16;
+        }
+    }
+}
+
+/// A tile's int16 words as the little-endian u32 words its bitstream is read from.
 #[inline]
-fn u32_word(words: &[u16], i: usize) -> u32 {
-    u32::from(words[2 * i]) | (u32::from(words[2 * i + 1]) << 16)
+pub fn tile_u32_words(words: &[u16], out: &mut [u32]) {
+    for (u, pair) in out.iter_mut().zip(words.chunks_exact(2)) {
+        *u = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+    }
 }
 
 /// The 16-bit state of every trellis position of one tile.
@@ -51,22 +107,10 @@ pub fn tile_states(words: &[u16], bits: BitWidth) -> [u16; TILE_WEIGHTS] {
         bits.tile_words(),
         "tile word count for K = {bits}"
     );
-    let ring = bits.ring_bits();
-    let n_u32 = bits.tile_u32_words();
+    let mut u32s = [0u32; 64];
+    tile_u32_words(words, &mut u32s);
     let mut states = [0u16; TILE_WEIGHTS];
-    for (t, state) in states.iter_mut().enumerate() {
-        // Window [end − 16, end) of the ring, shifted by one ring length to stay non-negative.
-        let start = bits.stream_end(t) + ring - STATE_BITS;
-        let end = start + STATE_BITS;
-        let first = (start / 32) as usize;
-        let last = ((end - 1) / 32) as usize;
-        let shift = (last as u32 + 1) * 32 - end;
-        let hi = u64::from(u32_word(words, first % n_u32));
-        let lo = u64::from(u32_word(words, last % n_u32));
-        // When the window lies inside one word, hi == lo and the shift selects it directly.
-        let joined = if first == last { lo } else { (hi << 32) | lo };
-        *state = (joined >> shift) as u16;
-    }
+    StateWindows::of(bits).states(&u32s[..bits.tile_u32_words()], &mut states);
     states
 }
 

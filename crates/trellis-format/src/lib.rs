@@ -23,6 +23,7 @@ mod model_dir;
 pub mod quant;
 pub mod store;
 pub mod summary;
+pub mod writer;
 
 pub use config::{
     Architecture, CommonConfig, Gemma3Config, LayerAttention, LlamaConfig, LlamaFamily,
@@ -37,3 +38,4 @@ pub use model_dir::ModelDir;
 pub use quant::{Calibration, ModuleStorage, QuantizationConfig, StoredTensor};
 pub use store::{TensorStore, TensorView};
 pub use summary::{ModelSummary, TensorKind, TensorSummary, logical_linear_shape, summarize};
+pub use writer::{TensorFill, TensorSource, write_json, write_safetensors, write_safetensors_file};

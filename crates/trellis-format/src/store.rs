@@ -409,6 +409,22 @@ impl TensorStore {
         self.entries.contains_key(name)
     }
 
+    /// Drop the pages of every shard that this process has touched from its resident set.
+    ///
+    /// A loader that copies weights into its own memory calls this after each layer, so that
+    /// resident memory stays near one copy of the model instead of the copy plus the map.
+    /// Views stay valid: the next access reads the file again. Errors are ignored, as the only
+    /// effect is on memory accounting.
+    pub fn release_mapped_pages(&self) {
+        #[cfg(unix)]
+        for shard in &self.shards {
+            // SAFETY: the map is read-only and file-backed; MADV_DONTNEED only discards this
+            // process's page mappings, which the kernel refills from the unchanged file on the
+            // next access, so every live view keeps reading the same bytes.
+            let _ = unsafe { shard.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)

@@ -375,6 +375,7 @@ impl<B: Backend> Glm4MoeLite<B> {
                 )?)
             };
             bytes_per_token += layer_bytes;
+            store.release_mapped_pages();
             layers.push(Layer {
                 input_norm,
                 post_attention_norm,
@@ -492,6 +493,7 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
         }
         let (hidden, eps, mla) = (self.hidden, self.eps, &self.mla);
         let ws = &mut self.ws;
+        b.begin_step(tokens, batch);
         b.embed(&self.embed, tokens, 1.0, &mut ws.x);
 
         for (l, layer) in self.layers.iter().enumerate() {

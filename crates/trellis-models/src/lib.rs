@@ -6,6 +6,7 @@
 
 pub mod glm4_moe_lite;
 pub mod rope;
+pub mod synth;
 
 use trellis_backend::{Backend, BackendError, Batch, KvCacheLayout, KvDtype};
 use trellis_format::{FormatError, ModelConfig, ModelDir};

@@ -18,7 +18,7 @@ struct Harness {
 impl Harness {
     fn load(rel: &str) -> Harness {
         let dir = ModelDir::open(&fixture(rel)).expect("model dir opens");
-        let backend = CpuBackend::new(2).unwrap();
+        let backend = CpuBackend::new();
         let options = LoadOptions {
             max_rows: 128,
             max_logit_rows: 128,
@@ -252,4 +252,30 @@ fn exl3_2_5bpw_matches_exllamav3() {
 #[test]
 fn exl3_3bpw_mcg_matches_exllamav3() {
     check_exl3("glm4-moe-lite-tiny-3.0bpw-mcg");
+}
+
+/// Token-by-token decode over the latent cache reproduces a one-pass prefill at every
+/// position (same weights, f32 cache), for the float and a quantized model.
+#[test]
+fn absorbed_decode_equals_full_prefill_position_by_position() {
+    for model in [
+        "hf/glm4-moe-lite-tiny",
+        "exl3/glm4-moe-lite-tiny-3.0bpw-mcg",
+    ] {
+        let reference = TensorFile::open(fixture(
+            "ref/hf/glm4-moe-lite-tiny/reference_hf.safetensors",
+        ));
+        let input = ids(&reference, "input_ids");
+        let mut h = Harness::load(model);
+        let full = h.logits_all(&input, None);
+        let stepwise = h.teacher_forced(&input[..1], &input[1..]);
+        let v = h.vocab;
+        for p in 0..input.len() - 1 {
+            let err = max_abs_rel(&stepwise[p * v..(p + 1) * v], &full[p * v..(p + 1) * v]);
+            assert!(
+                err <= 1e-5,
+                "{model}: position {p} differs by {err:.2e} × max|logit|"
+            );
+        }
+    }
 }

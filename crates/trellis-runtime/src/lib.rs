@@ -1,14 +1,9 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Generation runtime: KV cache management, the generation loop, streaming, sampling,
+//! chat templates, stop rules and model-specific output parsing.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod chat_template;
+pub mod engine;
+pub mod glm_output;
+pub mod sampler;
+pub mod stop;
+pub mod tokenizer;

@@ -33,34 +33,37 @@ pub struct CpuEmbedding {
     pub hidden: usize,
 }
 
-/// The CPU backend. Ops run on the rayon pool they are called from: wrap model calls in
-/// [`CpuBackend::install`] to use this backend's own pool with its thread count.
-pub struct CpuBackend {
-    pool: rayon::ThreadPool,
-}
+/// The CPU backend. Ops run on rayon's global pool: size it once per process with
+/// [`set_threads`] (the default is one thread per core).
+pub struct CpuBackend;
 
 impl CpuBackend {
-    /// A backend with `threads` worker threads (0 = one per core).
-    pub fn new(threads: usize) -> Result<CpuBackend> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("trellis-cpu-{i}"))
-            .build()
-            .map_err(|e| BackendError::Unsupported {
-                backend: "cpu",
-                what: format!("thread pool: {e}"),
-            })?;
-        Ok(CpuBackend { pool })
+    pub fn new() -> CpuBackend {
+        CpuBackend
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        rayon::current_num_threads()
     }
+}
 
-    /// Run `f` (model code calling ops) on this backend's thread pool.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
     }
+}
+
+/// Size the global thread pool used by CPU ops (0 = one thread per core). Must be called
+/// before any op runs; later calls fail because the pool already exists.
+pub fn set_threads(threads: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("trellis-cpu-{i}"))
+        .build_global()
+        .map_err(|e| BackendError::Unsupported {
+            backend: "cpu",
+            what: format!("thread pool of {threads} threads: {e}"),
+        })
 }
 
 /// Copy a tensor's values into owned storage of the same precision.
@@ -259,6 +262,8 @@ impl Backend for CpuBackend {
         let n = rows * routing.top_k;
         (routing.ids[..n].to_vec(), routing.weights[..n].to_vec())
     }
+
+    fn begin_step(&self, _tokens: &[u32], _batch: &Batch<'_>) {}
 
     fn embed(&self, table: &CpuEmbedding, tokens: &[u32], scale: f32, out: &mut CpuBuffer) {
         ops::embed(

@@ -1,0 +1,276 @@
+//! The `trellis` binary as a user runs it: commands on the fixtures, outputs checked against
+//! the references, and bad inputs answered with clear errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use trellis_testutil::{TensorFile, fixture, max_abs_rel, rel_l2};
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .output()
+        .expect("the trellis binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = trellis(args);
+    assert!(
+        out.status.success(),
+        "trellis {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Runs, fails, and says something containing each of `needles` on stderr.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = trellis(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "trellis {args:?} should fail");
+    assert!(
+        !stderr.contains("panicked"),
+        "trellis {args:?} panicked:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "trellis {args:?}: stderr lacks `{n}`:\n{stderr}"
+        );
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+#[test]
+fn inspect_reports_parameters_and_bits() {
+    let cases = [
+        ("exl3/glm4-moe-lite-tiny-4.0bpw", 25_812_256u64, 4.0),
+        ("exl3/glm4-moe-lite-tiny-2.5bpw", 25_812_256, 2.5),
+        ("exl3/glm4-moe-lite-tiny-3.0bpw-mcg", 25_812_256, 3.0),
+        ("exl3/llama-tiny-4.0bpw", 6_556_160, 4.0),
+        // The EXL3 conversion stores a separate quantized lm_head (the original was tied).
+        ("exl3/qwen3-tiny-3.0bpw", 8_391_680, 3.0),
+    ];
+    for (dir, params, bpw) in cases {
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", path(&fixture(dir)), "--json"])).unwrap();
+        assert_eq!(
+            json["parameters"].as_u64(),
+            Some(params),
+            "{dir} parameters"
+        );
+        let got = json["bpw_excluding_head"].as_f64().unwrap();
+        assert!((got - bpw).abs() < 1e-9, "{dir}: bpw {got}");
+        let text = ok(&["inspect", path(&fixture(dir))]);
+        assert!(
+            text.contains(&params.to_string()),
+            "{dir}: text summary lacks the parameter count"
+        );
+    }
+}
+
+#[test]
+fn dequant_writes_the_reference_reconstruction() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in [
+        "glm4-moe-lite-tiny-4.0bpw",
+        "glm4-moe-lite-tiny-2.5bpw",
+        "glm4-moe-lite-tiny-3.0bpw-mcg",
+    ] {
+        let reference = TensorFile::open(fixture(&format!(
+            "ref/exl3/{name}/reference_exl3.safetensors"
+        )));
+        for key in [
+            "model.layers.1.self_attn.kv_a_proj_with_mqa",
+            "model.layers.1.mlp.experts.3.down_proj",
+            "lm_head",
+        ] {
+            let out = tmp.path().join(format!("{name}-{key}.safetensors"));
+            ok(&[
+                "dequant",
+                path(&fixture(&format!("exl3/{name}"))),
+                "--tensor",
+                key,
+                "--out",
+                path(&out),
+            ]);
+            let got = TensorFile::open(&out).f32(&format!("{key}.weight"));
+            let want = reference.f32(&format!("w.{key}"));
+            let (in_f, out_f) = (want.shape[0], want.shape[1]);
+            assert_eq!(
+                got.shape,
+                [out_f, in_f],
+                "{name} {key}: HF orientation [out, in]"
+            );
+            // The reference is (in, out); compare transposed.
+            let mut transposed = vec![0.0; in_f * out_f];
+            for i in 0..in_f {
+                for o in 0..out_f {
+                    transposed[i * out_f + o] = got.data[o * in_f + i];
+                }
+            }
+            let err = max_abs_rel(&transposed, &want.data);
+            assert!(err <= 1e-3, "{name} {key}: {err:.2e} × max|w|");
+        }
+    }
+}
+
+#[test]
+fn logits_command_matches_exllamav3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = TensorFile::open(fixture(
+        "ref/exl3/glm4-moe-lite-tiny-4.0bpw/reference_exl3.safetensors",
+    ));
+    let ids: Vec<String> = reference
+        .i64("input_ids")
+        .data
+        .iter()
+        .map(i64::to_string)
+        .collect();
+    let out = tmp.path().join("logits.safetensors");
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    ok(&[
+        "logits",
+        path(&model),
+        "--tokens",
+        &ids.join(","),
+        "--out",
+        path(&out),
+        "--prefill-chunk",
+        "16",
+    ]);
+    let got = TensorFile::open(&out).f32("logits");
+    let want = reference.f32("logits");
+    assert_eq!(got.shape, want.shape);
+    let err = rel_l2(&got.data, &want.data);
+    assert!(err <= 1e-2, "logits rel L2 {err:.2e}");
+}
+
+#[test]
+fn generate_streams_the_reference_greedy_tokens() {
+    // The float model's greedy continuation of the fixture prompt, decoded to text.
+    let model = fixture("hf/glm4-moe-lite-tiny");
+    let prompt = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small town by the sea,";
+    let text = ok(&[
+        "generate",
+        path(&model),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "8",
+        "--kv-f32",
+    ]);
+    let tokenizer = trellis_runtime::tokenizer::Tokenizer::from_model_dir(&model).unwrap();
+    let reference = TensorFile::open(fixture(
+        "ref/hf/glm4-moe-lite-tiny/reference_hf.safetensors",
+    ));
+    let greedy: Vec<u32> = reference
+        .i64("greedy_ids")
+        .data
+        .iter()
+        .take(8)
+        .map(|&v| v as u32)
+        .collect();
+    let want = tokenizer.decode(&greedy, false).unwrap();
+    assert_eq!(text.trim_end_matches('\n'), want);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    let m = path(&model);
+    fails_with(
+        &[
+            "logits",
+            m,
+            "--tokens",
+            "1,2,99999",
+            "--out",
+            "/tmp/never.safetensors",
+        ],
+        &["99999", "vocabulary"],
+    );
+    fails_with(
+        &[
+            "logits",
+            m,
+            "--tokens",
+            "1,x",
+            "--out",
+            "/tmp/never.safetensors",
+        ],
+        &["`x`"],
+    );
+    fails_with(
+        &[
+            "generate",
+            m,
+            "--prompt",
+            "The quick brown fox jumps over the lazy dog",
+            "--ctx-size",
+            "4",
+        ],
+        &["context", "--ctx-size"],
+    );
+    fails_with(
+        &["generate", m, "--prompt", "hi", "--ctx-size", "100000"],
+        &["maximum context"],
+    );
+    fails_with(&["inspect", "/nonexistent/model"], &["/nonexistent/model"]);
+    fails_with(
+        &[
+            "dequant",
+            m,
+            "--tensor",
+            "model.layers.9.mlp.nothing",
+            "--out",
+            "/tmp/never.safetensors",
+        ],
+        &["model.layers.9.mlp.nothing"],
+    );
+    fails_with(
+        &["synth", "llama", "--out", "/tmp/never-synth"],
+        &["glm4_moe_lite"],
+    );
+
+    // A model directory without tokenizer.json.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), tmp.path().join(f)).unwrap();
+    }
+    fails_with(
+        &["generate", path(tmp.path()), "--prompt", "hi"],
+        &["tokenizer.json"],
+    );
+}
+
+#[test]
+fn synth_tiny_model_loads_and_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("synth");
+    ok(&[
+        "synth",
+        "glm4_moe_lite",
+        "--preset",
+        "tiny",
+        "--bits",
+        "3",
+        "--out",
+        path(&out),
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", path(&out), "--json"])).unwrap();
+    assert_eq!(json["parameters"].as_u64(), Some(25_812_256));
+    assert_eq!(json["bpw_excluding_head"].as_f64(), Some(3.0));
+    let text = ok(&[
+        "generate",
+        path(&out),
+        "--prompt",
+        "hello world",
+        "--max-tokens",
+        "6",
+    ]);
+    assert!(!text.trim().is_empty(), "synthetic model generated nothing");
+}

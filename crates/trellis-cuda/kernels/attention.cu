@@ -1,0 +1,496 @@
+// Attention over the paged KV cache: GQA (keys then values in a slot's row) and MLA in its
+// absorbed form over the normalised latent plus the shared rope key.
+//
+// The cache pointer passed to every kernel is the layer's base: slot s of the layer starts at
+// element s * values_per_token. Softmax runs online (running max and sum per warp, merged
+// across the block's warps at the end), which equals the reference's max-subtracted softmax.
+
+#define ATT_WARPS 4
+#define ATT_THREADS (ATT_WARPS * 32)
+
+template <typename C>
+__device__ __forceinline__ void kv_append_impl(const float* k, const float* v, C* cache, int width,
+                                               int values_per_token, const u32* positions,
+                                               const u32* sequence, const u32* block_tables,
+                                               int blocks_per_sequence, int block_size,
+                                               int rows) {
+    const u64 total = (u64)rows * width;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const int r = (int)(i / width), c = (int)(i - (u64)r * width);
+        const u64 slot =
+            cache_slot(positions, sequence, block_tables, blocks_per_sequence, block_size, r);
+        C* row = cache + slot * values_per_token;
+        store_f32(row + c, k[i]);
+        store_f32(row + width + c, v[i]);
+    }
+}
+
+#define KV_APPEND(NAME, C)                                                                      \
+    extern "C" __global__ void NAME(const float* k, const float* v, C* cache, int width,          \
+                                    int values_per_token, const u32* positions,                   \
+                                    const u32* sequence, const u32* block_tables,                 \
+                                    int blocks_per_sequence, int block_size, int rows) {          \
+        kv_append_impl(k, v, cache, width, values_per_token, positions, sequence, block_tables,   \
+                       blocks_per_sequence, block_size, rows);                                    \
+    }
+KV_APPEND(kv_append_f32, float)
+KV_APPEND(kv_append_f16, f16_t)
+
+// Merge the per-warp online-softmax states (max, sum, accumulator) of the block and write
+// `out[c] = Σ_w acc_w[c]·e^(m_w − M) / Σ_w l_w·e^(m_w − M)` for c < width.
+__device__ __forceinline__ void merge_warps_and_store(float m, float l, const float* acc_shared,
+                                                      float* m_shared, float* l_shared,
+                                                      int width, int acc_stride, float* out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        m_shared[warp] = m;
+        l_shared[warp] = l;
+    }
+    __syncthreads();
+    float big = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, m_shared[w]);
+    float scale[ATT_WARPS];
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) {
+        scale[w] = m_shared[w] == NEG_INF ? 0.f : expf(m_shared[w] - big);
+        total += l_shared[w] * scale[w];
+    }
+    const float inv = 1.f / total;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++) o += acc_shared[w * acc_stride + c] * scale[w];
+        out[c] = o * inv;
+    }
+}
+
+// One block per (head, token). Lane L of a warp holds dims L, L+32, ... of the query and of
+// its accumulator; the warps take positions round-robin.
+#define GQA_DIMS_PER_LANE 8  // head_dim <= 256
+template <typename C>
+__device__ __forceinline__ void gqa_attention_impl(const float* q, float* out, const C* cache,
+                                                   int values_per_token, int heads, int kv_heads,
+                                                   int head_dim, float scale, int window,
+                                                   float softcap, const u32* positions,
+                                                   const u32* sequence, const u32* block_tables,
+                                                   int blocks_per_sequence, int block_size) {
+    __shared__ float acc_shared[ATT_WARPS * 32 * GQA_DIMS_PER_LANE];
+    __shared__ float m_shared[ATT_WARPS], l_shared[ATT_WARPS];
+    const int head = blockIdx.x, r = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kv_head = head / (heads / kv_heads);
+    const int k_off = kv_head * head_dim, v_off = kv_heads * head_dim + kv_head * head_dim;
+    const u32 pos = positions[r];
+    const u32 first = (window > 0 && pos >= (u32)window) ? pos + 1 - (u32)window : 0;
+    const u32 seq = sequence[r];
+    const float* qh = q + ((u64)r * heads + head) * head_dim;
+    float qv[GQA_DIMS_PER_LANE], acc[GQA_DIMS_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < GQA_DIMS_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qv[i] = c < head_dim ? qh[c] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (u32 p = first + warp; p <= pos; p += ATT_WARPS) {
+        const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
+        const C* row = cache + ((u64)block * block_size + p % (u32)block_size) * values_per_token;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < GQA_DIMS_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < head_dim) s += qv[i] * to_f32(row[k_off + c]);
+        }
+        s = warp_sum(s) * scale;
+        if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+        const float m_new = fmaxf(m, s);
+        const float correction = expf(m - m_new);
+        const float weight = expf(s - m_new);
+        l = l * correction + weight;
+#pragma unroll
+        for (int i = 0; i < GQA_DIMS_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            const float vv = c < head_dim ? to_f32(row[v_off + c]) : 0.f;
+            acc[i] = acc[i] * correction + weight * vv;
+        }
+        m = m_new;
+    }
+#pragma unroll
+    for (int i = 0; i < GQA_DIMS_PER_LANE; i++)
+        acc_shared[warp * 32 * GQA_DIMS_PER_LANE + lane + 32 * i] = acc[i];
+    merge_warps_and_store(m, l, acc_shared, m_shared, l_shared, head_dim,
+                          32 * GQA_DIMS_PER_LANE, out + ((u64)r * heads + head) * head_dim);
+}
+
+#define GQA_ATTENTION(NAME, C)                                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                   \
+        NAME(const float* q, float* out, const C* cache, int values_per_token, int heads,       \
+             int kv_heads, int head_dim, float scale, int window, float softcap,                \
+             const u32* positions, const u32* sequence, const u32* block_tables,                \
+             int blocks_per_sequence, int block_size) {                                         \
+        gqa_attention_impl(q, out, cache, values_per_token, heads, kv_heads, head_dim, scale,   \
+                           window, softcap, positions, sequence, block_tables,                  \
+                           blocks_per_sequence, block_size);                                    \
+    }
+GQA_ATTENTION(gqa_attention_f32, float)
+GQA_ATTENTION(gqa_attention_f16, f16_t)
+
+// ---- MLA ------------------------------------------------------------------------------------
+
+// One block per token: RMS-normalise the latent, rotate the shared rope key, write the row.
+template <typename C>
+__device__ __forceinline__ void mla_append_impl(const float* ckv, const float* norm_weight,
+                                                const float* inv_freq, int half, float scaling,
+                                                int interleaved, C* cache, int values_per_token,
+                                                int rank, int rope_dim, float eps,
+                                                const u32* positions, const u32* sequence,
+                                                const u32* block_tables, int blocks_per_sequence,
+                                                int block_size) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    const float* src = ckv + (u64)r * (rank + rope_dim);
+    float sum_sq = 0.f;
+    for (int c = threadIdx.x; c < rank; c += blockDim.x) sum_sq += src[c] * src[c];
+    sum_sq = block_sum(sum_sq, scratch);
+    const float inv = 1.f / sqrtf(sum_sq / (float)rank + eps);
+    const u64 slot =
+        cache_slot(positions, sequence, block_tables, blocks_per_sequence, block_size, r);
+    C* row = cache + slot * values_per_token;
+    for (int c = threadIdx.x; c < rank; c += blockDim.x)
+        store_f32(row + c, norm_weight[c] * (src[c] * inv));
+    const float* k_rope = src + rank;
+    C* dst = row + rank;
+    const float p = (float)positions[r];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float angle = p * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        s *= scaling;
+        c *= scaling;
+        const int a = interleaved ? 2 * i : i;
+        const int b = interleaved ? 2 * i + 1 : i + half;
+        const float x0 = k_rope[a], x1 = k_rope[b];
+        store_f32(dst + a, x0 * c - x1 * s);
+        store_f32(dst + b, x1 * c + x0 * s);
+    }
+    // Dims past the rotated ones (if any) are copied unchanged.
+    for (int c = 2 * half + threadIdx.x; c < rope_dim; c += blockDim.x) store_f32(dst + c, k_rope[c]);
+}
+
+#define MLA_APPEND(NAME, C)                                                                     \
+    extern "C" __global__ void NAME(const float* ckv, const float* norm_weight,                  \
+                                    const float* inv_freq, int half, float scaling,               \
+                                    int interleaved, C* cache, int values_per_token, int rank,    \
+                                    int rope_dim, float eps, const u32* positions,                \
+                                    const u32* sequence, const u32* block_tables,                 \
+                                    int blocks_per_sequence, int block_size) {                    \
+        mla_append_impl(ckv, norm_weight, inv_freq, half, scaling, interleaved, cache,            \
+                        values_per_token, rank, rope_dim, eps, positions, sequence,               \
+                        block_tables, blocks_per_sequence, block_size);                           \
+    }
+MLA_APPEND(mla_append_f32, float)
+MLA_APPEND(mla_append_f16, f16_t)
+
+// q_lat[r, h, c] = Σ_d q_nope[r, h, d] · W_UK[h][d][c], W_UK[h][d] = kv_b row h·(nope + v) + d.
+// Grid (latent columns / blockDim, heads, tokens), one column per thread; the query's no-rope
+// part sits in shared memory.
+#define MLA_MAX_NOPE 256
+template <typename W>
+__device__ __forceinline__ void mla_absorb_q_impl(const float* q, const W* kv_b, float* q_lat,
+                                                  int heads, int nope, int qk, int v_dim,
+                                                  int rank) {
+    __shared__ float q_nope[MLA_MAX_NOPE];
+    const int h = blockIdx.y, r = blockIdx.z;
+    const float* qh = q + ((u64)r * heads + h) * qk;
+    for (int d = threadIdx.x; d < nope; d += blockDim.x) q_nope[d] = qh[d];
+    __syncthreads();
+    const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
+    float* dst = q_lat + ((u64)r * heads + h) * rank;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < rank) {
+        float acc = 0.f;
+        for (int d = 0; d < nope; d++) acc += q_nope[d] * to_f32(w[(u64)d * rank + c]);
+        dst[c] = acc;
+    }
+}
+
+// out[r, h, v] = Σ_c W_UV[h][v][c] · o_lat[r, h, c], W_UV[h][v] = kv_b row h·(nope + v) + nope + v.
+// Grid (values / MLA_VALUES_PER_BLOCK, heads, tokens); one warp per output value.
+#define MLA_VALUES_PER_BLOCK 32
+#define MLA_MAX_RANK 512
+template <typename W>
+__device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* kv_b, float* out,
+                                                  int heads, int nope, int v_dim, int rank) {
+    __shared__ float latent[MLA_MAX_RANK];
+    const int h = blockIdx.y, r = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const float* src = o_lat + ((u64)r * heads + h) * rank;
+    for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
+    __syncthreads();
+    const int v_end = min(v_dim, (int)(blockIdx.x + 1) * MLA_VALUES_PER_BLOCK);
+    for (int v = blockIdx.x * MLA_VALUES_PER_BLOCK + warp; v < v_end; v += warps) {
+        const W* w = kv_b + ((u64)h * (nope + v_dim) + nope + v) * rank;
+        float acc = 0.f;
+        for (int c = lane; c < rank; c += 32) acc += to_f32(w[c]) * latent[c];
+        acc = warp_sum(acc);
+        if (lane == 0) out[((u64)r * heads + h) * v_dim + v] = acc;
+    }
+}
+
+#define MLA_KV_B_KERNELS(SUFFIX, W)                                                             \
+    extern "C" __global__ void mla_absorb_q_##SUFFIX(const float* q, const W* kv_b,              \
+                                                     float* q_lat, int heads, int nope, int qk,  \
+                                                     int v_dim, int rank) {                      \
+        mla_absorb_q_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank);                         \
+    }                                                                                            \
+    extern "C" __global__ void mla_unabsorb_##SUFFIX(const float* o_lat, const W* kv_b,          \
+                                                     float* out, int heads, int nope, int v_dim, \
+                                                     int rank) {                                 \
+        mla_unabsorb_impl(o_lat, kv_b, out, heads, nope, v_dim, rank);                           \
+    }
+MLA_KV_B_KERNELS(f32, float)
+MLA_KV_B_KERNELS(f16, f16_t)
+MLA_KV_B_KERNELS(bf16, bf16_t)
+
+// Scores of one head against each cached [latent ‖ rope key] row, softmax, and the
+// probability-weighted sum of latents. One block per (head, token).
+#define MLA_LATENT_PER_LANE (MLA_MAX_RANK / 32)
+#define MLA_ROPE_PER_LANE 2  // rope dims <= 64
+template <typename C>
+__device__ __forceinline__ void mla_attend_impl(const float* q, const float* q_lat, float* o_lat,
+                                                const C* cache, int values_per_token, int heads,
+                                                int qk, int nope, int rank, int rope_dim,
+                                                float scale, const u32* positions,
+                                                const u32* sequence, const u32* block_tables,
+                                                int blocks_per_sequence, int block_size) {
+    __shared__ float acc_shared[ATT_WARPS * MLA_MAX_RANK];
+    __shared__ float m_shared[ATT_WARPS], l_shared[ATT_WARPS];
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 pos = positions[r], seq = sequence[r];
+    const float* ql = q_lat + ((u64)r * heads + h) * rank;
+    const float* qr = q + ((u64)r * heads + h) * qk + nope;
+    float qlv[MLA_LATENT_PER_LANE], acc[MLA_LATENT_PER_LANE], qrv[MLA_ROPE_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MLA_LATENT_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qlv[i] = c < rank ? ql[c] : 0.f;
+        acc[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < MLA_ROPE_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qrv[i] = c < rope_dim ? qr[c] : 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (u32 p = warp; p <= pos; p += ATT_WARPS) {
+        const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
+        const C* row = cache + ((u64)block * block_size + p % (u32)block_size) * values_per_token;
+        float lat[MLA_LATENT_PER_LANE];
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < MLA_LATENT_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            lat[i] = c < rank ? to_f32(row[c]) : 0.f;
+            s += qlv[i] * lat[i];
+        }
+#pragma unroll
+        for (int i = 0; i < MLA_ROPE_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < rope_dim) s += qrv[i] * to_f32(row[rank + c]);
+        }
+        s = warp_sum(s) * scale;
+        const float m_new = fmaxf(m, s);
+        const float correction = expf(m - m_new);
+        const float weight = expf(s - m_new);
+        l = l * correction + weight;
+#pragma unroll
+        for (int i = 0; i < MLA_LATENT_PER_LANE; i++) acc[i] = acc[i] * correction + weight * lat[i];
+        m = m_new;
+    }
+#pragma unroll
+    for (int i = 0; i < MLA_LATENT_PER_LANE; i++)
+        acc_shared[warp * MLA_MAX_RANK + lane + 32 * i] = acc[i];
+    merge_warps_and_store(m, l, acc_shared, m_shared, l_shared, rank, MLA_MAX_RANK,
+                          o_lat + ((u64)r * heads + h) * rank);
+}
+
+#define MLA_ATTEND(NAME, C)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                   \
+        NAME(const float* q, const float* q_lat, float* o_lat, const C* cache,                  \
+             int values_per_token, int heads, int qk, int nope, int rank, int rope_dim,         \
+             float scale, const u32* positions, const u32* sequence, const u32* block_tables,   \
+             int blocks_per_sequence, int block_size) {                                         \
+        mla_attend_impl(q, q_lat, o_lat, cache, values_per_token, heads, qk, nope, rank,        \
+                        rope_dim, scale, positions, sequence, block_tables,                     \
+                        blocks_per_sequence, block_size);                                       \
+    }
+MLA_ATTEND(mla_attend_f32, float)
+MLA_ATTEND(mla_attend_f16, f16_t)
+
+// ---- MLA decode: context split over blocks, all heads of a token per block ----------------
+//
+// mla_decode: grid (splits, tokens), MLA_DECODE_THREADS threads. Block (s, r) takes positions
+// [s·chunk, min((s+1)·chunk, pos_r + 1)) of token r's sequence in tiles of `tile` positions:
+// each cached [latent ‖ rope key] row is loaded into shared memory once and scored against all
+// heads' absorbed queries (also in shared memory), an online softmax per head runs over the
+// tiles, and thread t accumulates latent columns t and t + 256 of every head. The block leaves
+// (max, sum) per head and the unnormalised accumulators for mla_combine.
+//
+// Shared memory (floats): queries [heads][stride], tile [tile][stride], probabilities
+// [heads][tile], and per head max, sum and correction; stride = rank + rope + 1 (odd, so rows
+// of different positions fall in different banks).
+
+#define MLA_DECODE_THREADS 256
+#define MLA_DECODE_MAX_HEADS 32
+#define MLA_DECODE_COLS (MLA_MAX_RANK / MLA_DECODE_THREADS)
+
+template <typename C>
+__device__ __forceinline__ void mla_decode_impl(
+    const float* q, const float* q_lat, float* part_ml, float* part_acc, const C* cache,
+    int values_per_token, int heads, int qk, int nope, int rank, int rope_dim, float scale,
+    int chunk, int tile, const u32* positions, const u32* sequence, const u32* block_tables,
+    int blocks_per_sequence, int block_size) {
+    extern __shared__ float shared[];
+    const int width = rank + rope_dim, stride = width + 1;
+    float* qs = shared;
+    float* lat = qs + heads * stride;
+    float* prob = lat + tile * stride;
+    float* run_max = prob + heads * tile;
+    float* run_sum = run_max + heads;
+    float* corr = run_sum + heads;
+    const int s = blockIdx.x, r = blockIdx.y, splits = gridDim.x;
+    const int tid = threadIdx.x;
+    const u32 pos = positions[r], seq = sequence[r];
+    const int p_begin = s * chunk;
+    const int p_end = min((int)pos + 1, p_begin + chunk);
+
+    for (int i = tid; i < heads * width; i += MLA_DECODE_THREADS) {
+        const int h = i / width, c = i - h * width;
+        qs[h * stride + c] = c < rank ? q_lat[((u64)r * heads + h) * rank + c]
+                                      : q[((u64)r * heads + h) * qk + nope + (c - rank)];
+    }
+    for (int h = tid; h < heads; h += MLA_DECODE_THREADS) {
+        run_max[h] = NEG_INF;
+        run_sum[h] = 0.f;
+    }
+    float acc[MLA_DECODE_MAX_HEADS][MLA_DECODE_COLS];
+#pragma unroll
+    for (int h = 0; h < MLA_DECODE_MAX_HEADS; h++)
+#pragma unroll
+        for (int j = 0; j < MLA_DECODE_COLS; j++) acc[h][j] = 0.f;
+
+    for (int p0 = p_begin; p0 < p_end; p0 += tile) {
+        const int np = min(tile, p_end - p0);
+        __syncthreads();  // the previous tile is no longer read
+        for (int i = tid; i < np * width; i += MLA_DECODE_THREADS) {
+            const int pp = i / width, c = i - pp * width;
+            const u32 p = (u32)(p0 + pp);
+            const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
+            const C* row =
+                cache + ((u64)block * block_size + p % (u32)block_size) * values_per_token;
+            lat[pp * stride + c] = to_f32(row[c]);
+        }
+        __syncthreads();
+        for (int i = tid; i < heads * tile; i += MLA_DECODE_THREADS) {
+            const int h = i / tile, pp = i - h * tile;
+            float score = NEG_INF;
+            if (pp < np) {
+                const float* qh = qs + h * stride;
+                const float* lp = lat + pp * stride;
+                float dot = 0.f;
+                for (int c = 0; c < width; c++) dot += qh[c] * lp[c];
+                score = dot * scale;
+            }
+            prob[i] = score;
+        }
+        __syncthreads();
+        for (int h = tid; h < heads; h += MLA_DECODE_THREADS) {
+            float mx = run_max[h];
+            for (int pp = 0; pp < np; pp++) mx = fmaxf(mx, prob[h * tile + pp]);
+            const float c = run_max[h] == NEG_INF ? 0.f : expf(run_max[h] - mx);
+            float sum = 0.f;
+            for (int pp = 0; pp < np; pp++) {
+                const float e = expf(prob[h * tile + pp] - mx);
+                prob[h * tile + pp] = e;
+                sum += e;
+            }
+            run_sum[h] = run_sum[h] * c + sum;
+            run_max[h] = mx;
+            corr[h] = c;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < MLA_DECODE_MAX_HEADS; h++) {
+            if (h < heads) {
+                const float ch = corr[h];
+#pragma unroll
+                for (int j = 0; j < MLA_DECODE_COLS; j++) {
+                    const int c = tid + MLA_DECODE_THREADS * j;
+                    if (c < rank) {
+                        float a = acc[h][j] * ch;
+                        for (int pp = 0; pp < np; pp++) a += prob[h * tile + pp] * lat[pp * stride + c];
+                        acc[h][j] = a;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    const u64 base = (u64)r * splits + s;
+    for (int h = tid; h < heads; h += MLA_DECODE_THREADS) {
+        part_ml[(base * heads + h) * 2] = run_max[h];
+        part_ml[(base * heads + h) * 2 + 1] = run_sum[h];
+    }
+#pragma unroll
+    for (int h = 0; h < MLA_DECODE_MAX_HEADS; h++) {
+        if (h < heads) {
+#pragma unroll
+            for (int j = 0; j < MLA_DECODE_COLS; j++) {
+                const int c = tid + MLA_DECODE_THREADS * j;
+                if (c < rank) part_acc[(base * heads + h) * rank + c] = acc[h][j];
+            }
+        }
+    }
+}
+
+#define MLA_DECODE(NAME, C)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MLA_DECODE_THREADS)                            \
+        NAME(const float* q, const float* q_lat, float* part_ml, float* part_acc, const C* cache, \
+             int values_per_token, int heads, int qk, int nope, int rank, int rope_dim,         \
+             float scale, int chunk, int tile, const u32* positions, const u32* sequence,       \
+             const u32* block_tables, int blocks_per_sequence, int block_size) {                \
+        mla_decode_impl(q, q_lat, part_ml, part_acc, cache, values_per_token, heads, qk, nope,  \
+                        rank, rope_dim, scale, chunk, tile, positions, sequence, block_tables,  \
+                        blocks_per_sequence, block_size);                                       \
+    }
+MLA_DECODE(mla_decode_f32, float)
+MLA_DECODE(mla_decode_f16, f16_t)
+
+// o_lat[r, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits of mla_decode.
+// Grid (heads, tokens).
+extern "C" __global__ void mla_combine(const float* part_ml, const float* part_acc, int splits,
+                                       int heads, int rank, float* o_lat) {
+    const int h = blockIdx.x, r = blockIdx.y;
+    float big = NEG_INF;
+    for (int s = 0; s < splits; s++)
+        big = fmaxf(big, part_ml[(((u64)r * splits + s) * heads + h) * 2]);
+    float total = 0.f;
+    for (int s = 0; s < splits; s++) {
+        const u64 i = (((u64)r * splits + s) * heads + h) * 2;
+        if (part_ml[i] != NEG_INF) total += part_ml[i + 1] * expf(part_ml[i] - big);
+    }
+    const float inv = 1.f / total;
+    for (int c = threadIdx.x; c < rank; c += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < splits; s++) {
+            const u64 b = ((u64)r * splits + s) * heads + h;
+            const float m = part_ml[b * 2];
+            if (m != NEG_INF) o += part_acc[b * rank + c] * expf(m - big);
+        }
+        o_lat[((u64)r * heads + h) * rank + c] = o * inv;
+    }
+}

@@ -1,0 +1,94 @@
+// Shared definitions for every kernel source. Compiled by NVRTC with no #include: the types and
+// conversions the kernels need are defined here (fp16 conversions through PTX `cvt`).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+// 1/sqrt(128) exactly as the CPU reference writes it (f32 0.088_388_35).
+#define HADAMARD_SCALE 0.08838835f
+
+// Storage element types, distinct so that overloads pick the right widening.
+struct f16_t {
+    u16 bits;
+};
+struct bf16_t {
+    u16 bits;
+};
+
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(f16_t v) { return f16_bits_to_f32(v.bits); }
+__device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float(((u32)v.bits) << 16); }
+
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(f16_t* p, float v) { p->bits = f32_to_f16_bits(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < warps ? scratch[lane] : 0.f;
+        w = warp_sum(w);
+        if (lane == 0) scratch[0] = w;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Cache slot of token `row` of the step: its sequence's block table maps the position's block.
+__device__ __forceinline__ u64 cache_slot(const u32* positions, const u32* sequence,
+                                          const u32* block_tables, int blocks_per_sequence,
+                                          int block_size, int row) {
+    const u32 pos = positions[row], seq = sequence[row];
+    const u32 block = block_tables[(u64)seq * blocks_per_sequence + pos / (u32)block_size];
+    return (u64)block * block_size + pos % (u32)block_size;
+}
+
+// Unnormalised 128-point Walsh-Hadamard transform held by one warp: lane L holds elements
+// L, L+32, L+64, L+96. The butterflies run in the CPU reference's order (h = 1, 2, ..., 64)
+// with the same (a + b, a - b) arithmetic, so results are bit-identical to it.
+__device__ __forceinline__ void fwht128_warp(float v[4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 1; h < 32; h <<= 1) {
+        const bool low = (lane & h) == 0;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float other = __shfl_xor_sync(FULL_MASK, v[q], h);
+            v[q] = low ? v[q] + other : other - v[q];
+        }
+    }
+    // h = 32 pairs elements (q, q + 1) for even q; h = 64 pairs (q, q + 2).
+    const float a0 = v[0] + v[1], a1 = v[0] - v[1];
+    const float a2 = v[2] + v[3], a3 = v[2] - v[3];
+    v[0] = a0 + a2;
+    v[2] = a0 - a2;
+    v[1] = a1 + a3;
+    v[3] = a1 - a3;
+}

@@ -1,0 +1,526 @@
+// EXL3 trellis linear: y = ((x ⊙ suh)·H̃ · W̃)·H̃ ⊙ svh (+ bias), W̃ decoded on the fly from
+// the packed tile words. Three launches:
+//   trellis_prep     xh = H̃(x ⊙ suh), zero-padded to k            (one warp per 128 inputs)
+//   trellis_matmul   partial[split] = xh[:, k-range] · W̃           (tiles decoded in registers)
+//   trellis_finish   y = H̃(Σ_split partial) ⊙ svh + bias, trimmed  (one warp per 128 outputs)
+//
+// Every launch works on "rows": a plain linear's activation rows, or the (token, expert) pairs
+// of an MoE layer sorted by expert. `row_desc[r]` names the descriptor (the weight) of row r
+// (null: descriptor 0), `src_rows[r]` the input row it reads (null: row r). The matmul walks
+// "row tiles" of up to TM rows that share a descriptor: `tiles[3t..3t+3] = (desc, first row,
+// rows)`, desc -1 for an unused tile; null means rows 0.. in tiles of TM with descriptor 0.
+
+struct TrellisDesc {
+    const u32* words;  // tile (kt, nt) at u32 offset (kt * n/16 + nt) * 8K
+    const u16* suh;    // fp16 bits, k_pad values
+    const u16* svh;    // fp16 bits, n_pad values
+    const u16* bias;   // fp16 bits, n_pad values, or null
+    int bits_x2;       // 2K: 2..16, odd for 1.5 / 2.5 / 3.5
+    int codebook;      // 0 3INST, 1 mcg, 2 mul1
+    int reserved0, reserved1;
+};
+
+extern "C" __global__ void trellis_prep(const TrellisDesc* descs, const int* row_desc,
+                                        const int* src_rows, const float* x, int in_stride,
+                                        int in_features, int k_pad, float* xh) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int chunk = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (chunk * 128 >= k_pad) return;  // warp-uniform
+    const int r = blockIdx.y;
+    const TrellisDesc d = descs[row_desc ? row_desc[r] : 0];
+    const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int c = chunk * 128 + lane + 32 * q;
+        v[q] = c < in_features ? x[src * in_stride + c] * f16_bits_to_f32(d.suh[c]) : 0.f;
+    }
+    fwht128_warp(v);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int c = chunk * 128 + lane + 32 * q;
+        xh[(u64)r * k_pad + c] = v[q] * HADAMARD_SCALE;
+    }
+}
+
+extern "C" __global__ void trellis_finish(const TrellisDesc* descs, const int* row_desc,
+                                          const float* partial, int splits, int rows, int n_pad,
+                                          int out_features, int out_stride, float* out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int chunk = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (chunk * 128 >= n_pad) return;  // warp-uniform
+    const int r = blockIdx.y;
+    const TrellisDesc d = descs[row_desc ? row_desc[r] : 0];
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int c = chunk * 128 + lane + 32 * q;
+        float sum = 0.f;
+        for (int s = 0; s < splits; s++) sum += partial[((u64)s * rows + r) * n_pad + c];
+        v[q] = sum;
+    }
+    fwht128_warp(v);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int c = chunk * 128 + lane + 32 * q;
+        if (c < out_features) {
+            float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
+            if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
+            out[(u64)r * out_stride + c] = y;
+        }
+    }
+}
+
+// ---- codebooks: 16-bit state -> weight, each with exactly one fp16 rounding --------------
+
+__device__ __forceinline__ float inst_halves_sum(u32 x) {
+    x = (x & 0x8FFF8FFFu) ^ 0x3B603B60u;
+    // Both halves are fp16 values in [0.125, 2) in magnitude: their f32 sum is exact, so
+    // rounding it to fp16 once equals the reference's single fp16 addition.
+    const float lo = f16_bits_to_f32((u16)(x & 0xFFFFu));
+    const float hi = f16_bits_to_f32((u16)(x >> 16));
+    return f16_bits_to_f32(f32_to_f16_bits(lo + hi));
+}
+
+template <int CB>
+__device__ __forceinline__ float codebook_value(u32 state) {
+    if (CB == 0) return inst_halves_sum(state * 89226354u + 64248484u);
+    if (CB == 1) return inst_halves_sum(state * 0xCBAC1FEDu);
+    const u32 x = state * 0x83DCD12Du;
+    u32 byte_sum;
+    asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(byte_sum) : "r"(x), "r"(0x01010101u), "r"(0u));
+    // (1024 + byte_sum) * fp16(0x1EEE) + fp16(0xC931) is exact in f32 (at most 22 significant
+    // bits), so one rounding to fp16 matches the reference's single fused multiply-add.
+    const float h = (float)(1024u + byte_sum);
+    return f16_bits_to_f32(f32_to_f16_bits(fmaf(h, 0.00676727294921875f, -10.3828125f)));
+}
+
+// Bits consumed by trellis positions 0..=t (S(t)) for a width of bits_x2 / 2.
+__device__ __forceinline__ int stream_end(int t, int bits_x2) {
+    const int whole = bits_x2 >> 1;
+    return (bits_x2 & 1) ? (t + 1) * whole + ((t + 1) >> 1) : (t + 1) * whole;
+}
+
+#define MM_THREADS 256
+#define MM_KTILES 8  // k-tiles staged in shared memory per iteration
+
+// Block: 8 warps over one 128-column Hadamard block (warp w decodes n-tile 8·block + w) for one
+// row tile and one k-range (blockIdx.z). Lane L decodes trellis positions 8L..8L+7 of each tile:
+// rows r0, r0+1, r0+8, r0+9 (r0 = 2·(L mod 4)) of columns L/4 and L/4 + 8, the tensor-core
+// fragment order of the format.
+template <int TM, int CB>
+__device__ __forceinline__ void trellis_matmul_body(const TrellisDesc& d, const float* xh,
+                                                    int k_pad, int n_pad, int row0, int nrows,
+                                                    int kt0, int kt1, float* partial) {
+    extern __shared__ u32 smem[];
+    const int bits_x2 = d.bits_x2;
+    const int nw = 4 * bits_x2;  // u32 words per tile
+    u32* sw = smem;
+    float* sx = (float*)(smem + MM_KTILES * 8 * nw);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tiles_n = n_pad >> 4;
+    const int nb = blockIdx.x;
+
+    // Where each of this lane's 8 states lies in the tile's ring: the two words holding the
+    // 16-bit window ending at S(t) and the funnel-shift amount (packed i0 | i1 << 8 | s << 16).
+    int plan[8];
+    const int ring = 128 * bits_x2;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int t = 8 * lane + j;
+        const int b0 = stream_end(t, bits_x2) + ring - 16;
+        const int i0 = (b0 >> 5) % nw;
+        const int i1 = ((b0 + 15) >> 5) % nw;
+        const int shift = 31 - ((b0 + 15) & 31);
+        plan[j] = i0 | (i1 << 8) | (shift << 16);
+    }
+    const int r0 = 2 * (lane & 3);
+
+    float acc[TM][2];
+#pragma unroll
+    for (int m = 0; m < TM; m++) acc[m][0] = acc[m][1] = 0.f;
+
+    const int chunk4 = 2 * nw;  // uint4 per k-tile row of the block (8 tiles)
+    for (int kb = kt0; kb < kt1; kb += MM_KTILES) {
+        const int nk = min(MM_KTILES, kt1 - kb);
+        for (int i = threadIdx.x; i < nk * chunk4; i += MM_THREADS) {
+            const int c = i / chunk4, o = i - c * chunk4;
+            const uint4* src =
+                (const uint4*)(d.words + ((u64)(kb + c) * tiles_n + (u64)nb * 8) * nw);
+            ((uint4*)sw)[i] = src[o];
+        }
+        for (int i = threadIdx.x; i < TM * MM_KTILES * 16; i += MM_THREADS) {
+            const int m = i / (MM_KTILES * 16), c = i - m * (MM_KTILES * 16);
+            sx[i] = (m < nrows && c < nk * 16) ? xh[(u64)(row0 + m) * k_pad + kb * 16 + c] : 0.f;
+        }
+        __syncthreads();
+        for (int c = 0; c < nk; c++) {
+            const u32* tw = sw + (c * 8 + warp) * nw;
+            float xv[TM][4];
+#pragma unroll
+            for (int m = 0; m < TM; m++) {
+                const float* xr = sx + m * (MM_KTILES * 16) + c * 16 + r0;
+                xv[m][0] = xr[0];
+                xv[m][1] = xr[1];
+                xv[m][2] = xr[8];
+                xv[m][3] = xr[9];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int p = plan[j];
+                const u32 state =
+                    __funnelshift_r(tw[(p >> 8) & 0xFF], tw[p & 0xFF], p >> 16) & 0xFFFFu;
+                const float w = codebook_value<CB>(state);
+#pragma unroll
+                for (int m = 0; m < TM; m++) acc[m][j >> 2] += xv[m][j & 3] * w;
+            }
+        }
+        __syncthreads();
+    }
+    // The four lanes that share a column (same L/4) hold different rows of it.
+#pragma unroll
+    for (int m = 0; m < TM; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float v = acc[m][h];
+            v += __shfl_xor_sync(FULL_MASK, v, 1);
+            v += __shfl_xor_sync(FULL_MASK, v, 2);
+            acc[m][h] = v;
+        }
+    }
+    if ((lane & 3) == 0) {
+        const int col = (nb * 8 + warp) * 16 + (lane >> 2);
+#pragma unroll
+        for (int m = 0; m < TM; m++) {
+            if (m < nrows) {
+                partial[(u64)(row0 + m) * n_pad + col] = acc[m][0];
+                partial[(u64)(row0 + m) * n_pad + col + 8] = acc[m][1];
+            }
+        }
+    }
+}
+
+template <int TM>
+__device__ __forceinline__ void trellis_matmul_impl(const TrellisDesc* descs, const int* tiles,
+                                                    int rows, const float* xh, int k_pad,
+                                                    int n_pad, int ktiles_per_split,
+                                                    float* partial) {
+    int desc_index = 0, row0, nrows;
+    if (tiles) {
+        desc_index = tiles[3 * blockIdx.y];
+        if (desc_index < 0) return;  // block-uniform, before any barrier
+        row0 = tiles[3 * blockIdx.y + 1];
+        nrows = tiles[3 * blockIdx.y + 2];
+    } else {
+        row0 = blockIdx.y * TM;
+        nrows = min(TM, rows - row0);
+    }
+    const TrellisDesc d = descs[desc_index];
+    const int tiles_k = k_pad >> 4;
+    const int kt0 = blockIdx.z * ktiles_per_split;
+    const int kt1 = min(tiles_k, kt0 + ktiles_per_split);
+    float* part = partial + (u64)blockIdx.z * rows * n_pad;
+    switch (d.codebook) {
+        case 0:
+            trellis_matmul_body<TM, 0>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
+            break;
+        case 1:
+            trellis_matmul_body<TM, 1>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
+            break;
+        default:
+            trellis_matmul_body<TM, 2>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
+            break;
+    }
+}
+
+#define TRELLIS_MATMUL(TM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS)                                    \
+        trellis_matmul_tm##TM(const TrellisDesc* descs, const int* tiles, int rows,             \
+                              const float* xh, int k_pad, int n_pad, int ktiles_per_split,       \
+                              float* partial) {                                                 \
+        trellis_matmul_impl<TM>(descs, tiles, rows, xh, k_pad, n_pad, ktiles_per_split, partial); \
+    }
+
+TRELLIS_MATMUL(1)
+TRELLIS_MATMUL(2)
+TRELLIS_MATMUL(4)
+TRELLIS_MATMUL(8)
+TRELLIS_MATMUL(16)
+
+// ---- single-launch linear ------------------------------------------------------------------
+//
+// trellis_linear_tm{TM}: the whole layer in one launch. Each block takes one 128-column block
+// (blockIdx.x), one row tile (blockIdx.y) and a k-range of whole 128-input Hadamard blocks
+// (blockIdx.z of `splits`). It forms xh = H̃(x ⊙ suh) for its k-range itself (one warp per row
+// and Hadamard block; inputs past in_features are zero), decodes and multiplies as above, and
+// then either finishes directly (one split) or leaves its partial product in `partial` and
+// takes a ticket: the block that completes a (row tile, column block) last adds the partials
+// in split order, applies the output Hadamard, svh and bias, writes the trimmed output, and
+// resets the ticket to zero for the next launch. With `x_up` non-null the input is
+// silu(x) ⊙ x_up (a gated MLP's activation, fused into the down projection).
+
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+// Registers that carry one k-batch (MM_KTILES k-tiles × 8 n-tiles of words, and the inputs of
+// one Hadamard block for this warp's rows) from global memory to shared memory, so that the
+// next batch's loads are in flight while the current one is decoded.
+#define MM_WORD_REGS ((MM_KTILES * 8 * 64 / 4 + MM_THREADS - 1) / MM_THREADS)  // K ≤ 8
+template <int TM>
+struct LinearStage {
+    uint4 words[MM_WORD_REGS];
+    float x[(TM + 7) / 8][4];
+    float up[(TM + 7) / 8][4];
+    float suh[4];
+};
+
+template <int TM>
+__device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDesc& d, int kb,
+                                            int tiles_n, int nb, int nw, int row0, int nrows,
+                                            const int* src_rows, const float* x,
+                                            const float* x_up, int in_stride, int in_features) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int chunk4 = 2 * nw, batch4 = MM_KTILES * chunk4;
+#pragma unroll
+    for (int i = 0; i < MM_WORD_REGS; i++) {
+        const int idx = threadIdx.x + i * MM_THREADS;
+        if (idx < batch4) {
+            const int c = idx / chunk4, o = idx - c * chunk4;
+            st.words[i] =
+                ((const uint4*)(d.words + ((u64)(kb + c) * tiles_n + (u64)nb * 8) * nw))[o];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int c = kb * 16 + lane + 32 * q;
+        st.suh[q] = c < in_features ? f16_bits_to_f32(d.suh[c]) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < (TM + 7) / 8; k++) {
+        const int m = warp + 8 * k;
+        if (m < TM && m < nrows) {
+            const int r = row0 + m;
+            const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int c = kb * 16 + lane + 32 * q;
+                st.x[k][q] = c < in_features ? x[src * in_stride + c] : 0.f;
+                st.up[k][q] = (x_up && c < in_features) ? x_up[src * in_stride + c] : 0.f;
+            }
+        }
+    }
+}
+
+template <int TM>
+__device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw, float* sx, int nw,
+                                             int nrows, bool gated) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int batch4 = MM_KTILES * 2 * nw;
+#pragma unroll
+    for (int i = 0; i < MM_WORD_REGS; i++) {
+        const int idx = threadIdx.x + i * MM_THREADS;
+        if (idx < batch4) ((uint4*)sw)[idx] = st.words[i];
+    }
+#pragma unroll
+    for (int k = 0; k < (TM + 7) / 8; k++) {
+        const int m = warp + 8 * k;
+        if (m < TM) {  // warp-uniform
+            float v[4];
+            if (m < nrows) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
+                    v[q] = xv * st.suh[q];
+                }
+                fwht128_warp(v);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; q++) v[q] = 0.f;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q++) sx[m * 128 + lane + 32 * q] = v[q] * HADAMARD_SCALE;
+        }
+    }
+}
+
+template <int TM, int CB>
+__device__ __forceinline__ void trellis_linear_body(
+    const TrellisDesc& d, int tile_slot, int row0, int nrows, const int* src_rows, const float* x,
+    const float* x_up, int in_stride, int in_features, int k_pad, int n_pad, int kt0, int kt1,
+    int splits, int rows, float* partial, u32* tickets, float* out, int out_stride,
+    int out_features) {
+    extern __shared__ u32 smem[];
+    __shared__ int is_last;
+    const int bits_x2 = d.bits_x2;
+    const int nw = 4 * bits_x2;
+    u32* sw = smem;
+    float* sx = (float*)(smem + MM_KTILES * 8 * nw);  // [TM][128] transformed inputs
+    float* sz = sx + TM * 128;                        // [TM][128] products of this block
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tiles_n = n_pad >> 4;
+    const int nb = blockIdx.x;
+
+    int plan[8];
+    const int ring = 128 * bits_x2;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int t = 8 * lane + j;
+        const int b0 = stream_end(t, bits_x2) + ring - 16;
+        const int i0 = (b0 >> 5) % nw;
+        const int i1 = ((b0 + 15) >> 5) % nw;
+        const int shift = 31 - ((b0 + 15) & 31);
+        plan[j] = i0 | (i1 << 8) | (shift << 16);
+    }
+    const int r0 = 2 * (lane & 3);
+
+    float acc[TM][2];
+#pragma unroll
+    for (int m = 0; m < TM; m++) acc[m][0] = acc[m][1] = 0.f;
+
+    LinearStage<TM> st;
+    if (kt0 < kt1)
+        linear_load<TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, src_rows, x, x_up, in_stride,
+                        in_features);
+    for (int kb = kt0; kb < kt1; kb += MM_KTILES) {  // kt0, kt1 are multiples of MM_KTILES
+        linear_stage<TM>(st, sw, sx, nw, nrows, x_up != nullptr);
+        __syncthreads();
+        // The next batch's loads fly while this one is decoded.
+        if (kb + MM_KTILES < kt1)
+            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, src_rows, x,
+                            x_up, in_stride, in_features);
+#pragma unroll 1
+        for (int c = 0; c < MM_KTILES; c++) {
+            const u32* tw = sw + (c * 8 + warp) * nw;
+            float xv[TM][4];
+#pragma unroll
+            for (int m = 0; m < TM; m++) {
+                const float* xr = sx + m * 128 + c * 16 + r0;
+                xv[m][0] = xr[0];
+                xv[m][1] = xr[1];
+                xv[m][2] = xr[8];
+                xv[m][3] = xr[9];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int p = plan[j];
+                const u32 state =
+                    __funnelshift_r(tw[(p >> 8) & 0xFF], tw[p & 0xFF], p >> 16) & 0xFFFFu;
+                const float w = codebook_value<CB>(state);
+#pragma unroll
+                for (int m = 0; m < TM; m++) acc[m][j >> 2] += xv[m][j & 3] * w;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int m = 0; m < TM; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float v = acc[m][h];
+            v += __shfl_xor_sync(FULL_MASK, v, 1);
+            v += __shfl_xor_sync(FULL_MASK, v, 2);
+            acc[m][h] = v;
+        }
+    }
+    const int col_in_block = warp * 16 + (lane >> 2);
+    if ((lane & 3) == 0) {
+#pragma unroll
+        for (int m = 0; m < TM; m++) {
+            sz[m * 128 + col_in_block] = acc[m][0];
+            sz[m * 128 + col_in_block + 8] = acc[m][1];
+        }
+    }
+    if (splits > 1) {
+        if ((lane & 3) == 0) {
+            float* part = partial + ((u64)blockIdx.z * rows + row0) * n_pad + nb * 128;
+#pragma unroll
+            for (int m = 0; m < TM; m++) {
+                if (m < nrows) {
+                    part[(u64)m * n_pad + col_in_block] = acc[m][0];
+                    part[(u64)m * n_pad + col_in_block + 8] = acc[m][1];
+                }
+            }
+        }
+        __threadfence();
+        __syncthreads();
+        u32* ticket = tickets + (u64)tile_slot * gridDim.x + nb;
+        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(splits - 1);
+        __syncthreads();
+        if (!is_last) return;
+        // Every split's partial is visible (each wrote, fenced, then took its ticket).
+        for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
+            const int m = i >> 7, c = i & 127;
+            float sum = 0.f;
+            for (int s = 0; s < splits; s++)
+                sum += __ldcg(partial + ((u64)s * rows + row0 + m) * n_pad + nb * 128 + c);
+            sz[i] = sum;
+        }
+        if (threadIdx.x == 0) *ticket = 0u;
+    }
+    __syncthreads();
+    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) v[q] = sz[m * 128 + lane + 32 * q];
+        fwht128_warp(v);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int c = nb * 128 + lane + 32 * q;
+            if (c < out_features) {
+                float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
+                if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
+                out[(u64)(row0 + m) * out_stride + c] = y;
+            }
+        }
+    }
+}
+
+template <int TM>
+__device__ __forceinline__ void trellis_linear_impl(
+    const TrellisDesc* descs, const int* tiles, int rows, const int* src_rows, const float* x,
+    const float* x_up, int in_stride, int in_features, int k_pad, int n_pad,
+    int ktiles_per_split, int splits, float* partial, u32* tickets, float* out, int out_stride,
+    int out_features) {
+    int desc_index = 0, row0, nrows;
+    if (tiles) {
+        desc_index = tiles[3 * blockIdx.y];
+        if (desc_index < 0) return;  // block-uniform, before any barrier
+        row0 = tiles[3 * blockIdx.y + 1];
+        nrows = tiles[3 * blockIdx.y + 2];
+    } else {
+        row0 = blockIdx.y * TM;
+        nrows = min(TM, rows - row0);
+    }
+    const TrellisDesc d = descs[desc_index];
+    const int tiles_k = k_pad >> 4;
+    const int kt0 = blockIdx.z * ktiles_per_split;
+    const int kt1 = min(tiles_k, kt0 + ktiles_per_split);
+#define TRELLIS_LINEAR_CASE(CB)                                                                 \
+    trellis_linear_body<TM, CB>(d, blockIdx.y, row0, nrows, src_rows, x, x_up, in_stride,        \
+                                in_features, k_pad, n_pad, kt0, kt1, splits, rows, partial,      \
+                                tickets, out, out_stride, out_features)
+    switch (d.codebook) {
+        case 0: TRELLIS_LINEAR_CASE(0); break;
+        case 1: TRELLIS_LINEAR_CASE(1); break;
+        default: TRELLIS_LINEAR_CASE(2); break;
+    }
+#undef TRELLIS_LINEAR_CASE
+}
+
+// Blocks per SM the register budget is fitted to: one-row and two-row tiles fit three blocks
+// (80 registers) without spilling, taller tiles need more registers.
+#define TRELLIS_LINEAR(TM, MIN_BLOCKS)                                                          \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, MIN_BLOCKS) trellis_linear_tm##TM( \
+        const TrellisDesc* descs, const int* tiles, int rows, const int* src_rows,              \
+        const float* x, const float* x_up, int in_stride, int in_features, int k_pad,           \
+        int n_pad, int ktiles_per_split, int splits, float* partial, u32* tickets, float* out,  \
+        int out_stride, int out_features) {                                                     \
+        trellis_linear_impl<TM>(descs, tiles, rows, src_rows, x, x_up, in_stride, in_features,  \
+                                k_pad, n_pad, ktiles_per_split, splits, partial, tickets, out,  \
+                                out_stride, out_features);                                      \
+    }
+
+TRELLIS_LINEAR(1, 3)
+TRELLIS_LINEAR(2, 3)
+TRELLIS_LINEAR(4, 2)
+TRELLIS_LINEAR(8, 2)
+TRELLIS_LINEAR(16, 1)

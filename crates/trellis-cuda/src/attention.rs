@@ -1,0 +1,377 @@
+//! Paged KV cache and attention launches: GQA, and MLA in its absorbed form.
+
+use crate::device::{Args, Device, Grid};
+use crate::linear::{DenseTensor, DenseType, unsupported};
+use crate::memory::{DeviceMem, Scratch, StepView};
+use crate::ops::CudaRope;
+use trellis_backend::{AttentionSpec, BackendError, KvCacheLayout, KvDtype, MlaSpec, Result};
+use trellis_format::LinearWeights;
+
+/// Limits of the attention kernels (see `kernels/attention.cu`).
+const GQA_MAX_HEAD_DIM: usize = 256;
+const MLA_MAX_RANK: usize = 512;
+const MLA_MAX_NOPE: usize = 256;
+const MLA_MAX_ROPE: usize = 64;
+/// Most heads the context-split MLA decode kernel takes (`MLA_DECODE_MAX_HEADS`).
+const MLA_DECODE_MAX_HEADS: usize = 32;
+
+/// The cache of all layers: `layers × token_slots × values_per_token` values, f32 or f16.
+pub struct CudaKvCache {
+    mem: DeviceMem<u8>,
+    pub layout: KvCacheLayout,
+}
+
+impl CudaKvCache {
+    pub(crate) fn new(dev: &Device, layout: &KvCacheLayout) -> Result<CudaKvCache> {
+        Ok(CudaKvCache {
+            mem: DeviceMem::zeroed(dev, layout.bytes(), "KV cache")?,
+            layout: layout.clone(),
+        })
+    }
+
+    /// Address of the first slot of `layer`.
+    fn layer_ptr(&self, layer: usize) -> u64 {
+        assert!(
+            layer < self.layout.layers,
+            "layer {layer} of a {}-layer cache",
+            self.layout.layers
+        );
+        let per_layer = self.layout.token_slots() * self.layout.values_per_token;
+        self.mem.ptr + (layer * per_layer * self.layout.dtype.size()) as u64
+    }
+
+    fn is_f16(&self) -> bool {
+        self.layout.dtype == KvDtype::F16
+    }
+}
+
+/// `kv_b_proj` kept dense for absorbed MLA: `[heads·(nope + v), rank]`.
+pub struct CudaMlaKvB {
+    weight: DenseTensor,
+}
+
+fn to_i32(v: usize) -> i32 {
+    i32::try_from(v).expect("size fits the kernels' 32-bit ints")
+}
+
+/// The step arguments every cache kernel takes last: positions, sequences, block tables.
+fn push_step(args: &mut Args<'_>, step: &StepView) {
+    args.arg(step.positions)
+        .arg(step.sequence)
+        .arg(step.block_tables)
+        .arg(to_i32(step.blocks_per_sequence))
+        .arg(to_i32(step.block_size));
+}
+
+pub(crate) fn upload_mla_kv_b(
+    dev: &Device,
+    weights: &LinearWeights<'_>,
+    spec: &MlaSpec,
+) -> Result<CudaMlaKvB> {
+    let LinearWeights::Dense { weight, .. } = weights else {
+        return Err(unsupported(
+            "a trellis-quantized kv_b_proj (absorbed MLA needs its rows)",
+        ));
+    };
+    let expected = [
+        spec.heads * (spec.qk_nope_dim + spec.v_head_dim),
+        spec.kv_lora_rank,
+    ];
+    if weight.shape != &expected[..] {
+        return Err(BackendError::Weight {
+            tensor: weight.name.to_string(),
+            reason: format!("expected shape {expected:?}, got {:?}", weight.shape),
+        });
+    }
+    if spec.kv_lora_rank > MLA_MAX_RANK
+        || spec.qk_nope_dim > MLA_MAX_NOPE
+        || spec.qk_rope_dim > MLA_MAX_ROPE
+    {
+        return Err(unsupported(format!(
+            "MLA with rank {}, nope {}, rope {} (at most {MLA_MAX_RANK}, {MLA_MAX_NOPE}, {MLA_MAX_ROPE})",
+            spec.kv_lora_rank, spec.qk_nope_dim, spec.qk_rope_dim
+        )));
+    }
+    Ok(CudaMlaKvB {
+        weight: DenseTensor::upload(dev, weight)?,
+    })
+}
+
+pub(crate) fn kv_append(
+    dev: &Device,
+    k: u64,
+    v: u64,
+    step: &StepView,
+    cache: &mut CudaKvCache,
+    layer: usize,
+) {
+    let width = cache.layout.values_per_token / 2;
+    let n = step.rows * width;
+    if n == 0 {
+        return;
+    }
+    let kernel = if cache.is_f16() {
+        &dev.kernels.kv_append_f16
+    } else {
+        &dev.kernels.kv_append_f32
+    };
+    let mut args = Args::new();
+    args.arg(k)
+        .arg(v)
+        .arg(cache.layer_ptr(layer))
+        .arg(to_i32(width))
+        .arg(to_i32(cache.layout.values_per_token));
+    push_step(&mut args, step);
+    args.arg(to_i32(step.rows));
+    dev.launch(
+        kernel,
+        Grid::new((dev.stride_blocks(n, 256), 1, 1), 256),
+        &mut args,
+    );
+}
+
+pub(crate) fn attention(
+    dev: &Device,
+    q: u64,
+    spec: &AttentionSpec,
+    step: &StepView,
+    cache: &CudaKvCache,
+    layer: usize,
+    out: u64,
+) {
+    assert!(
+        spec.head_dim <= GQA_MAX_HEAD_DIM
+            && spec.kv_heads > 0
+            && spec.heads.is_multiple_of(spec.kv_heads),
+        "attention with {} heads over {} KV heads of {} dims is not supported (head dim ≤ {GQA_MAX_HEAD_DIM})",
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim
+    );
+    if step.rows == 0 {
+        return;
+    }
+    let kernel = if cache.is_f16() {
+        &dev.kernels.gqa_attention_f16
+    } else {
+        &dev.kernels.gqa_attention_f32
+    };
+    let mut args = Args::new();
+    args.arg(q)
+        .arg(out)
+        .arg(cache.layer_ptr(layer))
+        .arg(to_i32(cache.layout.values_per_token))
+        .arg(to_i32(spec.heads))
+        .arg(to_i32(spec.kv_heads))
+        .arg(to_i32(spec.head_dim))
+        .arg(spec.softmax_scale)
+        .arg(to_i32(spec.sliding_window.unwrap_or(0)))
+        .arg(spec.logit_softcap.unwrap_or(0.0));
+    push_step(&mut args, step);
+    dev.launch(
+        kernel,
+        Grid::new((spec.heads, step.rows, 1), 128),
+        &mut args,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mla_append(
+    dev: &Device,
+    ckv: u64,
+    kv_norm: u64,
+    rope: &CudaRope,
+    spec: &MlaSpec,
+    step: &StepView,
+    cache: &mut CudaKvCache,
+    layer: usize,
+) {
+    if step.rows == 0 {
+        return;
+    }
+    let kernel = if cache.is_f16() {
+        &dev.kernels.mla_append_f16
+    } else {
+        &dev.kernels.mla_append_f32
+    };
+    let mut args = Args::new();
+    args.arg(ckv)
+        .arg(kv_norm)
+        .arg(rope.inv_freq.ptr)
+        .arg(to_i32(rope.half))
+        .arg(rope.scaling)
+        .arg(i32::from(rope.interleaved))
+        .arg(cache.layer_ptr(layer))
+        .arg(to_i32(cache.layout.values_per_token))
+        .arg(to_i32(spec.kv_lora_rank))
+        .arg(to_i32(spec.qk_rope_dim))
+        .arg(spec.latent_norm_eps);
+    push_step(&mut args, step);
+    dev.launch(kernel, Grid::new((step.rows, 1, 1), 256), &mut args);
+}
+
+/// Rotate the queries' rope part in place, absorb W_UK into the no-rope part, attend over the
+/// latent cache, and map the latent result through W_UV. `max_position` is the largest
+/// position of the step (it sizes the split of the context over blocks).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mla_attention(
+    dev: &Device,
+    scratch: &mut Scratch,
+    max_position: usize,
+    q: u64,
+    kv_b: &CudaMlaKvB,
+    rope: &CudaRope,
+    spec: &MlaSpec,
+    step: &StepView,
+    cache: &CudaKvCache,
+    layer: usize,
+    out: u64,
+) {
+    let rows = step.rows;
+    if rows == 0 {
+        return;
+    }
+    let (heads, nope, rope_dim, v_dim, rank) = (
+        spec.heads,
+        spec.qk_nope_dim,
+        spec.qk_rope_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    );
+    let qk = nope + rope_dim;
+    crate::ops::rope(dev, q, rope, heads, qk, nope, step.positions, rows);
+    let q_lat = scratch.q_lat.ensure(dev, rows * heads * rank);
+    let o_lat = scratch.o_lat.ensure(dev, rows * heads * rank);
+    let k = &dev.kernels;
+    let (absorb, unabsorb) = match kv_b.weight.dtype {
+        DenseType::F32 => (&k.mla_absorb_q_f32, &k.mla_unabsorb_f32),
+        DenseType::F16 => (&k.mla_absorb_q_f16, &k.mla_unabsorb_f16),
+        DenseType::BF16 => (&k.mla_absorb_q_bf16, &k.mla_unabsorb_bf16),
+    };
+    let w = kv_b.weight.mem.ptr;
+    let mut args = Args::new();
+    args.arg(q)
+        .arg(w)
+        .arg(q_lat)
+        .arg(to_i32(heads))
+        .arg(to_i32(nope))
+        .arg(to_i32(qk))
+        .arg(to_i32(v_dim))
+        .arg(to_i32(rank));
+    dev.launch(
+        absorb,
+        Grid::new((rank.div_ceil(128), heads, rows), 128),
+        &mut args,
+    );
+
+    let shared_bytes = |tile: usize| {
+        let stride = rank + rope_dim + 1;
+        4 * (heads * stride + tile * stride + heads * tile + 3 * heads)
+    };
+    let tile = (256 / heads).clamp(1, 16);
+    if heads <= MLA_DECODE_MAX_HEADS && shared_bytes(tile) <= dev.max_shared_bytes {
+        // Split the context over blocks until the grid covers the GPU about twice.
+        let positions = max_position + 1;
+        let target_splits = (2 * dev.sm_count).div_ceil(rows);
+        let chunk = positions
+            .div_ceil(target_splits)
+            .next_multiple_of(tile)
+            .max(2 * tile);
+        let splits = positions.div_ceil(chunk);
+        let part_ml = scratch.mla_ml.ensure(dev, rows * splits * heads * 2);
+        let part_acc = scratch.mla_acc.ensure(dev, rows * splits * heads * rank);
+        let decode = if cache.is_f16() {
+            &k.mla_decode_f16
+        } else {
+            &k.mla_decode_f32
+        };
+        let mut args = Args::new();
+        args.arg(q)
+            .arg(q_lat)
+            .arg(part_ml)
+            .arg(part_acc)
+            .arg(cache.layer_ptr(layer))
+            .arg(to_i32(cache.layout.values_per_token))
+            .arg(to_i32(heads))
+            .arg(to_i32(qk))
+            .arg(to_i32(nope))
+            .arg(to_i32(rank))
+            .arg(to_i32(rope_dim))
+            .arg(spec.softmax_scale)
+            .arg(to_i32(chunk))
+            .arg(to_i32(tile));
+        push_step(&mut args, step);
+        dev.launch(
+            decode,
+            Grid::new((splits, rows, 1), 256).shared(shared_bytes(tile)),
+            &mut args,
+        );
+        let mut args = Args::new();
+        args.arg(part_ml)
+            .arg(part_acc)
+            .arg(to_i32(splits))
+            .arg(to_i32(heads))
+            .arg(to_i32(rank))
+            .arg(o_lat);
+        dev.launch(&k.mla_combine, Grid::new((heads, rows, 1), 128), &mut args);
+    } else {
+        mla_attend_per_head(dev, q, q_lat, o_lat, spec, step, cache, layer);
+    }
+
+    let mut args = Args::new();
+    args.arg(o_lat)
+        .arg(w)
+        .arg(out)
+        .arg(to_i32(heads))
+        .arg(to_i32(nope))
+        .arg(to_i32(v_dim))
+        .arg(to_i32(rank));
+    dev.launch(
+        unabsorb,
+        Grid::new((v_dim.div_ceil(32), heads, rows), 256),
+        &mut args,
+    );
+}
+
+/// One block per (head, token) over the whole context: for head counts the split kernel does
+/// not take.
+#[allow(clippy::too_many_arguments)]
+fn mla_attend_per_head(
+    dev: &Device,
+    q: u64,
+    q_lat: u64,
+    o_lat: u64,
+    spec: &MlaSpec,
+    step: &StepView,
+    cache: &CudaKvCache,
+    layer: usize,
+) {
+    let k = &dev.kernels;
+    let (heads, nope, rope_dim, rank) = (
+        spec.heads,
+        spec.qk_nope_dim,
+        spec.qk_rope_dim,
+        spec.kv_lora_rank,
+    );
+    let qk = nope + rope_dim;
+    let rows = step.rows;
+    let attend = if cache.is_f16() {
+        &k.mla_attend_f16
+    } else {
+        &k.mla_attend_f32
+    };
+    let mut args = Args::new();
+    args.arg(q)
+        .arg(q_lat)
+        .arg(o_lat)
+        .arg(cache.layer_ptr(layer))
+        .arg(to_i32(cache.layout.values_per_token))
+        .arg(to_i32(heads))
+        .arg(to_i32(qk))
+        .arg(to_i32(nope))
+        .arg(to_i32(rank))
+        .arg(to_i32(rope_dim))
+        .arg(spec.softmax_scale);
+    push_step(&mut args, step);
+    dev.launch(attend, Grid::new((heads, rows, 1), 128), &mut args);
+}

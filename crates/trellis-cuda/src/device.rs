@@ -1,0 +1,442 @@
+//! The device: one context, one stream, and the kernels compiled from the embedded sources.
+//!
+//! Kernels are CUDA C without `#include`s, compiled by NVRTC for the device's architecture when
+//! the backend is created. The PTX is cached on disk (keyed by a hash of the source, the options
+//! and the NVRTC version) and in the process, so only the first start pays for compilation.
+
+use cudarc::driver::result as driver_result;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use trellis_backend::BackendError;
+
+/// The kernel sources, concatenated in this order into one NVRTC program.
+const SOURCES: [(&str, &str); 6] = [
+    ("common.cu", include_str!("../kernels/common.cu")),
+    ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
+    ("trellis.cu", include_str!("../kernels/trellis.cu")),
+    ("dense.cu", include_str!("../kernels/dense.cu")),
+    ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("moe.cu", include_str!("../kernels/moe.cu")),
+];
+
+/// Row tile heights the matmul kernels are instantiated for (`…_tm{N}`).
+pub(crate) const TILE_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Env var: synchronise after every launch and name the kernel that failed (debugging).
+pub const SYNC_ENV: &str = "TRELLIS_CUDA_SYNC";
+/// Env var: run trellis linears as three launches (input transform, product, output
+/// transform) instead of the single fused launch (for comparison and as a fallback).
+pub const UNFUSED_ENV: &str = "TRELLIS_CUDA_UNFUSED_LINEAR";
+/// Env var: where compiled kernels are cached (default `$XDG_CACHE_HOME` or `~/.cache`,
+/// `/trellis/kernels`); `TRELLIS_HOME` moves it to `$TRELLIS_HOME/kernels`.
+pub const KERNEL_CACHE_ENV: &str = "TRELLIS_KERNEL_CACHE";
+
+pub(crate) fn cuda_error(what: impl std::fmt::Display) -> BackendError {
+    BackendError::Unsupported {
+        backend: "cuda",
+        what: what.to_string(),
+    }
+}
+
+/// The whole program text handed to NVRTC.
+pub fn kernel_source() -> String {
+    let mut src = String::new();
+    for (name, text) in SOURCES {
+        src.push_str(&format!("// ---- {name} ----\n"));
+        src.push_str(text);
+        src.push('\n');
+    }
+    src
+}
+
+/// 64-bit FNV-1a: a stable hash for cache file names (std's hasher may change between releases).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(KERNEL_CACHE_ENV) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(home) = std::env::var_os("TRELLIS_HOME") {
+        return Some(PathBuf::from(home).join("kernels"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("trellis").join("kernels"))
+}
+
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: nvrtcVersion only writes the two integers it is given.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (major, minor)
+}
+
+/// Compile the kernels for `arch` (e.g. `compute_90`), or take them from a cache.
+pub fn compile_kernels(arch: &str) -> Result<String, BackendError> {
+    static COMPILED: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let memo = COMPILED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(ptx) = memo.lock().expect("kernel memo").get(arch) {
+        return Ok(ptx.clone());
+    }
+    let source = kernel_source();
+    let options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-lineinfo".to_string(),
+    ];
+    let (major, minor) = nvrtc_version();
+    let key = fnv1a(&[
+        source.as_bytes(),
+        options.join(" ").as_bytes(),
+        format!("nvrtc {major}.{minor}").as_bytes(),
+    ]);
+    let path = cache_dir().map(|d| d.join(format!("{key:016x}.ptx")));
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        memo.lock()
+            .expect("kernel memo")
+            .insert(arch.to_string(), text.clone());
+        return Ok(text);
+    }
+    let opts = CompileOptions {
+        options,
+        name: Some("trellis.cu".to_string()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => cuda_error(format!(
+            "NVRTC could not compile the kernels:\n{}",
+            log.to_string_lossy()
+        )),
+        other => cuda_error(format!("NVRTC: {other}")),
+    })?;
+    let text = ptx.to_src();
+    if let Some(path) = path {
+        // A failed cache write only costs a recompilation next time.
+        if let Some(dir) = path.parent()
+            && std::fs::create_dir_all(dir).is_ok()
+        {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &text).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+    memo.lock()
+        .expect("kernel memo")
+        .insert(arch.to_string(), text.clone());
+    Ok(text)
+}
+
+/// A loaded kernel and its name (for error messages).
+pub(crate) struct Kernel {
+    pub name: &'static str,
+    pub func: CudaFunction,
+}
+
+macro_rules! kernel_table {
+    ($($name:ident),* $(,)?) => {
+        /// Every kernel of the module, by name.
+        pub(crate) struct Kernels {
+            $(pub $name: Kernel,)*
+            pub trellis_matmul: Vec<Kernel>,
+            pub trellis_linear: Vec<Kernel>,
+            pub dense_matmul_f32: Vec<Kernel>,
+            pub dense_matmul_f16: Vec<Kernel>,
+            pub dense_matmul_bf16: Vec<Kernel>,
+        }
+
+        impl Kernels {
+            fn load(module: &Arc<CudaModule>) -> Result<Kernels, DriverError> {
+                let tiled = |prefix: &'static str| -> Result<Vec<Kernel>, DriverError> {
+                    TILE_ROWS
+                        .iter()
+                        .map(|tm| {
+                            let name: &'static str =
+                                Box::leak(format!("{prefix}_tm{tm}").into_boxed_str());
+                            Ok(Kernel { name, func: module.load_function(name)? })
+                        })
+                        .collect()
+                };
+                Ok(Kernels {
+                    $($name: Kernel {
+                        name: stringify!($name),
+                        func: module.load_function(stringify!($name))?,
+                    },)*
+                    trellis_matmul: tiled("trellis_matmul")?,
+                    trellis_linear: tiled("trellis_linear")?,
+                    dense_matmul_f32: tiled("dense_matmul_f32")?,
+                    dense_matmul_f16: tiled("dense_matmul_f16")?,
+                    dense_matmul_bf16: tiled("dense_matmul_bf16")?,
+                })
+            }
+        }
+    };
+}
+
+kernel_table!(
+    embed_f32,
+    embed_f16,
+    embed_bf16,
+    rms_norm,
+    add_inplace,
+    silu_mul,
+    gelu_tanh_mul,
+    copy_rows,
+    rope,
+    fill_f32,
+    trellis_prep,
+    trellis_finish,
+    kv_append_f32,
+    kv_append_f16,
+    gqa_attention_f32,
+    gqa_attention_f16,
+    mla_append_f32,
+    mla_append_f16,
+    mla_absorb_q_f32,
+    mla_absorb_q_f16,
+    mla_absorb_q_bf16,
+    mla_unabsorb_f32,
+    mla_unabsorb_f16,
+    mla_unabsorb_bf16,
+    mla_attend_f32,
+    mla_attend_f16,
+    mla_decode_f32,
+    mla_decode_f16,
+    mla_combine,
+    moe_route,
+    moe_plan,
+    moe_combine,
+);
+
+/// Values a kernel parameter may take by value: copied into an 8-byte slot.
+pub(crate) trait ScalarArg: Copy {}
+impl ScalarArg for u64 {}
+impl ScalarArg for i32 {}
+impl ScalarArg for u32 {}
+impl ScalarArg for f32 {}
+
+const MAX_ARGS: usize = 24;
+
+/// Kernel arguments without heap allocation: scalars are copied into slots, structs are
+/// borrowed for the lifetime `'a` (until the launch).
+pub(crate) struct Args<'a> {
+    slots: [u64; MAX_ARGS],
+    borrowed: [*const c_void; MAX_ARGS],
+    count: usize,
+    _borrow: PhantomData<&'a ()>,
+}
+
+impl<'a> Args<'a> {
+    pub fn new() -> Args<'a> {
+        Args {
+            slots: [0; MAX_ARGS],
+            borrowed: [std::ptr::null(); MAX_ARGS],
+            count: 0,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A device pointer (0 for a null pointer) or another scalar.
+    pub fn arg<T: ScalarArg>(&mut self, value: T) -> &mut Self {
+        assert!(self.count < MAX_ARGS, "too many kernel arguments");
+        const { assert!(std::mem::size_of::<T>() <= 8) };
+        let mut slot = 0u64;
+        // SAFETY: T is a plain value of at most 8 bytes (checked above), copied into the low
+        // bytes of the slot, where the kernel reads a parameter of T's size (little endian).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&value as *const T).cast::<u8>(),
+                (&mut slot as *mut u64).cast::<u8>(),
+                std::mem::size_of::<T>(),
+            );
+        }
+        self.slots[self.count] = slot;
+        self.borrowed[self.count] = std::ptr::null();
+        self.count += 1;
+        self
+    }
+
+    /// A struct parameter passed by value to the kernel (read at launch).
+    pub fn arg_struct<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        assert!(self.count < MAX_ARGS, "too many kernel arguments");
+        self.borrowed[self.count] = (value as *const T).cast();
+        self.count += 1;
+        self
+    }
+}
+
+/// Launch geometry.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grid {
+    pub blocks: (u32, u32, u32),
+    pub threads: u32,
+    pub shared_bytes: u32,
+}
+
+impl Grid {
+    pub fn new(blocks: (usize, usize, usize), threads: u32) -> Grid {
+        let dim = |v: usize| u32::try_from(v.max(1)).expect("grid dimension fits u32");
+        Grid {
+            blocks: (dim(blocks.0), dim(blocks.1), dim(blocks.2)),
+            threads,
+            shared_bytes: 0,
+        }
+    }
+
+    pub fn shared(mut self, bytes: usize) -> Grid {
+        self.shared_bytes = u32::try_from(bytes).expect("shared memory size");
+        self
+    }
+}
+
+/// Context, stream and kernels of one GPU.
+pub(crate) struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: Kernels,
+    pub sm_count: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    /// Most dynamic shared memory one block may use (bytes).
+    pub max_shared_bytes: usize,
+    /// Trellis linears as three launches (see [`UNFUSED_ENV`]).
+    pub unfused_linear: bool,
+    sync_each_launch: bool,
+}
+
+impl Device {
+    pub fn open(ordinal: usize) -> Result<Device, BackendError> {
+        // SAFETY: only tries to open the driver and NVRTC libraries by name.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(cuda_error(
+                "no CUDA driver library (libcuda.so) was found: is an NVIDIA driver installed?",
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(cuda_error(
+                "the NVRTC library (libnvrtc.so) was not found: add CUDA's lib64 directory to LD_LIBRARY_PATH",
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| cuda_error(format!("no usable CUDA device: {e}")))?;
+        if ordinal >= usize::try_from(count).unwrap_or(0) {
+            return Err(cuda_error(format!(
+                "CUDA device {ordinal} requested but {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| cuda_error(format!("creating a context on device {ordinal}: {e}")))?;
+        // SAFETY: every allocation, copy and launch of this backend goes to its one stream, so
+        // stream order alone keeps accesses ordered; cudarc's cross-stream events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_error(format!("creating a stream: {e}")))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| cuda_error(format!("compute capability: {e}")))?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_error(format!("multiprocessor count: {e}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        let arch = format!("compute_{}{}", compute_capability.0, compute_capability.1);
+        let ptx = compile_kernels(&arch)?;
+        let module = ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| cuda_error(format!("loading the compiled kernels: {e}")))?;
+        let kernels = Kernels::load(&module)
+            .map_err(|e| cuda_error(format!("finding a kernel in the module: {e}")))?;
+        // Kernels whose shared memory grows with the model's shapes may use all the device
+        // allows a block (the default limit is 48 KiB).
+        let max_shared = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| cuda_error(format!("shared memory limit: {e}")))?;
+        for k in [&kernels.mla_decode_f32, &kernels.mla_decode_f16] {
+            k.func
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    max_shared,
+                )
+                .map_err(|e| cuda_error(format!("raising {}'s shared memory: {e}", k.name)))?;
+        }
+        Ok(Device {
+            ctx,
+            stream,
+            kernels,
+            sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
+            name,
+            compute_capability,
+            max_shared_bytes: usize::try_from(max_shared).unwrap_or(48 << 10),
+            unfused_linear: std::env::var_os(UNFUSED_ENV).is_some_and(|v| v != "0"),
+            sync_each_launch: std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0"),
+        })
+    }
+
+    /// Enqueue `kernel` on the stream. A failed launch is a bug in this crate (bad geometry or
+    /// arguments) or a lost device; ops have no error channel, so it panics with the kernel name.
+    pub fn launch(&self, kernel: &Kernel, grid: Grid, args: &mut Args<'_>) {
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        for (i, param) in params.iter_mut().enumerate().take(args.count) {
+            *param = if args.borrowed[i].is_null() {
+                (&mut args.slots[i] as *mut u64).cast()
+            } else {
+                args.borrowed[i].cast_mut()
+            };
+        }
+        let result = self.ctx.bind_to_thread().and_then(|()| {
+            // SAFETY: `params` points at one value per kernel parameter, in the order and with
+            // the types the kernel source declares (each call site mirrors its kernel's
+            // signature); the values outlive this call, which copies them. Device pointers
+            // among them refer to live allocations of this context, used in stream order.
+            unsafe {
+                driver_result::launch_kernel(
+                    kernel.func.cu_function(),
+                    grid.blocks,
+                    (grid.threads, 1, 1),
+                    grid.shared_bytes,
+                    self.stream.cu_stream(),
+                    &mut params[..args.count],
+                )
+            }
+        });
+        if let Err(e) = result {
+            panic!("CUDA launch of {} failed: {e}", kernel.name);
+        }
+        if self.sync_each_launch
+            && let Err(e) = self.stream.synchronize()
+        {
+            panic!("CUDA kernel {} failed: {e}", kernel.name);
+        }
+    }
+
+    /// Wait for all enqueued work; an error here is an earlier kernel's fault.
+    pub fn synchronize(&self) {
+        if let Err(e) = self.stream.synchronize() {
+            panic!("CUDA error in an earlier kernel: {e} (set {SYNC_ENV}=1 to find which)");
+        }
+    }
+
+    /// Blocks for a grid-stride loop over `n` elements with `threads` per block.
+    pub fn stride_blocks(&self, n: usize, threads: usize) -> usize {
+        n.div_ceil(threads).clamp(1, self.sm_count * 16)
+    }
+}

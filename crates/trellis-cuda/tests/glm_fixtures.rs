@@ -1,0 +1,200 @@
+//! The GLM-4.7-Flash-style tiny EXL3 fixtures run end to end on the GPU: logits against
+//! ExLlamaV3's reference and against the CPU backend, for a full prefill and for
+//! teacher-forced greedy decoding (prefill, then one token per step).
+
+mod common;
+
+use common::{cpu, gpu};
+use trellis_backend::{Backend, Batch, KvDtype};
+use trellis_format::ModelDir;
+use trellis_models::{CausalLm, LoadOptions};
+use trellis_testutil::{TensorFile, argmax, fixture, rel_l2, top2_margin};
+
+const BLOCK: usize = 16;
+
+struct Harness<B: Backend + 'static> {
+    backend: &'static B,
+    model: Box<dyn CausalLm<B>>,
+    vocab: usize,
+}
+
+impl<B: Backend + 'static> Harness<B> {
+    fn load(backend: &'static B, rel: &str) -> Harness<B> {
+        let dir = ModelDir::open(&fixture(rel)).expect("model dir opens");
+        let options = LoadOptions {
+            max_rows: 128,
+            max_logit_rows: 128,
+        };
+        let model =
+            trellis_models::load(&dir, backend, &options, &mut |_, _, _| {}).expect("model loads");
+        let vocab = model.info().vocab_size;
+        Harness {
+            backend,
+            model,
+            vocab,
+        }
+    }
+
+    /// One forward over `ids` from position 0 with a fresh cache (placed in reversed blocks,
+    /// so paging is exercised); logits of every position.
+    fn logits_all(&mut self, ids: &[u32], kv: KvDtype) -> Vec<f32> {
+        let n = ids.len();
+        let layout = self.model.kv_layout(n.next_multiple_of(BLOCK), BLOCK, kv);
+        let mut cache = self.backend.alloc_kv_cache(&layout).unwrap();
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let sequence = vec![0u32; n];
+        let tables: Vec<u32> = (0..layout.num_blocks as u32).rev().collect();
+        let batch = Batch {
+            positions: &positions,
+            sequence: &sequence,
+            block_tables: &tables,
+            blocks_per_sequence: layout.num_blocks,
+            block_size: BLOCK,
+        };
+        self.model
+            .forward(self.backend, ids, &batch, &mut cache, &positions, None)
+            .unwrap();
+        let mut logits = vec![0.0; n * self.vocab];
+        self.model.read_logits(self.backend, &mut logits);
+        logits
+    }
+
+    /// Prefill `prompt`, then feed `feed[..len-1]` one token per step; row j predicts feed[j].
+    fn teacher_forced(&mut self, prompt: &[u32], feed: &[u32]) -> Vec<f32> {
+        let total = prompt.len() + feed.len();
+        let layout = self
+            .model
+            .kv_layout(total.next_multiple_of(BLOCK), BLOCK, KvDtype::F32);
+        let mut cache = self.backend.alloc_kv_cache(&layout).unwrap();
+        let tables: Vec<u32> = (0..layout.num_blocks as u32).collect();
+        let mut out = Vec::new();
+        let mut row = vec![0.0; self.vocab];
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        let sequence = vec![0u32; prompt.len()];
+        let batch = Batch {
+            positions: &positions,
+            sequence: &sequence,
+            block_tables: &tables,
+            blocks_per_sequence: layout.num_blocks,
+            block_size: BLOCK,
+        };
+        let last = [prompt.len() as u32 - 1];
+        self.model
+            .forward(self.backend, prompt, &batch, &mut cache, &last, None)
+            .unwrap();
+        self.model.read_logits(self.backend, &mut row);
+        out.extend_from_slice(&row);
+        for (j, &tok) in feed.iter().enumerate().take(feed.len() - 1) {
+            let pos = [(prompt.len() + j) as u32];
+            let batch = Batch {
+                positions: &pos,
+                sequence: &[0],
+                block_tables: &tables,
+                blocks_per_sequence: layout.num_blocks,
+                block_size: BLOCK,
+            };
+            self.model
+                .forward(self.backend, &[tok], &batch, &mut cache, &[0], None)
+                .unwrap();
+            self.model.read_logits(self.backend, &mut row);
+            out.extend_from_slice(&row);
+        }
+        out
+    }
+}
+
+fn ids(t: &TensorFile, name: &str) -> Vec<u32> {
+    t.i64(name).data.iter().map(|&v| v as u32).collect()
+}
+
+fn check_exl3(name: &str) {
+    let reference = TensorFile::open(fixture(&format!(
+        "ref/exl3/{name}/reference_exl3.safetensors"
+    )));
+    let mut on_gpu = Harness::load(gpu(), &format!("exl3/{name}"));
+    let mut on_cpu = Harness::load(cpu(), &format!("exl3/{name}"));
+    let vocab = on_gpu.vocab;
+    let input = ids(&reference, "input_ids");
+    let want = reference.f32("logits");
+
+    let gpu_logits = on_gpu.logits_all(&input, KvDtype::F32);
+    let cpu_logits = on_cpu.logits_all(&input, KvDtype::F32);
+    let vs_ref = rel_l2(&gpu_logits, &want.data);
+    let vs_cpu = rel_l2(&gpu_logits, &cpu_logits);
+    let cpu_vs_ref = rel_l2(&cpu_logits, &want.data);
+    eprintln!(
+        "{name} prefill of {}: GPU vs ExLlamaV3 rel L2 {vs_ref:.3e} (CPU {cpu_vs_ref:.3e}), GPU vs CPU {vs_cpu:.3e}",
+        input.len()
+    );
+    assert!(
+        vs_ref <= 1e-2,
+        "{name}: logits rel L2 {vs_ref:.2e} vs ExLlamaV3"
+    );
+    assert!(
+        vs_cpu <= 1e-3,
+        "{name}: logits rel L2 {vs_cpu:.2e} vs the CPU backend"
+    );
+    for p in 0..input.len() {
+        let row = p * vocab..(p + 1) * vocab;
+        if top2_margin(&want.data[row.clone()]) >= 2e-2 {
+            assert_eq!(
+                argmax(&gpu_logits[row.clone()]),
+                argmax(&want.data[row]),
+                "{name}: argmax at {p}"
+            );
+        }
+    }
+
+    // An f16 cache stays close to the f32 one.
+    let f16_logits = on_gpu.logits_all(&input, KvDtype::F16);
+    let f16_vs_ref = rel_l2(&f16_logits, &want.data);
+    eprintln!("{name} prefill with an f16 cache: GPU vs ExLlamaV3 rel L2 {f16_vs_ref:.3e}");
+    assert!(
+        f16_vs_ref <= 1e-2,
+        "{name}: f16-cache logits rel L2 {f16_vs_ref:.2e}"
+    );
+
+    let prompt = ids(&reference, "prompt_ids");
+    let greedy = ids(&reference, "greedy_ids");
+    let gpu_tf = on_gpu.teacher_forced(&prompt, &greedy);
+    let cpu_tf = on_cpu.teacher_forced(&prompt, &greedy);
+    let want = reference.f32("greedy_logits");
+    let (mut worst_ref, mut worst_cpu) = (0f64, 0f64);
+    for j in 0..greedy.len() {
+        let row = j * vocab..(j + 1) * vocab;
+        let e_ref = rel_l2(&gpu_tf[row.clone()], &want.data[row.clone()]);
+        let e_cpu = rel_l2(&gpu_tf[row.clone()], &cpu_tf[row]);
+        worst_ref = worst_ref.max(e_ref);
+        worst_cpu = worst_cpu.max(e_cpu);
+        assert!(
+            e_ref <= 1e-2,
+            "{name}: teacher-forced step {j} rel L2 {e_ref:.2e} vs ExLlamaV3"
+        );
+        assert!(
+            e_cpu <= 1e-3,
+            "{name}: teacher-forced step {j} rel L2 {e_cpu:.2e} vs CPU"
+        );
+    }
+    eprintln!(
+        "{name} teacher-forced {} steps: worst GPU vs ExLlamaV3 {worst_ref:.3e}, GPU vs CPU {worst_cpu:.3e}",
+        greedy.len()
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn exl3_4bpw_on_gpu() {
+    check_exl3("glm4-moe-lite-tiny-4.0bpw");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn exl3_2_5bpw_on_gpu() {
+    check_exl3("glm4-moe-lite-tiny-2.5bpw");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn exl3_3bpw_mcg_on_gpu() {
+    check_exl3("glm4-moe-lite-tiny-3.0bpw-mcg");
+}

@@ -1,0 +1,391 @@
+//! The engine: a loaded model, its KV cache and one running sequence, with prefill, decode
+//! and greedy generation. Every buffer a decode step touches is allocated here or in the model
+//! at load; `step` allocates nothing.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+use trellis_backend::{Backend, Batch, KvDtype};
+use trellis_format::ModelDir;
+use trellis_models::{CausalLm, LoadOptions, ModelInfo, Progress};
+
+/// Tokens per KV cache block.
+pub const BLOCK_SIZE: usize = 16;
+/// Context used when the config allows more and the caller does not ask: large enough for
+/// real conversations, small enough that the cache of a big model fits beside its weights.
+pub const DEFAULT_MAX_CONTEXT: usize = 32_768;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] trellis_models::ModelError),
+    #[error(transparent)]
+    Backend(#[from] trellis_backend::BackendError),
+    #[error(transparent)]
+    Format(#[from] trellis_format::FormatError),
+    #[error(
+        "the prompt needs {needed} tokens of context but only {available} of {ctx_size} are free (raise --ctx-size, or shorten the prompt)"
+    )]
+    ContextFull {
+        needed: usize,
+        available: usize,
+        ctx_size: usize,
+    },
+    #[error("token id {id} is outside the vocabulary (0..{vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Sizes chosen at load.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Context length in tokens; `None` = the model's maximum, capped at [`DEFAULT_MAX_CONTEXT`].
+    pub ctx_size: Option<usize>,
+    /// Tokens per prefill forward pass.
+    pub prefill_chunk: usize,
+    /// Compute logits for every prompt position (for `trellis logits`), not just the last.
+    pub all_logits: bool,
+    pub kv_dtype: KvDtype,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            ctx_size: None,
+            prefill_chunk: 256,
+            all_logits: false,
+            kv_dtype: KvDtype::F16,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token was produced (it is not part of the output).
+    Eos,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The caller's callback asked to stop.
+    Stopped,
+}
+
+/// Timings and counts of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest were reused from the cache).
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// From the start of the call to the first generated token.
+    pub time_to_first_token: f64,
+    pub finish: Finish,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prefilled_tokens as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Decode speed over the tokens after the first (whose logits came from the prefill).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: Box<dyn CausalLm<B>>,
+    cache: B::KvCache,
+    ctx_size: usize,
+    prefill_chunk: usize,
+    all_logits: bool,
+    /// Blocks of the one running sequence: all blocks, in order.
+    block_table: Vec<u32>,
+    /// Tokens whose keys and values are in the cache, in order.
+    history: Vec<u32>,
+    positions: Vec<u32>,
+    sequence: Vec<u32>,
+    logit_rows: Vec<u32>,
+    logits: Vec<f32>,
+    eos: Vec<u32>,
+}
+
+impl<B: Backend + 'static> Engine<B> {
+    /// Load the model in `dir` onto `backend`.
+    pub fn load(
+        dir: &ModelDir,
+        backend: B,
+        options: &EngineOptions,
+        progress: Progress<'_>,
+    ) -> Result<Engine<B>> {
+        let common = dir.config.common();
+        let ctx_size = match options.ctx_size {
+            Some(0) => return Err(EngineError::Invalid("--ctx-size must be at least 1".into())),
+            Some(n) if n > common.max_position_embeddings => {
+                return Err(EngineError::Invalid(format!(
+                    "--ctx-size {n} exceeds the model's maximum context of {} tokens",
+                    common.max_position_embeddings
+                )));
+            }
+            Some(n) => n,
+            None => common.max_position_embeddings.min(DEFAULT_MAX_CONTEXT),
+        };
+        let chunk = options.prefill_chunk.clamp(1, ctx_size.max(1));
+        let load = LoadOptions {
+            max_rows: chunk,
+            max_logit_rows: if options.all_logits { chunk } else { 1 },
+        };
+        let model = trellis_models::load(dir, &backend, &load, progress)?;
+        let layout = model.kv_layout(ctx_size, BLOCK_SIZE, options.kv_dtype);
+        let cache = backend.alloc_kv_cache(&layout)?;
+        let mut eos = dir.eos_token_ids();
+        eos.sort_unstable();
+        eos.dedup();
+        let vocab = model.info().vocab_size;
+        Ok(Engine {
+            backend,
+            model,
+            cache,
+            ctx_size,
+            prefill_chunk: chunk,
+            all_logits: options.all_logits,
+            block_table: (0..layout.num_blocks as u32).collect(),
+            history: Vec::with_capacity(ctx_size),
+            positions: Vec::with_capacity(chunk),
+            sequence: vec![0; chunk],
+            logit_rows: Vec::with_capacity(chunk),
+            logits: vec![0.0; vocab * load.max_logit_rows],
+            eos,
+        })
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn info(&self) -> &ModelInfo {
+        self.model.info()
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn ctx_size(&self) -> usize {
+        self.ctx_size
+    }
+
+    /// End-of-sequence token ids (from config.json and generation_config.json).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Tokens currently in the cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Forget the running sequence (the cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.history.clear();
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.info().vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&id) => Err(EngineError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Run `tokens` through the model after the current history, one chunk at a time.
+    /// With `all_logits`, `on_logits` receives each chunk's logits (`[chunk_len, vocab]`);
+    /// otherwise it receives only the last token's logits, once.
+    fn run(&mut self, tokens: &[u32], mut on_logits: impl FnMut(&[f32])) -> Result<()> {
+        self.check_tokens(tokens)?;
+        let available = self.ctx_size - self.history.len();
+        if tokens.len() > available {
+            return Err(EngineError::ContextFull {
+                needed: self.history.len() + tokens.len(),
+                available,
+                ctx_size: self.ctx_size,
+            });
+        }
+        let vocab = self.info().vocab_size;
+        let chunks = tokens.len().div_ceil(self.prefill_chunk);
+        for (c, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
+            let start = self.history.len() as u32;
+            self.positions.clear();
+            self.positions.extend(start..start + chunk.len() as u32);
+            self.logit_rows.clear();
+            if self.all_logits {
+                self.logit_rows.extend(0..chunk.len() as u32);
+            } else if c + 1 == chunks {
+                self.logit_rows.push(chunk.len() as u32 - 1);
+            }
+            let batch = Batch {
+                positions: &self.positions,
+                sequence: &self.sequence[..chunk.len()],
+                block_tables: &self.block_table,
+                blocks_per_sequence: self.block_table.len(),
+                block_size: BLOCK_SIZE,
+            };
+            self.model.forward(
+                &self.backend,
+                chunk,
+                &batch,
+                &mut self.cache,
+                &self.logit_rows,
+                None,
+            )?;
+            self.history.extend_from_slice(chunk);
+            if !self.logit_rows.is_empty() {
+                let len = self.logit_rows.len() * vocab;
+                self.model
+                    .read_logits(&self.backend, &mut self.logits[..len]);
+                on_logits(&self.logits[..len]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `tokens` to the sequence; returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(EngineError::Invalid(
+                "cannot prefill an empty prompt".into(),
+            ));
+        }
+        self.run(tokens, |_| {})?;
+        let vocab = self.info().vocab_size;
+        let rows = if self.all_logits {
+            (tokens.len() - 1) % self.prefill_chunk + 1
+        } else {
+            1
+        };
+        Ok(&self.logits[(rows - 1) * vocab..rows * vocab])
+    }
+
+    /// Logits at every position of `tokens`, run from an empty cache: `[len, vocab]`.
+    /// Needs an engine loaded with `all_logits`.
+    pub fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if !self.all_logits {
+            return Err(EngineError::Invalid(
+                "engine was loaded without all_logits".into(),
+            ));
+        }
+        self.reset();
+        let mut out = Vec::with_capacity(tokens.len() * self.info().vocab_size);
+        self.run(tokens, |chunk| out.extend_from_slice(chunk))?;
+        Ok(out)
+    }
+
+    /// Decode one token after the history; returns its logits. Allocates nothing.
+    pub fn step(&mut self, token: u32) -> Result<&[f32]> {
+        self.run(std::slice::from_ref(&token), |_| {})?;
+        let vocab = self.info().vocab_size;
+        Ok(&self.logits[..vocab])
+    }
+
+    /// Make the cache hold exactly `prompt` up to the point where it can be reused: keep the
+    /// longest common prefix of the history and `prompt` (at least one token is always
+    /// recomputed so that fresh logits exist), prefill the rest. Returns the logits after the
+    /// prompt and how many tokens were computed.
+    pub fn prefill_reusing(&mut self, prompt: &[u32]) -> Result<(&[f32], usize)> {
+        if prompt.is_empty() {
+            return Err(EngineError::Invalid(
+                "cannot prefill an empty prompt".into(),
+            ));
+        }
+        let common = self
+            .history
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        self.history.truncate(common);
+        let computed = prompt.len() - common;
+        let vocab = self.info().vocab_size;
+        let rows = if self.all_logits {
+            (computed - 1) % self.prefill_chunk + 1
+        } else {
+            1
+        };
+        self.run(&prompt[common..], |_| {})?;
+        Ok((&self.logits[(rows - 1) * vocab..rows * vocab], computed))
+    }
+
+    /// Greedy generation after `prompt` (reusing what the cache already holds of it).
+    /// `on_token` sees each generated token as soon as it is chosen and may stop generation.
+    /// EOS tokens end generation and are not passed on.
+    pub fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<GenerationStats> {
+        self.generate_with(prompt, max_tokens, argmax, &mut on_token)
+    }
+
+    /// Generation with a caller-supplied choice of the next token from its logits.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        mut choose: impl FnMut(&[f32]) -> u32,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<GenerationStats> {
+        let start = Instant::now();
+        let (logits, prefilled) = self.prefill_reusing(prompt)?;
+        let mut next = choose(logits);
+        let prefill_seconds = start.elapsed().as_secs_f64();
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            prefilled_tokens: prefilled,
+            generated_tokens: 0,
+            prefill_seconds,
+            decode_seconds: 0.0,
+            time_to_first_token: prefill_seconds,
+            finish: Finish::MaxTokens,
+        };
+        let decode_start = Instant::now();
+        while stats.generated_tokens < max_tokens {
+            if self.eos.contains(&next) {
+                stats.finish = Finish::Eos;
+                break;
+            }
+            stats.generated_tokens += 1;
+            if on_token(next).is_break() {
+                stats.finish = Finish::Stopped;
+                break;
+            }
+            if stats.generated_tokens == max_tokens {
+                break;
+            }
+            if self.history.len() >= self.ctx_size {
+                stats.finish = Finish::ContextFull;
+                break;
+            }
+            next = choose(self.step(next)?);
+        }
+        stats.decode_seconds = decode_start.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+}
+
+/// Index of the largest logit (lowest index on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU checks of the CUDA backend, in two halves because the GPU machine has no cargo:
+#
+#   scripts/gpu-check.sh stage   here: build the trellis-cuda test binaries, strip them and copy
+#                                them with the fixtures they need into .device-carry/
+#   scripts/gpu-check.sh         on the GPU machine, from the repo root (with .device-carry
+#                                carried along): run every GPU test and the timings, logs in $OUT
+#
+# Environment: FIXTURES (stage) lists the EXL3 GLM fixture directories to carry (the carried
+# tree is limited, so not all of them); OUT (run) is where logs go (default /tmp/gpu-check).
+set -uo pipefail
+
+CARRY=.device-carry
+FIXTURES=${FIXTURES:-"glm4-moe-lite-tiny-2.5bpw glm4-moe-lite-tiny-3.0bpw-mcg"}
+
+stage() {
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-cuda}
+    local src=${TRELLIS_FIXTURES:-../shared/fixtures}
+    rm -rf "$CARRY"
+    mkdir -p "$CARRY/bin" "$CARRY/fixtures/exl3" "$CARRY/fixtures/ref/exl3"
+    cargo test -p trellis-cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "trellis-cuda" in m["package_id"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+        strip -o "$CARRY/bin/$name" "$exe"
+    done
+    cp "$src/README.md" "$CARRY/fixtures/"
+    for f in $FIXTURES; do
+        cp -r "$src/exl3/$f" "$CARRY/fixtures/exl3/"
+        rm -f "$CARRY/fixtures/exl3/$f/tokenizer.json"
+        cp -r "$src/ref/exl3/$f" "$CARRY/fixtures/ref/exl3/"
+    done
+    echo "$FIXTURES" >"$CARRY/fixtures.txt"
+    ls -la "$CARRY/bin"
+    du -sh "$CARRY"
+}
+
+# Directories that may hold libcuda / libnvrtc on the GPU machine.
+library_path() {
+    local dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64
+        /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu)
+    local py
+    py=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null)
+    local path=""
+    for d in "${dirs[@]}" $py; do
+        [ -d "$d" ] && path="$path${path:+:}$d"
+    done
+    echo "$path"
+}
+
+run() {
+    OUT=${OUT:-/tmp/gpu-check}
+    mkdir -p "$OUT"
+    export LD_LIBRARY_PATH="$(library_path)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export TRELLIS_FIXTURES="$PWD/$CARRY/fixtures"
+    export TRELLIS_KERNEL_CACHE=/tmp/trellis-kernels
+    export RUST_BACKTRACE=1
+    {
+        date -u
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+        echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+        ldconfig -p | grep -E "libcuda\.so|libnvrtc" || true
+        ls /usr/local/cuda*/lib64/libnvrtc* 2>/dev/null || true
+        nvcc --version 2>/dev/null | tail -2 || true
+    } >"$OUT/env.txt" 2>&1
+    : >"$OUT/summary.txt"
+    local fixtures
+    fixtures=$(cat "$CARRY/fixtures.txt" 2>/dev/null || echo "")
+    run_bin() {
+        local log=$1 name=$2 limit=$3
+        shift 3
+        echo "== $name $*" >>"$OUT/$log.log"
+        timeout "$limit" "$CARRY/bin/$name" "$@" >>"$OUT/$log.log" 2>&1
+        local rc=$?
+        echo "$name $*: exit $rc" | tee -a "$OUT/summary.txt"
+        grep -E "^test result|FAILED|panicked" "$OUT/$log.log" | tail -5 >>"$OUT/summary.txt"
+    }
+    run_bin host trellis_cuda 60 --include-ignored
+    run_bin host kernels 120 --include-ignored --nocapture
+    TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture
+    TRELLIS_CUDA_UNFUSED_LINEAR=1 TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe_experts
+    local filters=()
+    for f in $fixtures; do
+        case $f in
+        *4.0bpw) filters+=(exl3_4bpw_on_gpu) ;;
+        *2.5bpw) filters+=(exl3_2_5bpw_on_gpu) ;;
+        *3.0bpw-mcg) filters+=(exl3_3bpw_mcg_on_gpu) ;;
+        esac
+    done
+    [ ${#filters[@]} -gt 0 ] && run_bin glm glm_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
+    run_bin bench bench 400 --ignored --test-threads 1 --nocapture
+    TRELLIS_CUDA_UNFUSED_LINEAR=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
+    # The timing tables and the fixture results last (the reply shows the tail).
+    sed -n '/^op timings/,/^end of op timings/p' "$OUT/bench.log"
+    grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/glm.log" 2>/dev/null
+    cat "$OUT/summary.txt"
+}
+
+case ${1:-run} in
+stage) stage ;;
+run) run ;;
+*)
+    echo "usage: $0 [stage|run]" >&2
+    exit 2
+    ;;
+esac
