@@ -93,9 +93,12 @@ run() {
     done
     [ ${#filters[@]} -gt 0 ] && run_bin glm glm_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
     run_bin bench bench 400 --ignored --test-threads 1 --nocapture
+    TRELLIS_CUDA_SPLIT_WAVES=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
     TRELLIS_CUDA_UNFUSED_LINEAR=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
+    TRELLIS_CUDA_PROFILE=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture glm_layer_profile
     # The timing tables and the fixture results last (the reply shows the tail).
     sed -n '/^op timings/,/^end of op timings/p' "$OUT/bench.log"
+    grep -h -A24 "^GLM MoE layer decode ctx" "$OUT/bench.log"
     grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/glm.log" 2>/dev/null
     cat "$OUT/summary.txt"
 }

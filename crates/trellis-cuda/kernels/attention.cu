@@ -195,25 +195,47 @@ MLA_APPEND(mla_append_f32, float)
 MLA_APPEND(mla_append_f16, f16_t)
 
 // q_lat[r, h, c] = Σ_d q_nope[r, h, d] · W_UK[h][d][c], W_UK[h][d] = kv_b row h·(nope + v) + d.
-// Grid (latent columns / blockDim, heads, tokens), one column per thread; the query's no-rope
-// part sits in shared memory.
+// Grid (latent columns / 64, heads, tokens), 256 threads: four groups of 64 columns each take
+// every fourth d (coalesced rows of W_UK, loads issued eight at a time) and the groups' sums
+// are added in order; the query's no-rope part sits in shared memory.
 #define MLA_MAX_NOPE 256
+#define ABSORB_COLS 64
+#define ABSORB_GROUPS 4
 template <typename W>
 __device__ __forceinline__ void mla_absorb_q_impl(const float* q, const W* kv_b, float* q_lat,
                                                   int heads, int nope, int qk, int v_dim,
                                                   int rank) {
     __shared__ float q_nope[MLA_MAX_NOPE];
+    __shared__ float group_sum[ABSORB_GROUPS][ABSORB_COLS];
     const int h = blockIdx.y, r = blockIdx.z;
     const float* qh = q + ((u64)r * heads + h) * qk;
     for (int d = threadIdx.x; d < nope; d += blockDim.x) q_nope[d] = qh[d];
     __syncthreads();
     const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
-    float* dst = q_lat + ((u64)r * heads + h) * rank;
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int col = threadIdx.x % ABSORB_COLS, group = threadIdx.x / ABSORB_COLS;
+    const int c = blockIdx.x * ABSORB_COLS + col;
+    float acc = 0.f;
     if (c < rank) {
-        float acc = 0.f;
-        for (int d = 0; d < nope; d++) acc += q_nope[d] * to_f32(w[(u64)d * rank + c]);
-        dst[c] = acc;
+        for (int d0 = group; d0 < nope; d0 += 8 * ABSORB_GROUPS) {
+            float wv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int d = d0 + u * ABSORB_GROUPS;
+                wv[u] = d < nope ? to_f32(w[(u64)d * rank + c]) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int d = d0 + u * ABSORB_GROUPS;
+                if (d < nope) acc += q_nope[d] * wv[u];
+            }
+        }
+    }
+    group_sum[group][col] = acc;
+    __syncthreads();
+    if (group == 0 && c < rank) {
+        float sum = 0.f;
+        for (int g = 0; g < ABSORB_GROUPS; g++) sum += group_sum[g][col];
+        q_lat[((u64)r * heads + h) * rank + c] = sum;
     }
 }
 
@@ -230,13 +252,25 @@ __device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* k
     const float* src = o_lat + ((u64)r * heads + h) * rank;
     for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
     __syncthreads();
-    const int v_end = min(v_dim, (int)(blockIdx.x + 1) * MLA_VALUES_PER_BLOCK);
-    for (int v = blockIdx.x * MLA_VALUES_PER_BLOCK + warp; v < v_end; v += warps) {
-        const W* w = kv_b + ((u64)h * (nope + v_dim) + nope + v) * rank;
-        float acc = 0.f;
-        for (int c = lane; c < rank; c += 32) acc += to_f32(w[c]) * latent[c];
-        acc = warp_sum(acc);
-        if (lane == 0) out[((u64)r * heads + h) * v_dim + v] = acc;
+    // Each warp takes MLA_VALUES_PER_BLOCK / warps consecutive values together, so that the
+    // loads of their rows are in flight at once.
+    const int per_warp = MLA_VALUES_PER_BLOCK / warps;  // 4 with 8 warps
+    const int v0 = blockIdx.x * MLA_VALUES_PER_BLOCK + warp * per_warp;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c = lane; c < rank; c += 32) {
+        const float l = latent[c];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int v = v0 + i;
+            if (i < per_warp && v < v_dim)
+                acc[i] += to_f32(kv_b[((u64)h * (nope + v_dim) + nope + v) * rank + c]) * l;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float sum = warp_sum(acc[i]);
+        const int v = v0 + i;
+        if (lane == 0 && i < per_warp && v < v_dim) out[((u64)r * heads + h) * v_dim + v] = sum;
     }
 }
 
@@ -471,25 +505,41 @@ MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_f16, f16_t)
 
 // o_lat[r, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits of mla_decode.
-// Grid (heads, tokens).
-extern "C" __global__ void mla_combine(const float* part_ml, const float* part_acc, int splits,
-                                       int heads, int rank, float* o_lat) {
+// Grid (heads, tokens), MLA_COMBINE_THREADS threads; dynamic shared memory holds one weight
+// per split.
+#define MLA_COMBINE_THREADS 256
+extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
+    mla_combine(const float* part_ml, const float* part_acc, int splits, int heads, int rank,
+                float* o_lat) {
+    extern __shared__ float split_weight[];
+    __shared__ float scratch[32];
     const int h = blockIdx.x, r = blockIdx.y;
+    const u64 first = (u64)r * splits * heads + h;  // (split 0, head h) of token r
     float big = NEG_INF;
-    for (int s = 0; s < splits; s++)
-        big = fmaxf(big, part_ml[(((u64)r * splits + s) * heads + h) * 2]);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x)
+        big = fmaxf(big, part_ml[(first + (u64)s * heads) * 2]);
+    big = block_max(big, scratch);
     float total = 0.f;
-    for (int s = 0; s < splits; s++) {
-        const u64 i = (((u64)r * splits + s) * heads + h) * 2;
-        if (part_ml[i] != NEG_INF) total += part_ml[i + 1] * expf(part_ml[i] - big);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        const float m = part_ml[(first + (u64)s * heads) * 2];
+        const float wgt = m == NEG_INF ? 0.f : expf(m - big);
+        split_weight[s] = wgt;
+        total += part_ml[(first + (u64)s * heads) * 2 + 1] * wgt;
     }
+    total = block_sum(total, scratch);  // also orders the split_weight writes before the reads
     const float inv = 1.f / total;
     for (int c = threadIdx.x; c < rank; c += blockDim.x) {
         float o = 0.f;
-        for (int s = 0; s < splits; s++) {
-            const u64 b = ((u64)r * splits + s) * heads + h;
-            const float m = part_ml[b * 2];
-            if (m != NEG_INF) o += part_acc[b * rank + c] * expf(m - big);
+        for (int s0 = 0; s0 < splits; s0 += 8) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                v[u] = s0 + u < splits
+                           ? __ldcg(part_acc + (first + (u64)(s0 + u) * heads) * rank + c)
+                           : 0.f;
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (s0 + u < splits) o += v[u] * split_weight[s0 + u];
         }
         o_lat[((u64)r * heads + h) * rank + c] = o * inv;
     }

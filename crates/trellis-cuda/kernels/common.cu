@@ -61,6 +61,44 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return scratch[0];
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+
+// Maximum over the whole block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < warps ? scratch[lane] : NEG_INF;
+        w = warp_max(w);
+        if (lane == 0) scratch[0] = w;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Σ_s p[s·stride] for s < n in order, with loads issued eight at a time (L2-latency bound
+// reductions over split-k or split-context partials).
+__device__ __forceinline__ float ordered_sum_cg(const float* p, u64 stride, int n) {
+    float sum = 0.f;
+    for (int s0 = 0; s0 < n; s0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) v[u] = s0 + u < n ? __ldcg(p + (u64)(s0 + u) * stride) : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+            if (s0 + u < n) sum += v[u];
+    }
+    return sum;
+}
+
 // Cache slot of token `row` of the step: its sequence's block table maps the position's block.
 __device__ __forceinline__ u64 cache_slot(const u32* positions, const u32* sequence,
                                           const u32* block_tables, int blocks_per_sequence,

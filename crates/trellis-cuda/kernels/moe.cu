@@ -4,6 +4,7 @@
 #define MOE_MAX_EXPERTS 256
 #define MOE_MAX_TOP_K 32
 #define ROUTE_THREADS 512
+#define ROUTE_LOAD_BATCH 32
 
 // Rust's f32::total_cmp as a signed integer key.
 __device__ __forceinline__ int total_order_key(float v) {
@@ -31,7 +32,19 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         const int e = task >> 3, l = task & 7;
         const float* g = gate + (u64)e * hidden;
         float acc = 0.f;
-        for (int c = 0; c < chunks; c++) acc = __fadd_rn(acc, __fmul_rn(g[8 * c + l], xr[8 * c + l]));
+        // The sum is a serial chain (the reference's order); batches of loads keep it fed.
+        for (int c0 = 0; c0 < chunks; c0 += ROUTE_LOAD_BATCH) {
+            float gv[ROUTE_LOAD_BATCH], xv[ROUTE_LOAD_BATCH];
+#pragma unroll
+            for (int u = 0; u < ROUTE_LOAD_BATCH; u++) {
+                const int c = c0 + u;
+                gv[u] = c < chunks ? g[8 * c + l] : 0.f;
+                xv[u] = c < chunks ? xr[8 * c + l] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < ROUTE_LOAD_BATCH; u++)
+                if (c0 + u < chunks) acc = __fadd_rn(acc, __fmul_rn(gv[u], xv[u]));
+        }
         lane_sums[task] = acc;
     }
     __syncthreads();
@@ -43,27 +56,34 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         scores[e] = sum;
     }
     __syncthreads();
-    if (threadIdx.x != 0) return;
 
+    // Scores (one expert per thread, same arithmetic as the reference).
     if (softmax_scoring) {
         float mx = NEG_INF;
-        for (int e = 0; e < experts; e++) mx = fmaxf(mx, scores[e]);
-        float total = 0.f;
-        for (int e = 0; e < experts; e++) {
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) mx = fmaxf(mx, scores[e]);
+        mx = block_max(mx, lane_sums);
+        for (int e = threadIdx.x; e < experts; e += blockDim.x)
             scores[e] = exp_rounded(__fsub_rn(scores[e], mx));
-            total = __fadd_rn(total, scores[e]);
+        __syncthreads();
+        // The reference adds the exponentials in expert order.
+        if (threadIdx.x == 0) {
+            float total = 0.f;
+            for (int e = 0; e < experts; e++) total = __fadd_rn(total, scores[e]);
+            lane_sums[0] = __fdiv_rn(1.f, total);
         }
-        const float inv = __fdiv_rn(1.f, total);
-        for (int e = 0; e < experts; e++) scores[e] = __fmul_rn(scores[e], inv);
+        __syncthreads();
+        const float inv = lane_sums[0];
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) scores[e] = __fmul_rn(scores[e], inv);
     } else {
-        for (int e = 0; e < experts; e++)
+        for (int e = threadIdx.x; e < experts; e += blockDim.x)
             scores[e] = __fdiv_rn(1.f, __fadd_rn(1.f, exp_rounded(-scores[e])));
     }
-    for (int e = 0; e < experts; e++)
+    for (int e = threadIdx.x; e < experts; e += blockDim.x)
         select[e] = selection_bias ? __fadd_rn(scores[e], selection_bias[e]) : scores[e];
+    __syncthreads();
 
-    if (n_group > 1) {
-        // Keep the experts of the topk_group best-ranked groups.
+    if (n_group > 1 && threadIdx.x == 0) {
+        // Keep the experts of the topk_group best-ranked groups (serial, as the reference).
         const int per_group = experts / n_group;
         float group_score[64];
         bool removed[64];
@@ -99,40 +119,41 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
             removed[worst] = true;
         }
     }
+    __syncthreads();
 
-    // Top-k by selection score; ties go to the lower expert id.
-    int chosen[MOE_MAX_TOP_K];
-    for (int slot = 0; slot < top_k; slot++) {
-        int best = -1;
-        for (int e = 0; e < experts; e++) {
-            bool taken = false;
-            for (int s = 0; s < slot; s++) taken |= chosen[s] == e;
-            if (taken) continue;
-            if (best < 0 || select[e] > select[best]) best = e;
+    // The reference picks, top_k times, the untaken expert with the largest selection score
+    // (lowest id on ties): expert e is chosen iff fewer than top_k experts precede it in
+    // (score descending, id ascending) order. Chosen experts are listed by ascending id.
+    int* chosen = (int*)lane_sums;  // [experts] flags, then [top_k] ids
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        const float v = select[e];
+        int ahead = 0;
+        for (int j = 0; j < experts; j++) ahead += (select[j] > v) || (select[j] == v && j < e);
+        chosen[e] = ahead < top_k;
+    }
+    __syncthreads();
+    int* picked = chosen + MOE_MAX_EXPERTS;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        if (chosen[e]) {
+            int slot = 0;
+            for (int j = 0; j < e; j++) slot += chosen[j];
+            if (slot < top_k) picked[slot] = e;
         }
-        chosen[slot] = best;
     }
-    // Ascending expert ids (insertion sort of at most top_k values).
-    for (int i = 1; i < top_k; i++) {
-        const int v = chosen[i];
-        int j = i - 1;
-        while (j >= 0 && chosen[j] > v) {
-            chosen[j + 1] = chosen[j];
-            j--;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float w[MOE_MAX_TOP_K];
+        for (int i = 0; i < top_k; i++) w[i] = scores[picked[i]];
+        if (normalize) {
+            float sum = 0.f;
+            for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, w[i]);
+            sum = __fadd_rn(sum, 1e-20f);
+            for (int i = 0; i < top_k; i++) w[i] = __fdiv_rn(w[i], sum);
         }
-        chosen[j + 1] = v;
-    }
-    float w[MOE_MAX_TOP_K];
-    for (int i = 0; i < top_k; i++) w[i] = scores[chosen[i]];
-    if (normalize) {
-        float sum = 0.f;
-        for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, w[i]);
-        sum = __fadd_rn(sum, 1e-20f);
-        for (int i = 0; i < top_k; i++) w[i] = __fdiv_rn(w[i], sum);
-    }
-    for (int i = 0; i < top_k; i++) {
-        ids[(u64)r * top_k + i] = (u32)chosen[i];
-        weights[(u64)r * top_k + i] = __fmul_rn(w[i], scaling);
+        for (int i = 0; i < top_k; i++) {
+            ids[(u64)r * top_k + i] = (u32)picked[i];
+            weights[(u64)r * top_k + i] = __fmul_rn(w[i], scaling);
+        }
     }
 }
 

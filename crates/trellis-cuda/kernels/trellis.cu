@@ -55,9 +55,7 @@ extern "C" __global__ void trellis_finish(const TrellisDesc* descs, const int* r
 #pragma unroll
     for (int q = 0; q < 4; q++) {
         const int c = chunk * 128 + lane + 32 * q;
-        float sum = 0.f;
-        for (int s = 0; s < splits; s++) sum += partial[((u64)s * rows + r) * n_pad + c];
-        v[q] = sum;
+        v[q] = ordered_sum_cg(partial + (u64)r * n_pad + c, (u64)rows * n_pad, splits);
     }
     fwht128_warp(v);
 #pragma unroll
@@ -449,10 +447,8 @@ __device__ __forceinline__ void trellis_linear_body(
         // Every split's partial is visible (each wrote, fenced, then took its ticket).
         for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
             const int m = i >> 7, c = i & 127;
-            float sum = 0.f;
-            for (int s = 0; s < splits; s++)
-                sum += __ldcg(partial + ((u64)s * rows + row0 + m) * n_pad + nb * 128 + c);
-            sz[i] = sum;
+            sz[i] = ordered_sum_cg(partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
+                                   (u64)rows * n_pad, splits);
         }
         if (threadIdx.x == 0) *ticket = 0u;
     }

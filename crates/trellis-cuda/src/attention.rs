@@ -260,7 +260,7 @@ pub(crate) fn mla_attention(
         .arg(to_i32(rank));
     dev.launch(
         absorb,
-        Grid::new((rank.div_ceil(128), heads, rows), 128),
+        Grid::new((rank.div_ceil(64), heads, rows), 256),
         &mut args,
     );
 
@@ -270,9 +270,9 @@ pub(crate) fn mla_attention(
     };
     let tile = (256 / heads).clamp(1, 16);
     if heads <= MLA_DECODE_MAX_HEADS && shared_bytes(tile) <= dev.max_shared_bytes {
-        // Split the context over blocks until the grid covers the GPU about twice.
+        // Split the context over blocks until the grid covers the GPU `split_waves` times.
         let positions = max_position + 1;
-        let target_splits = (2 * dev.sm_count).div_ceil(rows);
+        let target_splits = (dev.split_waves * dev.sm_count).div_ceil(rows);
         let chunk = positions
             .div_ceil(target_splits)
             .next_multiple_of(tile)
@@ -313,7 +313,11 @@ pub(crate) fn mla_attention(
             .arg(to_i32(heads))
             .arg(to_i32(rank))
             .arg(o_lat);
-        dev.launch(&k.mla_combine, Grid::new((heads, rows, 1), 128), &mut args);
+        dev.launch(
+            &k.mla_combine,
+            Grid::new((heads, rows, 1), 256).shared(4 * splits),
+            &mut args,
+        );
     } else {
         mla_attend_per_head(dev, q, q_lat, o_lat, spec, step, cache, layer);
     }

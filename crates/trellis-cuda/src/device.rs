@@ -33,6 +33,12 @@ pub const SYNC_ENV: &str = "TRELLIS_CUDA_SYNC";
 /// Env var: run trellis linears as three launches (input transform, product, output
 /// transform) instead of the single fused launch (for comparison and as a fallback).
 pub const UNFUSED_ENV: &str = "TRELLIS_CUDA_UNFUSED_LINEAR";
+/// Env var: time every launch with events (synchronising after each) and keep per-kernel
+/// totals, readable with `CudaBackend::kernel_profile` (slows everything down; for analysis).
+pub const PROFILE_ENV: &str = "TRELLIS_CUDA_PROFILE";
+/// Env var: how many waves of blocks split-k linears and split-context attention aim for
+/// (default 2).
+pub const SPLIT_WAVES_ENV: &str = "TRELLIS_CUDA_SPLIT_WAVES";
 /// Env var: where compiled kernels are cached (default `$XDG_CACHE_HOME` or `~/.cache`,
 /// `/trellis/kernels`); `TRELLIS_HOME` moves it to `$TRELLIS_HOME/kernels`.
 pub const KERNEL_CACHE_ENV: &str = "TRELLIS_KERNEL_CACHE";
@@ -319,7 +325,11 @@ pub(crate) struct Device {
     pub max_shared_bytes: usize,
     /// Trellis linears as three launches (see [`UNFUSED_ENV`]).
     pub unfused_linear: bool,
+    /// Waves of blocks that split reductions aim for (see [`SPLIT_WAVES_ENV`]).
+    pub split_waves: usize,
     sync_each_launch: bool,
+    /// Per-kernel (launches, device µs) when profiling (see [`PROFILE_ENV`]).
+    pub profile: Option<Mutex<HashMap<&'static str, (usize, f64)>>>,
 }
 
 impl Device {
@@ -387,7 +397,15 @@ impl Device {
             compute_capability,
             max_shared_bytes: usize::try_from(max_shared).unwrap_or(48 << 10),
             unfused_linear: std::env::var_os(UNFUSED_ENV).is_some_and(|v| v != "0"),
+            split_waves: std::env::var(SPLIT_WAVES_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&w| w > 0)
+                .unwrap_or(2),
             sync_each_launch: std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0"),
+            profile: std::env::var_os(PROFILE_ENV)
+                .is_some_and(|v| v != "0")
+                .then(|| Mutex::new(HashMap::new())),
         })
     }
 
@@ -402,6 +420,13 @@ impl Device {
                 args.borrowed[i].cast_mut()
             };
         }
+        let timing = self.profile.as_ref().map(|_| {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let start = self.ctx.new_event(flags).expect("profiling event");
+            let end = self.ctx.new_event(flags).expect("profiling event");
+            start.record(&self.stream).expect("profiling event");
+            (start, end)
+        });
         let result = self.ctx.bind_to_thread().and_then(|()| {
             // SAFETY: `params` points at one value per kernel parameter, in the order and with
             // the types the kernel source declares (each call site mirrors its kernel's
@@ -425,6 +450,14 @@ impl Device {
             && let Err(e) = self.stream.synchronize()
         {
             panic!("CUDA kernel {} failed: {e}", kernel.name);
+        }
+        if let (Some(profile), Some((start, end))) = (&self.profile, timing) {
+            end.record(&self.stream).expect("profiling event");
+            let ms = start.elapsed_ms(&end).expect("profiling event");
+            let mut totals = profile.lock().expect("profile");
+            let entry = totals.entry(kernel.name).or_insert((0, 0.0));
+            entry.0 += 1;
+            entry.1 += f64::from(ms) * 1000.0;
         }
     }
 

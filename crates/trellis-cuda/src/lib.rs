@@ -21,7 +21,10 @@ mod moe;
 mod ops;
 
 pub use attention::{CudaKvCache, CudaMlaKvB};
-pub use device::{KERNEL_CACHE_ENV, SYNC_ENV, UNFUSED_ENV, compile_kernels, kernel_source};
+pub use device::{
+    KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV, compile_kernels,
+    kernel_source,
+};
 pub use linear::{CudaLinear, DenseType, DenseWeights, TrellisWeights};
 pub use moe::{CudaExperts, CudaRouter, CudaRouting};
 pub use ops::CudaRope;
@@ -103,6 +106,18 @@ impl CudaBackend {
     /// Wait for every enqueued op (for timing); panics if one of them failed.
     pub fn synchronize(&self) {
         self.dev.synchronize();
+    }
+
+    /// Per-kernel launch counts and device time (µs) since the last call, largest first, when
+    /// the backend was created with [`PROFILE_ENV`] set; empty otherwise.
+    pub fn kernel_profile(&self) -> Vec<(&'static str, usize, f64)> {
+        let Some(profile) = &self.dev.profile else {
+            return Vec::new();
+        };
+        let mut totals = profile.lock().expect("profile");
+        let mut rows: Vec<_> = totals.drain().map(|(k, (n, us))| (k, n, us)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
     }
 
     /// Device time in milliseconds of the work `enqueue` puts on the stream, measured with

@@ -327,9 +327,10 @@ pub(crate) fn trellis_forward(
     let rows = map.rows;
     let tiles_k = k_pad / 16;
     let column_blocks = n_pad / 128;
-    // Split the reduction (in whole Hadamard blocks) until the grid covers the GPU about twice.
+    // Split the reduction (in whole Hadamard blocks) until the grid covers the GPU
+    // `split_waves` times.
     let base_blocks = column_blocks * map.num_tiles;
-    let wanted = (2 * dev.sm_count)
+    let wanted = (dev.split_waves * dev.sm_count)
         .div_ceil(base_blocks.max(1))
         .clamp(1, tiles_k / MM_KTILES);
     let ktiles_per_split = tiles_k.div_ceil(wanted).next_multiple_of(MM_KTILES);

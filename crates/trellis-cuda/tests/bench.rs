@@ -75,6 +75,11 @@ fn op_timings() {
         table.push(line);
     };
 
+    // The floor: one launch of a one-element kernel.
+    let mut tiny = g.alloc(1).unwrap();
+    let us = time_us(g, || g.fill(&mut tiny, 1.0, 1));
+    row("empty kernel (launch floor)".into(), us, None);
+
     // Trellis linears: x [rows, in] → [rows, out].
     let shapes = [
         (2048, 1536),
@@ -177,8 +182,14 @@ fn op_timings() {
             );
         }
     }
+    let variant = if std::env::var_os(trellis_cuda::UNFUSED_ENV).is_some() {
+        "three-launch trellis linears".to_string()
+    } else {
+        "fused trellis linears".to_string()
+    };
+    let waves = std::env::var(trellis_cuda::SPLIT_WAVES_ENV).unwrap_or_else(|_| "2".into());
     eprintln!(
-        "\nop timings (CUDA events, median of {RUNS} runs of {CALLS} calls):\n{}",
+        "\nop timings, {variant}, split waves {waves} (CUDA events, median of {RUNS} runs of {CALLS} calls):\n{}\nend of op timings",
         table.join("\n")
     );
 }
@@ -548,4 +559,45 @@ fn glm_tiny_forward_timing() {
         g.device_name(),
         1e6 / decode_us
     );
+}
+
+/// Per-kernel device time of one full-size GLM MoE layer decode (needs TRELLIS_CUDA_PROFILE=1,
+/// which times each launch separately).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn glm_layer_profile() {
+    let g = gpu();
+    if std::env::var_os(trellis_cuda::PROFILE_ENV).is_none() {
+        eprintln!("set {} to profile", trellis_cuda::PROFILE_ENV);
+        return;
+    }
+    let mut r = rng(101);
+    let layer = GlmLayer::new(&mut r, 3.0);
+    for ctx in [1024usize, 8192] {
+        let mut cache = layer.filled_cache(ctx);
+        for _ in 0..3 {
+            layer.decode_layer(&mut cache, ctx);
+        }
+        g.synchronize();
+        let _ = g.kernel_profile();
+        let runs = 20;
+        for _ in 0..runs {
+            layer.decode_layer(&mut cache, ctx);
+        }
+        let profile = g.kernel_profile();
+        let total: f64 = profile.iter().map(|p| p.2).sum();
+        let mut lines = vec![format!(
+            "GLM MoE layer decode ctx {ctx}, per layer: {:.1} µs of kernels in {} launches",
+            total / runs as f64,
+            profile.iter().map(|p| p.1).sum::<usize>() / runs
+        )];
+        for (name, calls, us) in profile {
+            lines.push(format!(
+                "  {name:<28} {:>4} launches {:>8.1} µs",
+                calls / runs,
+                us / runs as f64
+            ));
+        }
+        eprintln!("{}", lines.join("\n"));
+    }
 }

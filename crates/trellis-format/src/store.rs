@@ -421,7 +421,11 @@ impl TensorStore {
             // SAFETY: the map is read-only and file-backed; MADV_DONTNEED only discards this
             // process's page mappings, which the kernel refills from the unchanged file on the
             // next access, so every live view keeps reading the same bytes.
-            let _ = unsafe { shard.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            let _ = unsafe {
+                shard
+                    .map
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            };
         }
     }
 

@@ -2,9 +2,9 @@
 //! compressed latent.
 
 use super::kv::CpuKvCache;
-use super::linear::{DenseData, dot};
+use super::linear::{DenseData, dense_forward, dot};
 use super::ops::{rope_vector, softmax};
-use super::scratch::with_task_scratch;
+use super::scratch::{with_layer_scratch, with_task_scratch};
 use crate::spec::{AttentionSpec, Batch, MlaSpec, RopeSpec};
 use rayon::prelude::*;
 
@@ -104,8 +104,52 @@ pub fn mla_append(
     });
 }
 
-/// Absorbed MLA: per head, `q_lat = W_UKᵀ q_nope`, scores against the cached latent plus the
-/// shared rope key, softmax, latent-weighted sum `o_lat`, then `o = W_UV o_lat`.
+/// How MLA attention is evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlaMode {
+    /// Queries move into latent space (`q_lat = W_UKᵀ q_nope`) and meet the cached latent
+    /// directly; values come out as `W_UV · Σ p c`. Cost per token grows with the context times
+    /// 576 + 512 per head, plus two 192/256 × 512 products per head.
+    Absorbed,
+    /// Keys and values are expanded once per pass from the latent (`kv_b · c` for every
+    /// visible position) and each token runs standard attention over them: cheaper per token
+    /// when many tokens of one sequence share the expansion, i.e. prefill.
+    Expanded,
+}
+
+/// The evaluation with fewer multiply-adds for this batch (all rows in one sequence).
+///
+/// Absorbed: per token, `heads·(nope+v)·rank` to move the query into latent space and the
+/// output back, plus `heads·(2·rank+rope)` per visible position. Expanded: `heads·(nope+v)·rank`
+/// once per position of the context, plus `heads·(nope+rope+v)` per visible position per token.
+/// Decode (one row, long context) stays absorbed; a prefill chunk that is a good part of its
+/// context expands. The `mla_prefill` example measures both (BENCHMARKS.md).
+pub fn cheaper_mode(spec: &MlaSpec, batch: &Batch<'_>) -> MlaMode {
+    let (h, nope, rope, v, rank) = (
+        spec.heads as u64,
+        spec.qk_nope_dim as u64,
+        spec.qk_rope_dim as u64,
+        spec.v_head_dim as u64,
+        spec.kv_lora_rank as u64,
+    );
+    let rows = batch.rows() as u64;
+    let visible: u64 = batch.positions.iter().map(|&p| u64::from(p) + 1).sum();
+    let context = batch
+        .positions
+        .iter()
+        .copied()
+        .max()
+        .map_or(0, |p| u64::from(p) + 1);
+    let absorbed = rows * h * (nope + v) * rank + visible * h * (2 * rank + rope);
+    let expanded = context * h * (nope + v) * rank + visible * h * (nope + rope + v);
+    if expanded < absorbed {
+        MlaMode::Expanded
+    } else {
+        MlaMode::Absorbed
+    }
+}
+
+/// MLA attention over the latent cache, choosing the cheaper evaluation for the batch.
 #[allow(clippy::too_many_arguments)]
 pub fn mla_attention(
     q: &mut [f32],
@@ -117,14 +161,29 @@ pub fn mla_attention(
     layer: usize,
     out: &mut [f32],
 ) {
-    let (h, nope, rope_dim, vd, rank) = (
-        spec.heads,
-        spec.qk_nope_dim,
-        spec.qk_rope_dim,
-        spec.v_head_dim,
-        spec.kv_lora_rank,
-    );
-    let qk = nope + rope_dim;
+    let one_sequence = batch.sequence.iter().all(|&s| s == batch.sequence[0]);
+    let mode = if one_sequence {
+        cheaper_mode(spec, batch)
+    } else {
+        MlaMode::Absorbed
+    };
+    mla_attention_with(mode, q, kv_b, rope, spec, batch, cache, layer, out);
+}
+
+/// MLA attention evaluated the given way. `Expanded` needs every row in one sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_attention_with(
+    mode: MlaMode,
+    q: &mut [f32],
+    kv_b: &MlaKvB,
+    rope: &RopeSpec,
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, nope, qk) = (spec.heads, spec.qk_nope_dim, spec.qk_head_dim());
     let rows = batch.rows();
     for (row, &pos) in q[..rows * h * qk]
         .chunks_exact_mut(h * qk)
@@ -134,9 +193,30 @@ pub fn mla_attention(
             rope_vector(&mut head[nope..], rope, pos);
         }
     }
-    let q: &[f32] = q;
+    match mode {
+        MlaMode::Absorbed => absorbed(q, kv_b, spec, batch, cache, layer, out),
+        MlaMode::Expanded => expanded(q, kv_b, spec, batch, cache, layer, out),
+    }
+}
+
+fn absorbed(
+    q: &[f32],
+    kv_b: &MlaKvB,
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, nope, vd, rank) = (
+        spec.heads,
+        spec.qk_nope_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    );
+    let qk = spec.qk_head_dim();
     let per_head_rows = nope + vd;
-    out[..rows * h * vd]
+    out[..batch.rows() * h * vd]
         .par_chunks_mut(vd)
         .enumerate()
         .for_each(|(task, o)| {
@@ -145,12 +225,12 @@ pub fn mla_attention(
             let qh = &q[(i * h + head) * qk..(i * h + head + 1) * qk];
             let (q_nope, q_rope) = qh.split_at(nope);
             let n = pos as usize + 1;
-            with_task_scratch(2 * rank + n, |buf| {
+            with_task_scratch(3 * rank + n, |buf| {
                 let (q_lat, rest) = buf.split_at_mut(rank);
-                let (o_lat, scores) = rest.split_at_mut(rank);
+                let (o_lat, rest) = rest.split_at_mut(rank);
+                let (w_row, scores) = rest.split_at_mut(rank);
                 // q_lat[c] = Σ_d q_nope[d] · W_UK[d][c]
                 q_lat.fill(0.0);
-                let w_row = &mut o_lat[..]; // borrowed as a row buffer before o_lat is needed
                 for (d, &qv) in q_nope.iter().enumerate() {
                     kv_b.weight.row_into(head * per_head_rows + d, rank, w_row);
                     for (l, &w) in q_lat.iter_mut().zip(w_row.iter()) {
@@ -173,4 +253,69 @@ pub fn mla_attention(
                 }
             });
         });
+}
+
+fn expanded(
+    q: &[f32],
+    kv_b: &MlaKvB,
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, nope, vd, rank) = (
+        spec.heads,
+        spec.qk_nope_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    );
+    let qk = spec.qk_head_dim();
+    let per_head = nope + vd;
+    let seq = batch.sequence[0];
+    let ctx = batch
+        .positions
+        .iter()
+        .copied()
+        .max()
+        .map_or(0, |p| p as usize + 1);
+    let width = rank + spec.qk_rope_dim;
+    with_layer_scratch(ctx * (width + rank + h * per_head), |buf| {
+        let (latent, rest) = buf.split_at_mut(ctx * width);
+        let (c, kv) = rest.split_at_mut(ctx * rank);
+        for (p, row) in latent.chunks_exact_mut(width).enumerate() {
+            cache.read_row(layer, batch.slot(seq, p as u32), 0, row);
+        }
+        for (dst, row) in c.chunks_exact_mut(rank).zip(latent.chunks_exact(width)) {
+            dst.copy_from_slice(&row[..rank]);
+        }
+        // Keys (no-rope part) and values of every visible position: kv[s] = kv_b · c_s.
+        dense_forward(&kv_b.weight, None, rank, h * per_head, c, ctx, kv);
+        let (latent, kv): (&[f32], &[f32]) = (latent, kv);
+        out[..batch.rows() * h * vd]
+            .par_chunks_mut(vd)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let (i, head) = (task / h, task % h);
+                let pos = batch.positions[i] as usize;
+                let qh = &q[(i * h + head) * qk..(i * h + head + 1) * qk];
+                let (q_nope, q_rope) = qh.split_at(nope);
+                with_task_scratch(pos + 1, |scores| {
+                    for (s, score) in scores.iter_mut().enumerate() {
+                        let k = &kv[(s * h + head) * per_head..(s * h + head) * per_head + nope];
+                        let k_rope = &latent[s * width + rank..(s + 1) * width];
+                        *score = (dot(q_nope, k) + dot(q_rope, k_rope)) * spec.softmax_scale;
+                    }
+                    softmax(scores);
+                    o.fill(0.0);
+                    for (s, &p) in scores.iter().enumerate() {
+                        let v =
+                            &kv[(s * h + head) * per_head + nope..(s * h + head + 1) * per_head];
+                        for (ov, &vv) in o.iter_mut().zip(v) {
+                            *ov += p * vv;
+                        }
+                    }
+                });
+            });
+    });
 }

@@ -131,7 +131,7 @@ impl CpuLinear {
     }
 }
 
-fn dense_forward(
+pub(crate) fn dense_forward(
     weight: &DenseData,
     bias: Option<&[f32]>,
     in_f: usize,

@@ -11,8 +11,8 @@ mod moe;
 mod ops;
 mod scratch;
 
-pub use attention::MlaKvB as CpuMlaKvB;
-pub use kv::CpuKvCache;
+pub use attention::{MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
+pub use kv::{CpuKvCache, KvData};
 pub use linear::{CpuLinear, DenseData};
 pub use moe::{CpuExperts, CpuRouter, CpuRouting};
 
@@ -44,6 +44,26 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         rayon::current_num_threads()
+    }
+
+    /// [`Backend::mla_attention`] evaluated the given way instead of the automatic choice
+    /// (for tests and measurements). `Expanded` needs every row in one sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_attention_mode(
+        &self,
+        mode: MlaMode,
+        q: &mut CpuBuffer,
+        kv_b: &CpuMlaKvB,
+        rope: &RopeSpec,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &CpuKvCache,
+        layer: usize,
+        out: &mut CpuBuffer,
+    ) {
+        attention::mla_attention_with(
+            mode, &mut q.0, kv_b, rope, spec, batch, cache, layer, &mut out.0,
+        );
     }
 }
 
@@ -228,8 +248,10 @@ impl Backend for CpuBackend {
                 reason: format!("expected shape {expected:?}, got {:?}", weight.shape),
             });
         }
+        // Kept in f32: both absorbed products and the expansion read it every step, and
+        // widening it once costs ~2× its (small) storage instead of a conversion per use.
         Ok(CpuMlaKvB {
-            weight: dense_data(weight)?,
+            weight: DenseData::F32(weight.to_f32()?),
             rank: spec.kv_lora_rank,
         })
     }
