@@ -66,6 +66,12 @@ pub trait Backend {
 
     fn name(&self) -> &'static str;
 
+    /// Bytes the backend could still allocate (host RAM for the CPU, device memory for a GPU),
+    /// used to size the KV cache when the user does not; `None` when unknown.
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     // ---- uploads and allocation (load time) -------------------------------------------
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<Self::Linear>;
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;

@@ -13,6 +13,11 @@ pub const BLOCK_SIZE: usize = 16;
 /// Context used when the config allows more and the caller does not ask: large enough for
 /// real conversations, small enough that the cache of a big model fits beside its weights.
 pub const DEFAULT_MAX_CONTEXT: usize = 32_768;
+/// Share of the backend's free memory (after the weights are loaded) that a default-sized KV
+/// cache may take, leaving room for activations, the OS and other programs.
+const DEFAULT_CACHE_MEMORY_SHARE: f64 = 0.5;
+/// Smallest context a default-sized cache is cut to for lack of memory.
+const MIN_DEFAULT_CONTEXT: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -89,6 +94,11 @@ pub struct GenerationStats {
 }
 
 impl GenerationStats {
+    /// OpenAI-style token counts.
+    pub fn usage(&self) -> crate::stop::Usage {
+        crate::stop::Usage::new(self.prompt_tokens, self.generated_tokens)
+    }
+
     pub fn prefill_tok_s(&self) -> f64 {
         self.prefilled_tokens as f64 / self.prefill_seconds.max(1e-9)
     }
@@ -126,7 +136,7 @@ impl<B: Backend + 'static> Engine<B> {
         progress: Progress<'_>,
     ) -> Result<Engine<B>> {
         let common = dir.config.common();
-        let ctx_size = match options.ctx_size {
+        let requested = match options.ctx_size {
             Some(0) => return Err(EngineError::Invalid("--ctx-size must be at least 1".into())),
             Some(n) if n > common.max_position_embeddings => {
                 return Err(EngineError::Invalid(format!(
@@ -134,15 +144,34 @@ impl<B: Backend + 'static> Engine<B> {
                     common.max_position_embeddings
                 )));
             }
-            Some(n) => n,
-            None => common.max_position_embeddings.min(DEFAULT_MAX_CONTEXT),
+            other => other,
         };
-        let chunk = options.prefill_chunk.clamp(1, ctx_size.max(1));
+        let chunk = options.prefill_chunk.clamp(
+            1,
+            requested
+                .unwrap_or(usize::MAX)
+                .min(common.max_position_embeddings)
+                .max(1),
+        );
         let load = LoadOptions {
             max_rows: chunk,
             max_logit_rows: if options.all_logits { chunk } else { 1 },
         };
         let model = trellis_models::load(dir, &backend, &load, progress)?;
+        let ctx_size = match requested {
+            Some(n) => n,
+            None => {
+                // The config's maximum, capped, and cut further to what free memory holds.
+                let per_token = model.kv_layout(1, 1, options.kv_dtype).bytes().max(1) as u64;
+                let affordable = backend.free_memory().map_or(usize::MAX, |free| {
+                    ((free as f64 * DEFAULT_CACHE_MEMORY_SHARE) as u64 / per_token) as usize
+                });
+                common
+                    .max_position_embeddings
+                    .min(DEFAULT_MAX_CONTEXT)
+                    .min(affordable.max(MIN_DEFAULT_CONTEXT))
+            }
+        };
         let layout = model.kv_layout(ctx_size, BLOCK_SIZE, options.kv_dtype);
         let cache = backend.alloc_kv_cache(&layout)?;
         let mut eos = dir.eos_token_ids();
@@ -321,19 +350,36 @@ impl<B: Backend> Engine<B> {
         Ok((&self.logits[(rows - 1) * vocab..rows * vocab], computed))
     }
 
-    /// Greedy generation after `prompt` (reusing what the cache already holds of it).
-    /// `on_token` sees each generated token as soon as it is chosen and may stop generation.
-    /// EOS tokens end generation and are not passed on.
+    /// Greedy generation after `prompt` (reusing what the cache already holds of it), until an
+    /// end-of-sequence token (not passed on), `max_tokens` or a full context. `on_token` sees
+    /// each generated token as soon as it is chosen and may stop generation.
     pub fn generate_greedy(
         &mut self,
         prompt: &[u32],
         max_tokens: usize,
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<GenerationStats> {
-        self.generate_with(prompt, max_tokens, argmax, &mut on_token)
+        let eos = std::mem::take(&mut self.eos);
+        let mut hit_eos = false;
+        let result = self.generate_with(prompt, max_tokens, argmax, &mut |token| {
+            if eos.contains(&token) {
+                hit_eos = true;
+                return ControlFlow::Break(());
+            }
+            on_token(token)
+        });
+        self.eos = eos;
+        let mut stats = result?;
+        if hit_eos {
+            stats.finish = Finish::Eos;
+        }
+        Ok(stats)
     }
 
-    /// Generation with a caller-supplied choice of the next token from its logits.
+    /// The generation loop: prefill `prompt` (reusing the cached prefix), then repeatedly
+    /// `choose` a token from the logits, hand it to `on_token`, and decode it — until
+    /// `on_token` breaks, `max_tokens` tokens were produced, or the context is full.
+    /// End-of-sequence handling is the caller's (`on_token` breaks on it).
     pub fn generate_with(
         &mut self,
         prompt: &[u32],
@@ -356,10 +402,6 @@ impl<B: Backend> Engine<B> {
         };
         let decode_start = Instant::now();
         while stats.generated_tokens < max_tokens {
-            if self.eos.contains(&next) {
-                stats.finish = Finish::Eos;
-                break;
-            }
             stats.generated_tokens += 1;
             if on_token(next).is_break() {
                 stats.finish = Finish::Stopped;

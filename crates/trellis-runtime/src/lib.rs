@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod engine;
+pub mod generation;
 pub mod glm_output;
 pub mod sampler;
 pub mod stop;

@@ -2,7 +2,6 @@
 //! boundaries and never shown), the token limit and the context size; plus usage accounting.
 
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 /// Why a completion ended, spelled as OpenAI's `finish_reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -268,53 +267,29 @@ impl Usage {
     }
 }
 
-/// Counts and timings of one generation.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GenerationStats {
-    /// Tokens in the prompt.
-    pub prompt_tokens: usize,
-    /// Prompt tokens served from a prefix cache (not recomputed).
-    pub cached_prompt_tokens: usize,
-    /// Tokens generated.
-    pub completion_tokens: usize,
-    /// Time to process the prompt and produce the first token.
-    pub prefill_time: Duration,
-    /// Time spent producing the tokens after the first.
-    pub decode_time: Duration,
-}
-
-impl GenerationStats {
-    /// The OpenAI usage counts.
-    pub fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.completion_tokens)
-    }
-
-    /// Prompt tokens computed per second of prefill (cached ones excluded); 0 if not timed.
-    pub fn prefill_tokens_per_second(&self) -> f64 {
-        per_second(
-            self.prompt_tokens.saturating_sub(self.cached_prompt_tokens),
-            self.prefill_time,
-        )
-    }
-
-    /// Tokens per second over the decode phase (tokens after the first); 0 if not timed.
-    pub fn decode_tokens_per_second(&self) -> f64 {
-        per_second(self.completion_tokens.saturating_sub(1), self.decode_time)
-    }
-}
-
-fn per_second(count: usize, time: Duration) -> f64 {
-    let seconds = time.as_secs_f64();
-    if seconds > 0.0 {
-        count as f64 / seconds
-    } else {
-        0.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finish_reason_and_usage_serialize_as_openai() {
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Stop).unwrap(),
+            "\"stop\""
+        );
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Length).unwrap(),
+            "\"length\""
+        );
+        assert_eq!(
+            serde_json::to_string(&FinishReason::ToolCalls).unwrap(),
+            "\"tool_calls\""
+        );
+        assert_eq!(
+            serde_json::to_value(Usage::new(7, 3)).unwrap(),
+            serde_json::json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+        );
+    }
 
     /// Feeds `pieces` and returns (emitted text, matched stop string).
     fn run(matcher: &mut StopMatcher, pieces: &[&str]) -> (String, Option<String>) {
@@ -452,37 +427,6 @@ mod tests {
         assert_eq!(rules.stop_strings(), ["END"]);
         let mut matcher = rules.stop_matcher();
         assert!(matches!(matcher.push("xENDy"), StopScan::Stopped { .. }));
-    }
-
-    #[test]
-    fn finish_reason_and_usage_serialize_as_openai() {
-        assert_eq!(
-            serde_json::to_string(&FinishReason::Stop).unwrap(),
-            "\"stop\""
-        );
-        assert_eq!(
-            serde_json::to_string(&FinishReason::Length).unwrap(),
-            "\"length\""
-        );
-        assert_eq!(
-            serde_json::to_string(&FinishReason::ToolCalls).unwrap(),
-            "\"tool_calls\""
-        );
-        assert_eq!(
-            serde_json::to_value(Usage::new(7, 3)).unwrap(),
-            serde_json::json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
-        );
-        let stats = GenerationStats {
-            prompt_tokens: 100,
-            cached_prompt_tokens: 20,
-            completion_tokens: 11,
-            prefill_time: Duration::from_millis(400),
-            decode_time: Duration::from_millis(500),
-        };
-        assert_eq!(stats.usage(), Usage::new(100, 11));
-        assert!((stats.prefill_tokens_per_second() - 200.0).abs() < 1e-9);
-        assert!((stats.decode_tokens_per_second() - 20.0).abs() < 1e-9);
-        assert_eq!(GenerationStats::default().decode_tokens_per_second(), 0.0);
     }
 
     #[test]

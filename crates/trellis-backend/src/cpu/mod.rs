@@ -125,6 +125,13 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<CpuLinear> {
         Ok(match weights {
             LinearWeights::Trellis(t) => CpuLinear::Trellis(TrellisLinear {

@@ -27,7 +27,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     }
-    let (mut engine, _) = super::load_engine(&args.model, &args.run, true)?;
+    let dir = super::open_model(&args.model)?;
+    let (mut engine, _) = super::load_engine(&dir, std::time::Instant::now(), &args.run, true)?;
     let logits = engine.logits_all(&tokens)?;
     let vocab = engine.info().vocab_size;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();

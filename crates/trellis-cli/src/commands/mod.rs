@@ -37,15 +37,15 @@ pub struct RunOptions {
     pub prefill_chunk: usize,
 }
 
-/// Load a model for running on the CPU, with a progress bar; returns the engine and the load time.
+/// Load an opened model for running on the CPU, with a progress bar; returns the engine and
+/// the load time counted from `opened` (when the directory was opened).
 pub fn load_engine(
-    model: &Path,
+    dir: &ModelDir,
+    opened: Instant,
     run: &RunOptions,
     all_logits: bool,
 ) -> anyhow::Result<(Engine<CpuBackend>, f64)> {
     trellis_backend::cpu::set_threads(run.threads)?;
-    let start = Instant::now();
-    let dir = open_model(model)?;
     let options = EngineOptions {
         ctx_size: run.ctx_size,
         prefill_chunk: run.prefill_chunk,
@@ -58,7 +58,7 @@ pub fn load_engine(
     };
     let bar = crate::progress::bar(0, "loading");
     let engine = Engine::load(
-        &dir,
+        dir,
         CpuBackend::new(),
         &options,
         &mut |done, total, what| {
@@ -67,9 +67,9 @@ pub fn load_engine(
             bar.set_message(what.to_string());
         },
     )
-    .with_context(|| format!("cannot load {}", model.display()))?;
+    .with_context(|| format!("cannot load {}", dir.path.display()))?;
     bar.finish_and_clear();
-    Ok((engine, start.elapsed().as_secs_f64()))
+    Ok((engine, opened.elapsed().as_secs_f64()))
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; `None` where /proc is absent.
