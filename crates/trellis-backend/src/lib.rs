@@ -72,6 +72,18 @@ pub trait Backend {
         None
     }
 
+    /// Memory read bandwidth in bytes per second, measured now by streaming a buffer much
+    /// larger than the caches (the denominator of roofline figures); `None` when unsupported.
+    fn measure_read_bandwidth(&self) -> Option<f64> {
+        None
+    }
+
+    /// Peak memory this backend has held (device memory for a GPU); `None` for the CPU, whose
+    /// memory is the process's resident set.
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
+
     // ---- uploads and allocation (load time) -------------------------------------------
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<Self::Linear>;
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;

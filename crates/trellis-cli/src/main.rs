@@ -29,6 +29,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(commands::generate::Args),
+    /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
+    Bench(commands::bench::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
     Synth(commands::synth::Args),
 }
@@ -47,6 +49,7 @@ fn main() {
         Command::Logits(a) => commands::logits::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

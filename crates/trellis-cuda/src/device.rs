@@ -330,6 +330,8 @@ pub(crate) struct Device {
     sync_each_launch: bool,
     /// Per-kernel (launches, device µs) when profiling (see [`PROFILE_ENV`]).
     pub profile: Option<Mutex<HashMap<&'static str, (usize, f64)>>>,
+    /// Device memory held by this backend's allocations.
+    pub memory: Arc<crate::memory::MemoryCounter>,
 }
 
 impl Device {
@@ -403,6 +405,7 @@ impl Device {
                 .filter(|&w| w > 0)
                 .unwrap_or(2),
             sync_each_launch: std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0"),
+            memory: Arc::default(),
             profile: std::env::var_os(PROFILE_ENV)
                 .is_some_and(|v| v != "0")
                 .then(|| Mutex::new(HashMap::new())),

@@ -187,6 +187,38 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        let (free, _total) = self.dev.ctx.mem_get_info().ok()?;
+        Some(free as u64)
+    }
+
+    fn measure_read_bandwidth(&self) -> Option<f64> {
+        // A device-to-device copy of a buffer far larger than L2 (60 MB on an H200) streams
+        // both directions; bytes read plus bytes written over the copy's device time.
+        const BYTES: usize = 1 << 30;
+        let stream = &self.dev.stream;
+        let src = stream.alloc_zeros::<u8>(BYTES).ok()?;
+        let mut dst = stream.alloc_zeros::<u8>(BYTES).ok()?;
+        let mut best = f32::INFINITY;
+        for pass in 0..4 {
+            let ms = self
+                .time_ms(|| {
+                    if let Err(e) = stream.memcpy_dtod(&src, &mut dst) {
+                        panic!("CUDA device-to-device copy failed: {e}");
+                    }
+                })
+                .ok()?;
+            if pass > 0 {
+                best = best.min(ms);
+            }
+        }
+        Some(2.0 * BYTES as f64 / (f64::from(best) * 1e-3))
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        Some(self.dev.memory.peak())
+    }
+
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<CudaLinear> {
         Ok(match weights {
             LinearWeights::Trellis(t) => CudaLinear::Trellis(upload_trellis(&self.dev, name, t)?),

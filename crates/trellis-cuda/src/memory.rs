@@ -8,12 +8,44 @@
 
 use crate::device::{Device, cuda_error};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use trellis_backend::{BackendError, Batch, Result};
+
+/// Bytes of device memory this backend holds now and at most (its own allocations only).
+#[derive(Default)]
+pub(crate) struct MemoryCounter {
+    current: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemoryCounter {
+    fn add(&self, bytes: u64) {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: u64) {
+        self.current.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
 
 /// An allocation and its device address.
 pub(crate) struct DeviceMem<T> {
     mem: CudaSlice<T>,
     pub ptr: u64,
+    counter: Arc<MemoryCounter>,
+}
+
+impl<T> Drop for DeviceMem<T> {
+    fn drop(&mut self) {
+        self.counter
+            .sub((self.mem.len() * std::mem::size_of::<T>()) as u64);
+    }
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> DeviceMem<T> {
@@ -47,7 +79,13 @@ impl<T: DeviceRepr> DeviceMem<T> {
             let (ptr, _sync) = mem.device_ptr(&dev.stream);
             ptr
         };
-        DeviceMem { mem, ptr }
+        dev.memory
+            .add((mem.len() * std::mem::size_of::<T>()) as u64);
+        DeviceMem {
+            mem,
+            ptr,
+            counter: dev.memory.clone(),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -114,6 +114,7 @@ pub struct Engine<B: Backend> {
     model: Box<dyn CausalLm<B>>,
     cache: B::KvCache,
     ctx_size: usize,
+    kv_bytes_per_token: usize,
     prefill_chunk: usize,
     all_logits: bool,
     /// Blocks of the one running sequence: all blocks, in order.
@@ -183,6 +184,7 @@ impl<B: Backend + 'static> Engine<B> {
             model,
             cache,
             ctx_size,
+            kv_bytes_per_token: layout.layers * layout.values_per_token * layout.dtype.size(),
             prefill_chunk: chunk,
             all_logits: options.all_logits,
             block_table: (0..layout.num_blocks as u32).collect(),
@@ -207,6 +209,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn ctx_size(&self) -> usize {
         self.ctx_size
+    }
+
+    /// KV-cache bytes one token occupies over all layers (read once per decoded token).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.kv_bytes_per_token
     }
 
     /// End-of-sequence token ids (from config.json and generation_config.json).

@@ -1,6 +1,7 @@
 //! Generation runtime: KV cache management, the generation loop, streaming, sampling,
 //! chat templates, stop rules and model-specific output parsing.
 
+pub mod bench;
 pub mod chat_template;
 pub mod engine;
 pub mod generation;

@@ -86,6 +86,31 @@ pub fn set_threads(threads: usize) -> Result<()> {
         })
 }
 
+/// Bytes per second of a streaming read of a `bytes`-sized buffer on every pool thread
+/// (best of three passes after one warm-up), the way decode streams weights.
+pub fn measure_read_bandwidth(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = bytes / 8;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let chunk = words
+        .div_ceil(rayon::current_num_threads() * 4)
+        .max(1 << 16);
+    let mut best = f64::INFINITY;
+    for pass in 0..4 {
+        let start = std::time::Instant::now();
+        let sum: u64 = buffer
+            .par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        let seconds = start.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        if pass > 0 {
+            best = best.min(seconds);
+        }
+    }
+    (words * 8) as f64 / best
+}
+
 /// Copy a tensor's values into owned storage of the same precision.
 fn dense_data(view: &TensorView<'_>) -> Result<DenseData> {
     let weight_err = |reason: String| BackendError::Weight {
@@ -123,6 +148,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn measure_read_bandwidth(&self) -> Option<f64> {
+        Some(measure_read_bandwidth(1 << 30))
     }
 
     fn free_memory(&self) -> Option<u64> {

@@ -3,6 +3,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use trellis_runtime::chat_template::ChatTemplate;
+use trellis_runtime::engine::Engine;
 use trellis_runtime::generation::{GenerationRequest, TokenEvent, generate};
 use trellis_runtime::sampler::{SamplingOptions, SamplingParams};
 use trellis_runtime::tokenizer::Tokenizer;
@@ -138,41 +139,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         skip_special_tokens: args.skip_special,
     };
-    let (mut engine, load_seconds) = super::load_engine(&dir, opened, &args.run, false)?;
-    drop(dir);
-    let mut stdout = std::io::stdout().lock();
-    let mut write_error = None;
-    let completion = generate(
-        &mut engine,
-        &tokenizer,
-        &prompt,
-        &request,
-        &mut |event: TokenEvent<'_>| match stdout
-            .write_all(event.text.as_bytes())
-            .and_then(|_| stdout.flush())
-        {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                write_error = Some(e);
-                ControlFlow::Break(())
-            }
-        },
-    )?;
-    if let Some(e) = write_error {
-        return Err(e).context("writing to stdout");
+    let task = GenerateTask {
+        tokenizer,
+        prompt,
+        request,
+    };
+    super::with_engine(&dir, opened, &args.run, false, task)
+}
+
+struct GenerateTask {
+    tokenizer: Tokenizer,
+    prompt: Vec<u32>,
+    request: GenerationRequest,
+}
+
+impl super::EngineTask for GenerateTask {
+    type Output = ();
+
+    fn run<B: trellis_backend::Backend + 'static>(
+        self,
+        mut engine: Engine<B>,
+        load_seconds: f64,
+    ) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        let mut write_error = None;
+        let completion = generate(
+            &mut engine,
+            &self.tokenizer,
+            &self.prompt,
+            &self.request,
+            &mut |event: TokenEvent<'_>| match stdout
+                .write_all(event.text.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = write_error {
+            return Err(e).context("writing to stdout");
+        }
+        writeln!(stdout)?;
+        let stats = &completion.stats;
+        let memory = match engine.backend().peak_memory() {
+            Some(device) => format!(
+                "peak device memory {:.2} GiB",
+                device as f64 / (1u64 << 30) as f64
+            ),
+            None => format!(
+                "peak rss {:.2} GiB",
+                super::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
+            ),
+        };
+        eprintln!(
+            "{} | load {load_seconds:.2} s | prompt {} tokens ({} computed) | prefill {:.1} tok/s | decode {:.2} tok/s ({} tokens) | ttft {:.0} ms | {memory} | finish {}",
+            engine.backend().name(),
+            stats.prompt_tokens,
+            stats.prefilled_tokens,
+            stats.prefill_tok_s(),
+            stats.decode_tok_s(),
+            stats.generated_tokens,
+            stats.time_to_first_token * 1e3,
+            serde_json::to_string(&completion.finish_reason)?.trim_matches('"'),
+        );
+        Ok(())
     }
-    writeln!(stdout)?;
-    let stats = &completion.stats;
-    eprintln!(
-        "load {load_seconds:.2} s | prompt {} tokens ({} computed) | prefill {:.1} tok/s | decode {:.2} tok/s ({} tokens) | ttft {:.0} ms | peak rss {:.2} GiB | finish {}",
-        stats.prompt_tokens,
-        stats.prefilled_tokens,
-        stats.prefill_tok_s(),
-        stats.decode_tok_s(),
-        stats.generated_tokens,
-        stats.time_to_first_token * 1e3,
-        super::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
-        serde_json::to_string(&completion.finish_reason)?.trim_matches('"'),
-    );
-    Ok(())
 }

@@ -1,6 +1,7 @@
 use anyhow::{Context, bail};
 use std::path::PathBuf;
 use trellis_format::{DType, TensorSource, write_safetensors_file};
+use trellis_runtime::engine::Engine;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,18 +28,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     }
+    let opened = std::time::Instant::now();
     let dir = super::open_model(&args.model)?;
-    let (mut engine, _) = super::load_engine(&dir, std::time::Instant::now(), &args.run, true)?;
-    let logits = engine.logits_all(&tokens)?;
-    let vocab = engine.info().vocab_size;
-    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let tensor = TensorSource::from_bytes("logits", DType::F32, vec![tokens.len(), vocab], bytes);
-    write_safetensors_file(&args.out, &[tensor])
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    eprintln!(
-        "wrote logits f32 [{}, {vocab}] to {}",
-        tokens.len(),
-        args.out.display()
-    );
-    Ok(())
+    let task = LogitsTask {
+        tokens,
+        out: args.out,
+    };
+    super::with_engine(&dir, opened, &args.run, true, task)
+}
+
+struct LogitsTask {
+    tokens: Vec<u32>,
+    out: PathBuf,
+}
+
+impl super::EngineTask for LogitsTask {
+    type Output = ();
+
+    fn run<B: trellis_backend::Backend + 'static>(
+        self,
+        mut engine: Engine<B>,
+        _load: f64,
+    ) -> anyhow::Result<()> {
+        let logits = engine.logits_all(&self.tokens)?;
+        let vocab = engine.info().vocab_size;
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor =
+            TensorSource::from_bytes("logits", DType::F32, vec![self.tokens.len(), vocab], bytes);
+        write_safetensors_file(&self.out, &[tensor])
+            .with_context(|| format!("cannot write {}", self.out.display()))?;
+        eprintln!(
+            "wrote logits f32 [{}, {vocab}] to {}",
+            self.tokens.len(),
+            self.out.display()
+        );
+        Ok(())
+    }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand; each has clap `Args` and a `run`.
 
+pub mod bench;
 pub mod dequant;
 pub mod generate;
 pub mod inspect;
@@ -16,17 +17,30 @@ pub fn open_model(path: &Path) -> anyhow::Result<ModelDir> {
 }
 
 use std::time::Instant;
-use trellis_backend::KvDtype;
 use trellis_backend::cpu::CpuBackend;
+use trellis_backend::{Backend, KvDtype};
 use trellis_runtime::engine::{Engine, EngineOptions};
+
+/// Where a model runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when this build has it and a GPU answers, else the CPU.
+    Auto,
+}
 
 /// Options shared by every command that runs a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunOptions {
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// CPU threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Context length in tokens (default: the model's maximum, at most 32768).
+    /// Context length in tokens (default: the model's maximum, at most 32768, cut to what
+    /// free memory holds).
     #[arg(long)]
     pub ctx_size: Option<usize>,
     /// Keep the KV cache in f32 instead of f16 (twice the memory, exact attention inputs).
@@ -37,14 +51,25 @@ pub struct RunOptions {
     pub prefill_chunk: usize,
 }
 
-/// Load an opened model for running on the CPU, with a progress bar; returns the engine and
-/// the load time counted from `opened` (when the directory was opened).
-pub fn load_engine(
+/// Work to do with a loaded engine, whichever backend it runs on.
+pub trait EngineTask {
+    type Output;
+    fn run<B: Backend + 'static>(
+        self,
+        engine: Engine<B>,
+        load_seconds: f64,
+    ) -> anyhow::Result<Self::Output>;
+}
+
+/// Load `dir` on the device `run` asks for, with a progress bar, and hand the engine to
+/// `task`. The load time counts from `opened` (when the directory was opened).
+pub fn with_engine<T: EngineTask>(
     dir: &ModelDir,
     opened: Instant,
     run: &RunOptions,
     all_logits: bool,
-) -> anyhow::Result<(Engine<CpuBackend>, f64)> {
+    task: T,
+) -> anyhow::Result<T::Output> {
     trellis_backend::cpu::set_threads(run.threads)?;
     let options = EngineOptions {
         ctx_size: run.ctx_size,
@@ -56,20 +81,56 @@ pub fn load_engine(
             KvDtype::F16
         },
     };
-    let bar = crate::progress::bar(0, "loading");
-    let engine = Engine::load(
-        dir,
-        CpuBackend::new(),
-        &options,
-        &mut |done, total, what| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_message(what.to_string());
+    match run.device {
+        Device::Cpu => task.run(
+            load(dir, CpuBackend::new(), &options)?,
+            opened.elapsed().as_secs_f64(),
+        ),
+        Device::Cuda => {
+            let backend = cuda_backend()?;
+            task.run(
+                load(dir, backend, &options)?,
+                opened.elapsed().as_secs_f64(),
+            )
+        }
+        Device::Auto => match cuda_backend() {
+            Ok(backend) => task.run(
+                load(dir, backend, &options)?,
+                opened.elapsed().as_secs_f64(),
+            ),
+            Err(_) => task.run(
+                load(dir, CpuBackend::new(), &options)?,
+                opened.elapsed().as_secs_f64(),
+            ),
         },
-    )
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> anyhow::Result<trellis_cuda::CudaBackend> {
+    trellis_cuda::CudaBackend::new(0).context("cannot use the GPU (--device cuda)")
+}
+
+/// A stand-in that never constructs, so builds without CUDA share the dispatch above.
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> anyhow::Result<CpuBackend> {
+    anyhow::bail!("this trellis was built without CUDA (rebuild with `--features cuda`)")
+}
+
+fn load<B: Backend + 'static>(
+    dir: &ModelDir,
+    backend: B,
+    options: &EngineOptions,
+) -> anyhow::Result<Engine<B>> {
+    let bar = crate::progress::bar(0, "loading");
+    let engine = Engine::load(dir, backend, options, &mut |done, total, what| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    })
     .with_context(|| format!("cannot load {}", dir.path.display()))?;
     bar.finish_and_clear();
-    Ok((engine, opened.elapsed().as_secs_f64()))
+    Ok(engine)
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; `None` where /proc is absent.
