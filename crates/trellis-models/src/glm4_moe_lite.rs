@@ -175,7 +175,7 @@ fn router_spec(cfg: &MlaMoeConfig) -> RouterSpec {
         } else {
             GroupRanking::Max
         },
-        normalize: cfg.norm_topk_prob && cfg.num_experts_per_tok > 1,
+        normalize: cfg.norm_topk_prob,
         scaling: cfg.routed_scaling_factor as f32,
     }
 }

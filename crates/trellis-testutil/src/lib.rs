@@ -41,6 +41,14 @@ pub fn fixture(rel: &str) -> PathBuf {
     p
 }
 
+/// A fixture committed with the project (`<workspace root>/tests/fixtures/<rel>`), made by
+/// `scripts/make_reference_models.py`; panics when absent.
+pub fn repo_fixture(rel: &str) -> PathBuf {
+    let p = workspace_root().join("tests/fixtures").join(rel);
+    assert!(p.exists(), "project fixture {} is missing", p.display());
+    p
+}
+
 /// The EXL3 model directories in the fixtures.
 pub const EXL3_MODELS: [&str; 5] = [
     "glm4-moe-lite-tiny-4.0bpw",
