@@ -29,6 +29,10 @@ enum Command {
     Logits(commands::logits::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(commands::generate::Args),
+    /// Chat with a model in the terminal (multi-turn, streaming, reasoning shown dimmed).
+    Chat(commands::chat::Args),
+    /// Render a chat template for given messages and print the prompt exactly.
+    Template(commands::template::Args),
     /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
     Bench(commands::bench::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
@@ -50,6 +54,8 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Template(a) => commands::template::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

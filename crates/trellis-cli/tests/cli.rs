@@ -274,3 +274,112 @@ fn synth_tiny_model_loads_and_generates() {
     ]);
     assert!(!text.trim().is_empty(), "synthetic model generated nothing");
 }
+
+#[test]
+fn template_prints_the_exact_render() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("chat_template_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    for case in cases["models"]["glm4-moe-lite-tiny"]["cases"]
+        .as_array()
+        .unwrap()
+    {
+        let messages = tmp.path().join("messages.json");
+        std::fs::write(&messages, case["messages"].to_string()).unwrap();
+        let mut kwargs = case["kwargs"].as_object().unwrap().clone();
+        let generation_prompt = kwargs
+            .remove("add_generation_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut args = vec![
+            "template".to_string(),
+            path(&model).to_string(),
+            "--messages".into(),
+            path(&messages).into(),
+        ];
+        if !case["tools"].is_null() {
+            let tools = tmp.path().join("tools.json");
+            std::fs::write(&tools, case["tools"].to_string()).unwrap();
+            args.extend(["--tools".into(), path(&tools).into()]);
+        }
+        if !generation_prompt {
+            args.push("--no-generation-prompt".into());
+        }
+        args.extend([
+            "--kwargs".into(),
+            serde_json::Value::Object(kwargs).to_string(),
+        ]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(
+            ok(&argv),
+            case["expected"].as_str().unwrap(),
+            "case {}",
+            case["name"]
+        );
+    }
+}
+
+#[test]
+fn chat_keeps_the_conversation_in_the_cache() {
+    use std::io::Write;
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "chat",
+            path(&model),
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long_turn = "tell me about the sea ".repeat(20);
+    writeln!(
+        child.stdin.as_mut().unwrap(),
+        "{long_turn}\nand the fox?\n/reset\nhi"
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chat failed:\n{stderr}");
+    let computed: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| {
+            l.split('(')
+                .nth(1)?
+                .split(" new prompt tokens")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(computed.len(), 3, "one answer per message:\n{stderr}");
+    assert!(
+        computed[0] > 80,
+        "the first turn is prefilled whole: {computed:?}"
+    );
+    assert!(
+        computed[1] < 20,
+        "the second turn prefills only what is new: {computed:?}"
+    );
+    assert!(stderr.contains("conversation reset"));
+    assert!(
+        computed[2] < 20,
+        "after /reset a short message is short: {computed:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+            >= 3,
+        true
+    );
+}

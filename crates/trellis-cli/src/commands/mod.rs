@@ -1,11 +1,13 @@
 //! One module per subcommand; each has clap `Args` and a `run`.
 
 pub mod bench;
+pub mod chat;
 pub mod dequant;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod synth;
+pub mod template;
 
 use anyhow::Context;
 use std::path::Path;
