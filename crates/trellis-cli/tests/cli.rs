@@ -374,12 +374,9 @@ fn chat_keeps_the_conversation_in_the_cache() {
         computed[2] < 20,
         "after /reset a short message is short: {computed:?}"
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .count()
-            >= 3,
-        true
-    );
+    let answers = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(answers >= 3, "three answers on stdout, got {answers}");
 }
