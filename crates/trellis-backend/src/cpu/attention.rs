@@ -149,7 +149,8 @@ pub fn cheaper_mode(spec: &MlaSpec, batch: &Batch<'_>) -> MlaMode {
     }
 }
 
-/// MLA attention over the latent cache, choosing the cheaper evaluation for the batch.
+/// MLA attention over the latent cache, choosing the cheaper evaluation for each sequence's
+/// rows.
 #[allow(clippy::too_many_arguments)]
 pub fn mla_attention(
     q: &mut [f32],
@@ -161,13 +162,58 @@ pub fn mla_attention(
     layer: usize,
     out: &mut [f32],
 ) {
-    let one_sequence = batch.sequence.iter().all(|&s| s == batch.sequence[0]);
-    let mode = if one_sequence {
-        cheaper_mode(spec, batch)
-    } else {
-        MlaMode::Absorbed
+    // Each sequence's rows get their own choice (a prefill chunk expands while the decode
+    // rows of other sequences stay absorbed); neighbouring absorbed rows share one call.
+    let (h, qk, vd) = (spec.heads, spec.qk_head_dim(), spec.v_head_dim);
+    let rows = batch.rows();
+    let mut start = 0;
+    let mut absorbed_from: Option<usize> = None;
+    let run_with = |mode: MlaMode, a: usize, b: usize, q: &mut [f32], out: &mut [f32]| {
+        let part = Batch {
+            positions: &batch.positions[a..b],
+            sequence: &batch.sequence[a..b],
+            ..*batch
+        };
+        mla_attention_with(
+            mode,
+            &mut q[a * h * qk..b * h * qk],
+            kv_b,
+            rope,
+            spec,
+            &part,
+            cache,
+            layer,
+            &mut out[a * h * vd..b * h * vd],
+        );
     };
-    mla_attention_with(mode, q, kv_b, rope, spec, batch, cache, layer, out);
+    while start < rows {
+        let seq = batch.sequence[start];
+        let end = start
+            + batch.sequence[start..]
+                .iter()
+                .take_while(|&&s| s == seq)
+                .count();
+        let part = Batch {
+            positions: &batch.positions[start..end],
+            sequence: &batch.sequence[start..end],
+            ..*batch
+        };
+        match cheaper_mode(spec, &part) {
+            MlaMode::Absorbed => {
+                absorbed_from.get_or_insert(start);
+            }
+            MlaMode::Expanded => {
+                if let Some(a) = absorbed_from.take() {
+                    run_with(MlaMode::Absorbed, a, start, q, out);
+                }
+                run_with(MlaMode::Expanded, start, end, q, out);
+            }
+        }
+        start = end;
+    }
+    if let Some(a) = absorbed_from {
+        run_with(MlaMode::Absorbed, a, rows, q, out);
+    }
 }
 
 /// MLA attention evaluated the given way. `Expanded` needs every row in one sequence.
