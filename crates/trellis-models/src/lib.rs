@@ -4,7 +4,10 @@
 //! the largest number of rows a forward pass will see, so a forward pass allocates nothing.
 //! Models never see files beyond the [`ModelDir`] they load from, nor HTTP or sampling.
 
+mod blocks;
+pub mod gemma3;
 pub mod glm4_moe_lite;
+pub mod llama;
 pub mod rope;
 pub mod synth;
 
@@ -123,9 +126,14 @@ pub fn load<B: Backend + 'static>(
         ModelConfig::MlaMoe(cfg) => Ok(Box::new(glm4_moe_lite::Glm4MoeLite::load(
             dir, cfg, backend, options, progress,
         )?)),
-        other => Err(ModelError::Unsupported(format!(
-            "architecture {} is recognised but not implemented yet",
-            other.common().architecture
-        ))),
+        ModelConfig::Llama(cfg) => Ok(Box::new(llama::Llama::load(
+            dir, cfg, backend, options, progress,
+        )?)),
+        ModelConfig::Qwen3Moe(cfg) => Ok(Box::new(llama::Llama::load_qwen3_moe(
+            dir, cfg, backend, options, progress,
+        )?)),
+        ModelConfig::Gemma3(cfg) => Ok(Box::new(gemma3::Gemma3::load(
+            dir, cfg, backend, options, progress,
+        )?)),
     }
 }

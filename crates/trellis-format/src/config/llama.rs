@@ -172,7 +172,13 @@ impl Qwen3MoeConfig {
         let hidden_size = f.req_positive("hidden_size")?;
         let num_hidden_layers = f.req_positive("num_hidden_layers")?;
         let heads = parse_heads(f, hidden_size)?;
-        let num_experts = f.req_count("num_experts")?;
+        // transformers 5 saves the expert count under its alias `num_local_experts`.
+        let experts_key = if !f.has("num_experts") && f.has("num_local_experts") {
+            "num_local_experts"
+        } else {
+            "num_experts"
+        };
+        let num_experts = f.req_count(experts_key)?;
         let num_experts_per_tok = f.req_count("num_experts_per_tok")?;
         if num_experts_per_tok > num_experts {
             return Err(f.err(
