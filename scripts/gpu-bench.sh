@@ -39,6 +39,22 @@ bench() {
         $t bench "$m" --device cuda --prompt-tokens 2048 --gen-tokens 16 --repeat 2 --prefill-chunk 2048 \
             >"$OUT/bench-${bits}bpw-2048.json" 2>>"$OUT/log.txt"
         echo "bench ${bits} 2048: exit $?" >>"$OUT/log.txt"
+        if [ "$bits" = "${PROFILE_BITS:-3}" ]; then
+            # Per-kernel device time (each launch timed alone): a decode step is the difference
+            # of the 66- and 2-token runs over 64; the prefill profile is one 2048-token chunk.
+            for g in 2 66; do
+                TRELLIS_CUDA_PROFILE=1 $t bench "$m" --device cuda --prompt-tokens 512 --gen-tokens $g \
+                    --repeat 1 --ctx-size 8192 >/dev/null 2>"$OUT/profile-decode-$g.txt"
+            done
+            TRELLIS_CUDA_PROFILE=1 $t bench "$m" --device cuda --prompt-tokens 2048 --gen-tokens 2 \
+                --repeat 1 --prefill-chunk 2048 >/dev/null 2>"$OUT/profile-prefill.txt"
+        fi
+        if [ "$bits" = "${GRAPH_OFF_BITS:-3}" ]; then
+            # The same decode with every op launched directly (no step graphs), for comparison.
+            TRELLIS_CUDA_GRAPH=0 $t bench "$m" --device cuda --prompt-tokens 512 --gen-tokens 64 --repeat 2 \
+                --ctx-size 8192 >"$OUT/bench-${bits}bpw-512-nograph.json" 2>>"$OUT/log.txt"
+            echo "bench ${bits} 512 without graphs: exit $?" >>"$OUT/log.txt"
+        fi
         $t generate "$m" --device cuda --prompt "Hello" --max-tokens 8 --temperature 0 --ctx-size 8192 \
             >>"$OUT/log.txt" 2>&1
     done

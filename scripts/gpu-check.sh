@@ -71,7 +71,10 @@ run() {
     run_bin host trellis_cuda 60 --include-ignored
     run_bin host kernels 120 --include-ignored --nocapture
     TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture
-    TRELLIS_CUDA_UNFUSED_LINEAR=1 TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe_experts
+    # Graph recording is off while synchronising after each launch: the replay test again, with it.
+    run_bin ops ops 120 --ignored --test-threads 1 --nocapture run_step
+    TRELLIS_CUDA_MMA=0 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe mla fused
+    TRELLIS_CUDA_UNFUSED_LINEAR=1 TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe_experts fused
     local filters=()
     for f in $fixtures; do
         case $f in
@@ -82,12 +85,13 @@ run() {
     done
     [ ${#filters[@]} -gt 0 ] && run_bin glm glm_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
     run_bin bench bench 400 --ignored --test-threads 1 --nocapture
-    TRELLIS_CUDA_SPLIT_WAVES=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
-    TRELLIS_CUDA_UNFUSED_LINEAR=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
+    [ -n "${SWEEP_WAVES:-}" ] && for w in $SWEEP_WAVES; do
+        TRELLIS_CUDA_SPLIT_WAVES=$w run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
+    done
     TRELLIS_CUDA_PROFILE=1 run_bin bench bench 300 --ignored --test-threads 1 --nocapture glm_layer_profile
     # The timing tables and the fixture results last (the reply shows the tail).
     sed -n '/^op timings/,/^end of op timings/p' "$OUT/bench.log"
-    grep -h -A24 "^GLM MoE layer decode ctx" "$OUT/bench.log"
+    grep -h -A20 "^GLM MoE layer decode ctx" "$OUT/bench.log"
     grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/glm.log" 2>/dev/null
     cat "$OUT/summary.txt"
 }

@@ -37,6 +37,40 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// What fixes the sequence of ops of one forward pass besides the model itself: the step's
+/// tokens and batch layout and the rows whose logits are computed. A backend that records a
+/// step's ops (a CUDA graph) replays the recording only for steps whose key matches in the
+/// ways that change the recorded work (row count, block-table shape, logit rows, …); values
+/// that kernels read from device memory (token ids, positions, block ids) may differ.
+#[derive(Clone, Copy, Debug)]
+pub struct StepKey<'a> {
+    pub tokens: &'a [u32],
+    pub batch: &'a Batch<'a>,
+    pub logit_rows: &'a [u32],
+}
+
+/// A gated MLP `down(silu(gate(x)) ⊙ up(x))` as handed to fused ops.
+pub struct GatedMlp<'a, B: Backend + ?Sized> {
+    pub gate: &'a B::Linear,
+    pub up: &'a B::Linear,
+    pub down: &'a B::Linear,
+    pub intermediate: usize,
+}
+
+/// Buffers a fused MoE block may use as scratch (each `[rows, width]` as named); their contents
+/// afterwards are unspecified.
+pub struct MoeScratch<'a, B: Backend + ?Sized> {
+    /// `[rows, hidden]`: the normalised input.
+    pub h: &'a mut B::Buffer,
+    /// `[rows, hidden]`: the routed experts' sum.
+    pub out: &'a mut B::Buffer,
+    /// `[rows, hidden]`: the shared expert's output.
+    pub shared_out: &'a mut B::Buffer,
+    /// `[rows, shared intermediate]` each.
+    pub gate: &'a mut B::Buffer,
+    pub up: &'a mut B::Buffer,
+}
+
 /// The fused operations models are written in.
 ///
 /// Shapes: activations are row-major `[rows, width]` f32; `rows` ≤ the rows the buffer was
@@ -218,4 +252,93 @@ pub trait Backend {
         routing: &Self::Routing,
         out: &mut Self::Buffer,
     );
+
+    // ---- whole steps and fused ops (defaults in terms of the ops above) -------------------
+
+    /// Run one forward pass: `step` enqueues its ops (starting with [`Backend::begin_step`] of
+    /// `key`'s tokens and batch) and reads nothing back; results are read after this returns.
+    /// A device backend may record the ops it sees for a key and later replay the recording:
+    /// `step` is still called (so its host-side bookkeeping and checks run) but its ops then
+    /// enqueue nothing, so `step` must enqueue the same ops for equal keys and must not read
+    /// results on the host. An error from `step` is returned and nothing of that step runs
+    /// after it. The default just runs `step`.
+    fn run_step<E>(
+        &self,
+        key: &StepKey<'_>,
+        step: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), E> {
+        let _ = key;
+        step()
+    }
+
+    /// `h = RMSNorm(x)·norm` (rows of `norm`'s width), then `out_i = h · W_i` for each pair of
+    /// `linears` (all reading `h`). `h` is scratch: a backend that fuses the norm into the
+    /// products may leave it unwritten.
+    fn rms_norm_linears(
+        &self,
+        x: &Self::Buffer,
+        norm: &Self::Vector,
+        eps: f32,
+        rows: usize,
+        h: &mut Self::Buffer,
+        linears: &mut [(&Self::Linear, &mut Self::Buffer)],
+    ) {
+        self.rms_norm(x, norm, eps, rows, h);
+        for (w, out) in linears.iter_mut() {
+            self.linear(w, h, rows, out);
+        }
+    }
+
+    /// `residual += x · W` (`out_features` values per row); `tmp` (`[rows, out_features]`) is
+    /// scratch.
+    fn linear_add(
+        &self,
+        w: &Self::Linear,
+        x: &Self::Buffer,
+        rows: usize,
+        out_features: usize,
+        tmp: &mut Self::Buffer,
+        residual: &mut Self::Buffer,
+    ) {
+        self.linear(w, x, rows, tmp);
+        self.add(residual, tmp, rows * out_features);
+    }
+
+    /// A whole MoE feed-forward block with its residual: `h = RMSNorm(x)·norm`, route `h`
+    /// (the choices are left in `routing`), then
+    /// `x += Σ_j weight_j · expert_j(h) + shared(h)` (experts in ascending id order, the shared
+    /// expert's output added to their sum before the residual). `hidden` is `x`'s row width.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_block(
+        &self,
+        x: &mut Self::Buffer,
+        norm: &Self::Vector,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        router: &Self::Router,
+        experts: &Self::Experts,
+        shared: Option<&GatedMlp<'_, Self>>,
+        routing: &mut Self::Routing,
+        scratch: MoeScratch<'_, Self>,
+    ) {
+        let MoeScratch {
+            h,
+            out,
+            shared_out,
+            gate,
+            up,
+        } = scratch;
+        self.rms_norm(x, norm, eps, rows, h);
+        self.moe_route(router, h, rows, routing);
+        self.moe_experts(experts, h, rows, routing, out);
+        if let Some(mlp) = shared {
+            self.linear(mlp.gate, h, rows, gate);
+            self.linear(mlp.up, h, rows, up);
+            self.silu_mul(gate, up, rows * mlp.intermediate);
+            self.linear(mlp.down, gate, rows, shared_out);
+            self.add(out, shared_out, rows * hidden);
+        }
+        self.add(x, out, rows * hidden);
+    }
 }

@@ -33,6 +33,9 @@ enum Command {
     Chat(commands::chat::Args),
     /// Render a chat template for given messages and print the prompt exactly.
     Template(commands::template::Args),
+    /// Perplexity of a model on a text file (llama.cpp's method: windows of --ctx tokens,
+    /// the second half of each scored).
+    Perplexity(commands::perplexity::Args),
     /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
     Bench(commands::bench::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
@@ -55,6 +58,7 @@ fn main() {
         Command::Synth(a) => commands::synth::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Template(a) => commands::template::run(a),
     };
     if let Err(e) = result {

@@ -201,15 +201,36 @@ MLA_APPEND(mla_append_f16, f16_t)
 #define MLA_MAX_NOPE 256
 #define ABSORB_COLS 64
 #define ABSORB_GROUPS 4
+//
+// The blocks of column group 0 also rotate their head's rope part of q in place (the rope
+// kernel's arithmetic exactly), so no separate rope launch is needed; only mla_decode, a later
+// launch, reads the rotated part.
 template <typename W>
-__device__ __forceinline__ void mla_absorb_q_impl(const float* q, const W* kv_b, float* q_lat,
+__device__ __forceinline__ void mla_absorb_q_impl(float* q, const W* kv_b, float* q_lat,
                                                   int heads, int nope, int qk, int v_dim,
-                                                  int rank) {
+                                                  int rank, const float* inv_freq, int half,
+                                                  float scaling, int interleaved,
+                                                  const u32* positions) {
     __shared__ float q_nope[MLA_MAX_NOPE];
     __shared__ float group_sum[ABSORB_GROUPS][ABSORB_COLS];
     const int h = blockIdx.y, r = blockIdx.z;
-    const float* qh = q + ((u64)r * heads + h) * qk;
+    float* qh = q + ((u64)r * heads + h) * qk;
     for (int d = threadIdx.x; d < nope; d += blockDim.x) q_nope[d] = qh[d];
+    if (blockIdx.x == 0 && inv_freq) {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            const float angle = (float)positions[r] * inv_freq[i];
+            float sn, cs;
+            sincosf(angle, &sn, &cs);
+            sn *= scaling;
+            cs *= scaling;
+            float* base = qh + nope;
+            const int a = interleaved ? 2 * i : i;
+            const int b = interleaved ? 2 * i + 1 : i + half;
+            const float x0 = base[a], x1 = base[b];
+            base[a] = x0 * cs - x1 * sn;
+            base[b] = x1 * cs + x0 * sn;
+        }
+    }
     __syncthreads();
     const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
     const int col = threadIdx.x % ABSORB_COLS, group = threadIdx.x / ABSORB_COLS;
@@ -257,13 +278,26 @@ __device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* k
     const int per_warp = MLA_VALUES_PER_BLOCK / warps;  // 4 with 8 warps
     const int v0 = blockIdx.x * MLA_VALUES_PER_BLOCK + warp * per_warp;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c = lane; c < rank; c += 32) {
-        const float l = latent[c];
+    // Four columns' loads of the four rows in flight at once.
+    for (int c0 = lane; c0 < rank; c0 += 32 * 4) {
+        float wv[4][4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int v = v0 + i;
-            if (i < per_warp && v < v_dim)
-                acc[i] += to_f32(kv_b[((u64)h * (nope + v_dim) + nope + v) * rank + c]) * l;
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + 32 * u;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int v = v0 + i;
+                wv[u][i] = (c < rank && i < per_warp && v < v_dim)
+                               ? to_f32(kv_b[((u64)h * (nope + v_dim) + nope + v) * rank + c])
+                               : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + 32 * u;
+            const float l = c < rank ? latent[c] : 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] += wv[u][i] * l;
         }
     }
 #pragma unroll
@@ -275,10 +309,11 @@ __device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* k
 }
 
 #define MLA_KV_B_KERNELS(SUFFIX, W)                                                             \
-    extern "C" __global__ void mla_absorb_q_##SUFFIX(const float* q, const W* kv_b,              \
-                                                     float* q_lat, int heads, int nope, int qk,  \
-                                                     int v_dim, int rank) {                      \
-        mla_absorb_q_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank);                         \
+    extern "C" __global__ void mla_absorb_q_##SUFFIX(                                           \
+        float* q, const W* kv_b, float* q_lat, int heads, int nope, int qk, int v_dim, int rank, \
+        const float* inv_freq, int half, float scaling, int interleaved, const u32* positions) { \
+        mla_absorb_q_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half, scaling, \
+                          interleaved, positions);                                               \
     }                                                                                            \
     extern "C" __global__ void mla_unabsorb_##SUFFIX(const float* o_lat, const W* kv_b,          \
                                                      float* out, int heads, int nope, int v_dim, \
@@ -375,8 +410,12 @@ MLA_ATTEND(mla_attend_f16, f16_t)
 // (max, sum) per head and the unnormalised accumulators for mla_combine.
 //
 // Shared memory (floats): queries [heads][stride], tile [tile][stride], probabilities
-// [heads][tile], and per head max, sum and correction; stride = rank + rope + 1 (odd, so rows
-// of different positions fall in different banks).
+// [heads][tile], per head max, sum and correction, and the cache slot of each tile position;
+// stride = rank + rope + 1 (odd, so rows of different positions fall in different banks).
+//
+// The split count is the grid's (fixed for a graph-recorded step); each token's chunk is sized
+// from its own position on the device: chunk = max(2·tile, ⌈(pos+1)/splits⌉ rounded up to a
+// tile), so later splits of a short context are empty (max −∞, sum 0).
 
 #define MLA_DECODE_THREADS 256
 #define MLA_DECODE_MAX_HEADS 32
@@ -386,7 +425,7 @@ template <typename C>
 __device__ __forceinline__ void mla_decode_impl(
     const float* q, const float* q_lat, float* part_ml, float* part_acc, const C* cache,
     int values_per_token, int heads, int qk, int nope, int rank, int rope_dim, float scale,
-    int chunk, int tile, const u32* positions, const u32* sequence, const u32* block_tables,
+    int tile, const u32* positions, const u32* sequence, const u32* block_tables,
     int blocks_per_sequence, int block_size) {
     extern __shared__ float shared[];
     const int width = rank + rope_dim, stride = width + 1;
@@ -396,9 +435,12 @@ __device__ __forceinline__ void mla_decode_impl(
     float* run_max = prob + heads * tile;
     float* run_sum = run_max + heads;
     float* corr = run_sum + heads;
+    u64* slots = (u64*)(((u64)(corr + heads) + 7) & ~(u64)7);
     const int s = blockIdx.x, r = blockIdx.y, splits = gridDim.x;
     const int tid = threadIdx.x;
     const u32 pos = positions[r], seq = sequence[r];
+    const int per_split = ((int)pos + splits) / splits;  // ⌈(pos + 1) / splits⌉
+    const int chunk = max(2 * tile, (per_split + tile - 1) / tile * tile);
     const int p_begin = s * chunk;
     const int p_end = min((int)pos + 1, p_begin + chunk);
 
@@ -420,13 +462,15 @@ __device__ __forceinline__ void mla_decode_impl(
     for (int p0 = p_begin; p0 < p_end; p0 += tile) {
         const int np = min(tile, p_end - p0);
         __syncthreads();  // the previous tile is no longer read
+        if (tid < np) {
+            const u32 p = (u32)(p0 + tid);
+            const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
+            slots[tid] = ((u64)block * block_size + p % (u32)block_size) * values_per_token;
+        }
+        __syncthreads();
         for (int i = tid; i < np * width; i += MLA_DECODE_THREADS) {
             const int pp = i / width, c = i - pp * width;
-            const u32 p = (u32)(p0 + pp);
-            const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
-            const C* row =
-                cache + ((u64)block * block_size + p % (u32)block_size) * values_per_token;
-            lat[pp * stride + c] = to_f32(row[c]);
+            lat[pp * stride + c] = to_f32(cache[slots[pp] + c]);
         }
         __syncthreads();
         for (int i = tid; i < heads * tile; i += MLA_DECODE_THREADS) {
@@ -495,25 +539,30 @@ __device__ __forceinline__ void mla_decode_impl(
     extern "C" __global__ void __launch_bounds__(MLA_DECODE_THREADS)                            \
         NAME(const float* q, const float* q_lat, float* part_ml, float* part_acc, const C* cache, \
              int values_per_token, int heads, int qk, int nope, int rank, int rope_dim,         \
-             float scale, int chunk, int tile, const u32* positions, const u32* sequence,       \
+             float scale, int tile, const u32* positions, const u32* sequence,                  \
              const u32* block_tables, int blocks_per_sequence, int block_size) {                \
         mla_decode_impl(q, q_lat, part_ml, part_acc, cache, values_per_token, heads, qk, nope,  \
-                        rank, rope_dim, scale, chunk, tile, positions, sequence, block_tables,  \
+                        rank, rope_dim, scale, tile, positions, sequence, block_tables,         \
                         blocks_per_sequence, block_size);                                       \
     }
 MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_f16, f16_t)
 
 // o_lat[r, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits of mla_decode.
-// Grid (heads, tokens), MLA_COMBINE_THREADS threads; dynamic shared memory holds one weight
-// per split.
+// Grid (heads, latent columns / MLA_COMBINE_COLS, tokens), MLA_COMBINE_THREADS threads: every
+// block forms the split weights of its head (dynamic shared memory, one per split); thread
+// (column, group) sums every MLA_COMBINE_GROUPS-th split of its column, and the groups' sums
+// are added in group order.
 #define MLA_COMBINE_THREADS 256
+#define MLA_COMBINE_COLS 64
+#define MLA_COMBINE_GROUPS (MLA_COMBINE_THREADS / MLA_COMBINE_COLS)
 extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
     mla_combine(const float* part_ml, const float* part_acc, int splits, int heads, int rank,
                 float* o_lat) {
     extern __shared__ float split_weight[];
     __shared__ float scratch[32];
-    const int h = blockIdx.x, r = blockIdx.y;
+    __shared__ float group_sum[MLA_COMBINE_GROUPS][MLA_COMBINE_COLS];
+    const int h = blockIdx.x, r = blockIdx.z;
     const u64 first = (u64)r * splits * heads + h;  // (split 0, head h) of token r
     float big = NEG_INF;
     for (int s = threadIdx.x; s < splits; s += blockDim.x)
@@ -527,20 +576,270 @@ extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
         total += part_ml[(first + (u64)s * heads) * 2 + 1] * wgt;
     }
     total = block_sum(total, scratch);  // also orders the split_weight writes before the reads
-    const float inv = 1.f / total;
-    for (int c = threadIdx.x; c < rank; c += blockDim.x) {
-        float o = 0.f;
-        for (int s0 = 0; s0 < splits; s0 += 8) {
-            float v[8];
+    const int col = threadIdx.x % MLA_COMBINE_COLS, group = threadIdx.x / MLA_COMBINE_COLS;
+    const int c = blockIdx.y * MLA_COMBINE_COLS + col;
+    float o = 0.f;
+    if (c < rank) {
+        for (int s0 = group; s0 < splits; s0 += 4 * MLA_COMBINE_GROUPS) {
+            float v[4];
 #pragma unroll
-            for (int u = 0; u < 8; u++)
-                v[u] = s0 + u < splits
-                           ? __ldcg(part_acc + (first + (u64)(s0 + u) * heads) * rank + c)
-                           : 0.f;
+            for (int u = 0; u < 4; u++) {
+                const int s = s0 + u * MLA_COMBINE_GROUPS;
+                v[u] = s < splits ? __ldcg(part_acc + (first + (u64)s * heads) * rank + c) : 0.f;
+            }
 #pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (s0 + u < splits) o += v[u] * split_weight[s0 + u];
+            for (int u = 0; u < 4; u++) {
+                const int s = s0 + u * MLA_COMBINE_GROUPS;
+                if (s < splits) o += v[u] * split_weight[s];
+            }
         }
-        o_lat[((u64)r * heads + h) * rank + c] = o * inv;
+    }
+    group_sum[group][col] = o;
+    __syncthreads();
+    if (group == 0 && c < rank) {
+        float sum = 0.f;
+#pragma unroll
+        for (int g = 0; g < MLA_COMBINE_GROUPS; g++) sum += group_sum[g][col];
+        o_lat[((u64)r * heads + h) * rank + c] = sum * (1.f / total);
+    }
+}
+
+// ---- MLA decode on the tensor cores --------------------------------------------------------
+//
+// mla_decode_mma: the split-context MLA decode above with both products on the tensor cores,
+// for an f16 cache, at most 32 heads, a latent rank of 512 and a cache row width that is a
+// multiple of 16. Grid (splits, tokens), 256 threads; tiles of 32 positions.
+//   scores S[32 heads × 32 positions] = Q[heads × width] · tileᵀ: warp w computes m16 tile w/4 ×
+//     n8 tile w%4 over width/16 k-steps (the cache rows are the B fragments as they lie);
+//   per head online softmax (one warp per four heads, one lane per position);
+//   O[heads × 512] += P[heads × 32] · tile[32 × 512]: warp w owns latent columns 64w..64w+63
+//     (two m16 × eight n8 accumulators); B fragments gathered transposed from the tile.
+// Queries and probabilities are split into fp16 hi + lo halves and both multiplied (f32-level
+// accuracy); cached values are fp16 already; fp32 accumulation. Padded heads have zero queries.
+// Outputs as mla_decode (per split max, sum and unnormalised accumulators for mla_combine).
+
+#define MLAM_TILE 32
+#define MLAM_HEADS 32
+#define MLAM_RANK 512
+
+__device__ __forceinline__ void split_f16(float v, u16& hi, u16& lo) {
+    hi = f32_to_f16_bits(v);
+    lo = f32_to_f16_bits(v - f16_bits_to_f32(hi));
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
+    const float* q, const float* q_lat, float* part_ml, float* part_acc, const f16_t* cache,
+    int values_per_token, int heads, int qk, int nope, int rank, int rope_dim, float scale,
+    const u32* positions, const u32* sequence, const u32* block_tables, int blocks_per_sequence,
+    int block_size) {
+    extern __shared__ __align__(16) unsigned char mlam_smem[];
+    const int width = rank + rope_dim;  // multiple of 16
+    const int xs = width + 8;           // fp16 values per staged row
+    u16* qhi = (u16*)mlam_smem;
+    u16* qlo = qhi + MLAM_HEADS * xs;
+    u16* lat = qlo + MLAM_HEADS * xs;
+    float* sc = (float*)(lat + MLAM_TILE * xs);  // [heads][MLAM_TILE + 1]
+    u16* phi = (u16*)(sc + MLAM_HEADS * (MLAM_TILE + 1));
+    u16* plo = phi + MLAM_HEADS * (MLAM_TILE + 8);
+    float* run_max = (float*)(plo + MLAM_HEADS * (MLAM_TILE + 8));
+    float* run_sum = run_max + MLAM_HEADS;
+    float* corr = run_sum + MLAM_HEADS;
+    u64* slots = (u64*)(corr + MLAM_HEADS);
+
+    const int s = blockIdx.x, r = blockIdx.y, splits = gridDim.x;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const u32 pos = positions[r], seq = sequence[r];
+    const int per_split = ((int)pos + splits) / splits;
+    const int chunk = max(2 * MLAM_TILE, (per_split + MLAM_TILE - 1) / MLAM_TILE * MLAM_TILE);
+    const int p_begin = s * chunk;
+    const int p_end = min((int)pos + 1, p_begin + chunk);
+
+    // Queries [latent ‖ rope] of every head, split into hi + lo; padded heads are zero. 16-byte
+    // loads, all of a thread's in flight at once (the host checks the alignment: rank, nope and
+    // qk multiples of 4).
+#define MLAM_QBATCH ((MLAM_HEADS * (MLAM_RANK + 64) / 4 + 255) / 256)
+    {
+        const int w4 = width >> 2, r4 = rank >> 2;
+        float4 v[MLAM_QBATCH];
+#pragma unroll
+        for (int u = 0; u < MLAM_QBATCH; u++) {
+            const int i = tid + 256 * u;
+            const int h = i / w4, c4 = i - h * w4;
+            v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (h < heads)
+                v[u] = c4 < r4 ? *(const float4*)(q_lat + ((u64)r * heads + h) * rank + 4 * c4)
+                               : *(const float4*)(q + ((u64)r * heads + h) * qk + nope +
+                                                  4 * (c4 - r4));
+        }
+#pragma unroll
+        for (int u = 0; u < MLAM_QBATCH; u++) {
+            const int i = tid + 256 * u;
+            const int h = i / w4, c4 = i - h * w4;
+            if (h < MLAM_HEADS) {
+                const float e[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    u16 hi, lo;
+                    split_f16(e[k], hi, lo);
+                    qhi[h * xs + 4 * c4 + k] = hi;
+                    qlo[h * xs + 4 * c4 + k] = lo;
+                }
+            }
+        }
+    }
+    if (tid < MLAM_HEADS) {
+        run_max[tid] = NEG_INF;
+        run_sum[tid] = 0.f;
+    }
+    float acc[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][nt][e] = 0.f;
+
+    for (int p0 = p_begin; p0 < p_end; p0 += MLAM_TILE) {
+        const int np = min(MLAM_TILE, p_end - p0);
+        __syncthreads();  // the previous tile is no longer read
+        if (tid < np) {
+            const u32 p = (u32)(p0 + tid);
+            const u32 block = block_tables[(u64)seq * blocks_per_sequence + p / (u32)block_size];
+            slots[tid] = ((u64)block * block_size + p % (u32)block_size) * values_per_token;
+        }
+        __syncthreads();
+        // The tile's cached rows (16-byte loads; rows past the context are zero).
+        const int v8 = width >> 3;
+        for (int i0 = tid; i0 < MLAM_TILE * v8; i0 += 256 * 4) {
+            uint4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + 256 * u;
+                const int pp = i / v8, c8 = i - pp * v8;
+                v[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (i < MLAM_TILE * v8 && pp < np)
+                    v[u] = *(const uint4*)(cache + slots[pp] + 8 * c8);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + 256 * u;
+                if (i < MLAM_TILE * v8) {
+                    const int pp = i / v8, c8 = i - pp * v8;
+                    u32* dst = (u32*)(lat + pp * xs + 8 * c8);
+                    dst[0] = v[u].x;
+                    dst[1] = v[u].y;
+                    dst[2] = v[u].z;
+                    dst[3] = v[u].w;
+                }
+            }
+        }
+        __syncthreads();
+        // Scores: warp w → heads 16·(w/4) .., positions 8·(w%4) ..
+        {
+            const int mt = warp >> 2, nt = warp & 3;
+            float c_hi[4] = {0.f, 0.f, 0.f, 0.f}, c_lo[4] = {0.f, 0.f, 0.f, 0.f};
+            const u16* qa = qhi + (mt * 16 + g) * xs + 2 * t;
+            const u16* qb = qlo + (mt * 16 + g) * xs + 2 * t;
+            const u16* lb = lat + (nt * 8 + g) * xs + 2 * t;
+            for (int k0 = 0; k0 < width; k0 += 16) {
+                const u32 b0 = *(const u32*)(lb + k0), b1 = *(const u32*)(lb + k0 + 8);
+                mma_f16_f32(c_hi, *(const u32*)(qa + k0), *(const u32*)(qa + 8 * xs + k0),
+                            *(const u32*)(qa + k0 + 8), *(const u32*)(qa + 8 * xs + k0 + 8), b0,
+                            b1);
+                mma_f16_f32(c_lo, *(const u32*)(qb + k0), *(const u32*)(qb + 8 * xs + k0),
+                            *(const u32*)(qb + k0 + 8), *(const u32*)(qb + 8 * xs + k0 + 8), b0,
+                            b1);
+            }
+            const int h0 = mt * 16 + g, pp = nt * 8 + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = h0 + (e >> 1) * 8, p = pp + (e & 1);
+                sc[h * (MLAM_TILE + 1) + p] = p < np ? (c_hi[e] + c_lo[e]) * scale : NEG_INF;
+            }
+        }
+        __syncthreads();
+        // Online softmax: warp w takes heads w, w + 8, w + 16, w + 24; lane = position.
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int h = warp + 8 * k;
+            const float sv = sc[h * (MLAM_TILE + 1) + lane];
+            const float old = run_max[h];
+            const float mx = fmaxf(old, warp_max(sv));
+            const float e = lane < np ? expf(sv - mx) : 0.f;
+            const float sum = warp_sum(e);
+            u16 hi, lo;
+            split_f16(e, hi, lo);
+            phi[h * (MLAM_TILE + 8) + lane] = hi;
+            plo[h * (MLAM_TILE + 8) + lane] = lo;
+            if (lane == 0) {
+                const float c = old == NEG_INF ? 0.f : expf(old - mx);
+                run_sum[h] = run_sum[h] * c + sum;
+                run_max[h] = mx;
+                corr[h] = c;
+            }
+        }
+        __syncthreads();
+        // Accumulate: warp w owns latent columns 64w .. 64w + 63.
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            const float c0 = corr[mt * 16 + g], c1 = corr[mt * 16 + g + 8];
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                acc[mt][nt][0] *= c0;
+                acc[mt][nt][1] *= c0;
+                acc[mt][nt][2] *= c1;
+                acc[mt][nt][3] *= c1;
+            }
+        }
+#pragma unroll
+        for (int k0 = 0; k0 < MLAM_TILE; k0 += 16) {
+            u32 ahi[2][4], alo[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const int ra = (mt * 16 + g) * (MLAM_TILE + 8) + k0 + 2 * t;
+                const int rb = ra + 8 * (MLAM_TILE + 8);
+                ahi[mt][0] = *(const u32*)(phi + ra);
+                ahi[mt][1] = *(const u32*)(phi + rb);
+                ahi[mt][2] = *(const u32*)(phi + ra + 8);
+                ahi[mt][3] = *(const u32*)(phi + rb + 8);
+                alo[mt][0] = *(const u32*)(plo + ra);
+                alo[mt][1] = *(const u32*)(plo + rb);
+                alo[mt][2] = *(const u32*)(plo + ra + 8);
+                alo[mt][3] = *(const u32*)(plo + rb + 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int col = warp * 64 + nt * 8 + g;
+                const u16* l0 = lat + (k0 + 2 * t) * xs + col;
+                const u32 b0 = (u32)l0[0] | ((u32)l0[xs] << 16);
+                const u32 b1 = (u32)l0[8 * xs] | ((u32)l0[9 * xs] << 16);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_f16_f32(acc[mt][nt], ahi[mt][0], ahi[mt][1], ahi[mt][2], ahi[mt][3], b0,
+                                b1);
+                    mma_f16_f32(acc[mt][nt], alo[mt][0], alo[mt][1], alo[mt][2], alo[mt][3], b0,
+                                b1);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    const u64 base = (u64)r * splits + s;
+    if (tid < heads) {
+        part_ml[(base * heads + tid) * 2] = run_max[tid];
+        part_ml[(base * heads + tid) * 2 + 1] = run_sum[tid];
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const int col = warp * 64 + nt * 8 + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = mt * 16 + g + (e >> 1) * 8;
+                if (h < heads) part_acc[(base * heads + h) * rank + col + (e & 1)] = acc[mt][nt][e];
+            }
+        }
     }
 }

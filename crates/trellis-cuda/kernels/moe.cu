@@ -4,7 +4,6 @@
 #define MOE_MAX_EXPERTS 256
 #define MOE_MAX_TOP_K 32
 #define ROUTE_THREADS 512
-#define ROUTE_LOAD_BATCH 32
 
 // Rust's f32::total_cmp as a signed integer key.
 __device__ __forceinline__ int total_order_key(float v) {
@@ -16,80 +15,179 @@ __device__ __forceinline__ int total_order_key(float v) {
 // lands on the correctly rounded f32 value the CPU reference's exp nearly always returns.
 __device__ __forceinline__ float exp_rounded(float x) { return (float)exp((double)x); }
 
-// One block per token. Logits use the CPU reference's summation order exactly (eight strided
-// partial sums, added in order, then the tail), with no fused multiply-add, so they match it
-// bit for bit; the selection is the reference's serial algorithm run by one thread.
-extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
-    moe_route(const float* gate, const float* selection_bias, const float* x, int hidden,
-              int experts, int top_k, int softmax_scoring, int n_group, int topk_group,
-              int top_two_sum, int normalize, float scaling, u32* ids, float* weights) {
-    __shared__ float lane_sums[MOE_MAX_EXPERTS * 8];
+// ---- routing -------------------------------------------------------------------------------
+//
+// moe_route: grid (expert groups, tokens), ROUTE_THREADS threads. Block (g, r):
+//   1. forms the token's router input h in shared memory: x, or RMSNorm(x)·norm_w when norm_w is
+//      set (block (0, r) also writes h to `h_out` for the experts);
+//   2. stages its `per_block` experts' gate rows in shared memory (coalesced 16-byte loads) and
+//      computes their logits in the CPU reference's exact summation order without FMA (eight
+//      strided partial sums, added in order, then the tail), so they match it bit for bit;
+//   3. takes the token's ticket: the token's last block applies the scoring and the selection
+//      (the reference's serial algorithm; exponentials in double, rounded once);
+//   4. with `plan` set, takes the launch's ticket: the last token's finisher groups the
+//      (token, expert) pairs by expert for the expert launches (moe_plan_body).
+// Tickets are zero between launches (each finisher resets its own).
+//
+// Shared memory (dynamic): gate rows [per_block][hidden + 8] (the padding spreads the experts
+// of one warp over banks), then h [hidden].
+
+__device__ __forceinline__ void moe_plan_body(const u32* ids, int rows, int top_k, int experts,
+                                              int shared_id, int tile_rows, int max_tiles,
+                                              int* pair_src, int* pair_desc, int* pair_of,
+                                              int* tiles);
+
+struct RouteArgs {
+    const float* gate;
+    const float* selection_bias;
+    const float* x;
+    const float* norm_w;
+    float* h_out;
+    float* logits;   // [rows][experts]
+    u32* tickets;    // [rows + 1]
+    u32* ids;
+    float* weights;
+    int* pair_src;   // plan outputs (null: no plan)
+    int* pair_desc;
+    int* pair_of;
+    int* tiles;
+    int hidden, experts, top_k, softmax_scoring, n_group, topk_group, top_two_sum, normalize;
+    float scaling, eps;
+    int per_block, shared_id, tile_rows, max_tiles;
+};
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const RouteArgs a) {
+    extern __shared__ float dyn[];
     __shared__ float scores[MOE_MAX_EXPERTS], select[MOE_MAX_EXPERTS];
-    const int r = blockIdx.x;
-    const float* xr = x + (u64)r * hidden;
-    const int chunks = hidden / 8;
-    for (int task = threadIdx.x; task < experts * 8; task += blockDim.x) {
-        const int e = task >> 3, l = task & 7;
-        const float* g = gate + (u64)e * hidden;
-        float acc = 0.f;
-        // The sum is a serial chain (the reference's order); batches of loads keep it fed.
-        for (int c0 = 0; c0 < chunks; c0 += ROUTE_LOAD_BATCH) {
-            float gv[ROUTE_LOAD_BATCH], xv[ROUTE_LOAD_BATCH];
+    __shared__ int chosen[MOE_MAX_EXPERTS + MOE_MAX_TOP_K];
+    __shared__ float scratch[32];
+    __shared__ int is_last;
+    const int g = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
+    const int hidden = a.hidden, experts = a.experts, top_k = a.top_k;
+    const int row_stride = hidden + 8;
+    float* gs = dyn;
+    float* hs = dyn + a.per_block * row_stride;
+    const float* xr = a.x + (u64)r * hidden;
+    const int e0 = g * a.per_block;
+    const int ne = min(a.per_block, experts - e0);
+
+    // Stage this block's gate rows (16-byte loads when rows are 16-byte aligned).
+    if ((hidden & 3) == 0) {
+        // Eight loads in flight per thread (one memory latency per batch).
+        const int v4 = hidden >> 2;
+        for (int i0 = tid; i0 < ne * v4; i0 += ROUTE_THREADS * 8) {
+            float4 v[8];
 #pragma unroll
-            for (int u = 0; u < ROUTE_LOAD_BATCH; u++) {
-                const int c = c0 + u;
-                gv[u] = c < chunks ? g[8 * c + l] : 0.f;
-                xv[u] = c < chunks ? xr[8 * c + l] : 0.f;
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + ROUTE_THREADS * u;
+                const int e = i / v4, c4 = i - e * v4;
+                v[u] = i < ne * v4 ? ((const float4*)(a.gate + (u64)(e0 + e) * hidden))[c4]
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int u = 0; u < ROUTE_LOAD_BATCH; u++)
-                if (c0 + u < chunks) acc = __fadd_rn(acc, __fmul_rn(gv[u], xv[u]));
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + ROUTE_THREADS * u;
+                if (i < ne * v4) {
+                    const int e = i / v4, c4 = i - e * v4;
+                    float* dst = gs + e * row_stride + 4 * c4;
+                    dst[0] = v[u].x;
+                    dst[1] = v[u].y;
+                    dst[2] = v[u].z;
+                    dst[3] = v[u].w;
+                }
+            }
         }
-        lane_sums[task] = acc;
+    } else {
+        for (int i = tid; i < ne * hidden; i += ROUTE_THREADS) {
+            const int e = i / hidden, c = i - e * hidden;
+            gs[e * row_stride + c] = a.gate[(u64)(e0 + e) * hidden + c];
+        }
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        float sum = 0.f;
-        for (int l = 0; l < 8; l++) sum = __fadd_rn(sum, lane_sums[8 * e + l]);
-        const float* g = gate + (u64)e * hidden;
-        for (int c = 8 * chunks; c < hidden; c++) sum = __fadd_rn(sum, __fmul_rn(g[c], xr[c]));
-        scores[e] = sum;
+    // The router input.
+    if (a.norm_w) {
+        float sum_sq = 0.f;
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) sum_sq += xr[c] * xr[c];
+        sum_sq = block_sum(sum_sq, scratch);
+        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) {
+            const float v = a.norm_w[c] * (xr[c] * inv);
+            hs[c] = v;
+            if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
+        }
+    } else {
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) hs[c] = xr[c];
     }
     __syncthreads();
 
+    // Logits: thread (e, l) sums inputs l, l + 8, l + 16, ... of expert e serially.
+    const int chunks = hidden / 8;
+    float* lane_sums = (float*)chosen;  // [per_block·8] ≤ 256 + 32 values
+    if (tid < ne * 8) {
+        const int e = tid >> 3, l = tid & 7;
+        const float* gr = gs + e * row_stride;
+        float acc = 0.f;
+        // The sum is a serial chain (the reference's order); the products go ahead of it.
+        int c = 0;
+        for (; c + 8 <= chunks; c += 8) {
+            float p[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) p[u] = __fmul_rn(gr[8 * (c + u) + l], hs[8 * (c + u) + l]);
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc = __fadd_rn(acc, p[u]);
+        }
+        for (; c < chunks; c++) acc = __fadd_rn(acc, __fmul_rn(gr[8 * c + l], hs[8 * c + l]));
+        lane_sums[tid] = acc;
+    }
+    __syncthreads();
+    if (tid < ne) {
+        float sum = 0.f;
+        for (int l = 0; l < 8; l++) sum = __fadd_rn(sum, lane_sums[8 * tid + l]);
+        const float* gr = gs + tid * row_stride;
+        for (int c = 8 * chunks; c < hidden; c++) sum = __fadd_rn(sum, __fmul_rn(gr[c], hs[c]));
+        a.logits[(u64)r * experts + e0 + tid] = sum;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&a.tickets[r], 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+
     // Scores (one expert per thread, same arithmetic as the reference).
-    if (softmax_scoring) {
+    for (int e = tid; e < experts; e += ROUTE_THREADS) scores[e] = __ldcg(a.logits + (u64)r * experts + e);
+    __syncthreads();
+    if (a.softmax_scoring) {
         float mx = NEG_INF;
-        for (int e = threadIdx.x; e < experts; e += blockDim.x) mx = fmaxf(mx, scores[e]);
-        mx = block_max(mx, lane_sums);
-        for (int e = threadIdx.x; e < experts; e += blockDim.x)
+        for (int e = tid; e < experts; e += ROUTE_THREADS) mx = fmaxf(mx, scores[e]);
+        mx = block_max(mx, scratch);
+        for (int e = tid; e < experts; e += ROUTE_THREADS)
             scores[e] = exp_rounded(__fsub_rn(scores[e], mx));
         __syncthreads();
         // The reference adds the exponentials in expert order.
-        if (threadIdx.x == 0) {
+        if (tid == 0) {
             float total = 0.f;
             for (int e = 0; e < experts; e++) total = __fadd_rn(total, scores[e]);
-            lane_sums[0] = __fdiv_rn(1.f, total);
+            scratch[0] = __fdiv_rn(1.f, total);
         }
         __syncthreads();
-        const float inv = lane_sums[0];
-        for (int e = threadIdx.x; e < experts; e += blockDim.x) scores[e] = __fmul_rn(scores[e], inv);
+        const float inv = scratch[0];
+        for (int e = tid; e < experts; e += ROUTE_THREADS) scores[e] = __fmul_rn(scores[e], inv);
     } else {
-        for (int e = threadIdx.x; e < experts; e += blockDim.x)
+        for (int e = tid; e < experts; e += ROUTE_THREADS)
             scores[e] = __fdiv_rn(1.f, __fadd_rn(1.f, exp_rounded(-scores[e])));
     }
-    for (int e = threadIdx.x; e < experts; e += blockDim.x)
-        select[e] = selection_bias ? __fadd_rn(scores[e], selection_bias[e]) : scores[e];
+    for (int e = tid; e < experts; e += ROUTE_THREADS)
+        select[e] = a.selection_bias ? __fadd_rn(scores[e], a.selection_bias[e]) : scores[e];
     __syncthreads();
 
-    if (n_group > 1 && threadIdx.x == 0) {
+    if (a.n_group > 1 && tid == 0) {
         // Keep the experts of the topk_group best-ranked groups (serial, as the reference).
-        const int per_group = experts / n_group;
+        const int n_group = a.n_group, per_group = experts / n_group;
         float group_score[64];
         bool removed[64];
-        for (int g = 0; g < n_group; g++) {
+        for (int gi = 0; gi < n_group; gi++) {
             float best0 = NEG_INF, best1 = NEG_INF;
-            for (int e = g * per_group; e < (g + 1) * per_group; e++) {
+            for (int e = gi * per_group; e < (gi + 1) * per_group; e++) {
                 const float v = select[e];
                 if (v > best0) {
                     best1 = best0;
@@ -98,22 +196,22 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
                     best1 = v;
                 }
             }
-            group_score[g] =
-                top_two_sum ? __fadd_rn(best0, per_group > 1 ? best1 : 0.f) : best0;
-            removed[g] = false;
+            group_score[gi] =
+                a.top_two_sum ? __fadd_rn(best0, per_group > 1 ? best1 : 0.f) : best0;
+            removed[gi] = false;
         }
-        for (int drop = 0; drop < n_group - topk_group; drop++) {
+        for (int drop = 0; drop < n_group - a.topk_group; drop++) {
             // The lowest score goes first; on ties the higher group index.
             int worst = -1;
-            for (int g = 0; g < n_group; g++) {
-                if (removed[g]) continue;
+            for (int gi = 0; gi < n_group; gi++) {
+                if (removed[gi]) continue;
                 if (worst < 0) {
-                    worst = g;
+                    worst = gi;
                     continue;
                 }
-                const int kg = total_order_key(group_score[g]);
+                const int kg = total_order_key(group_score[gi]);
                 const int kw = total_order_key(group_score[worst]);
-                if (kg < kw || (kg == kw && g > worst)) worst = g;
+                if (kg < kw || (kg == kw && gi > worst)) worst = gi;
             }
             for (int e = worst * per_group; e < (worst + 1) * per_group; e++) select[e] = NEG_INF;
             removed[worst] = true;
@@ -124,8 +222,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     // The reference picks, top_k times, the untaken expert with the largest selection score
     // (lowest id on ties): expert e is chosen iff fewer than top_k experts precede it in
     // (score descending, id ascending) order. Chosen experts are listed by ascending id.
-    int* chosen = (int*)lane_sums;  // [experts] flags, then [top_k] ids
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int e = tid; e < experts; e += ROUTE_THREADS) {
         const float v = select[e];
         int ahead = 0;
         for (int j = 0; j < experts; j++) ahead += (select[j] > v) || (select[j] == v && j < e);
@@ -133,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     }
     __syncthreads();
     int* picked = chosen + MOE_MAX_EXPERTS;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int e = tid; e < experts; e += ROUTE_THREADS) {
         if (chosen[e]) {
             int slot = 0;
             for (int j = 0; j < e; j++) slot += chosen[j];
@@ -141,42 +238,61 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         float w[MOE_MAX_TOP_K];
         for (int i = 0; i < top_k; i++) w[i] = scores[picked[i]];
-        if (normalize) {
+        if (a.normalize) {
             float sum = 0.f;
             for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, w[i]);
             sum = __fadd_rn(sum, 1e-20f);
             for (int i = 0; i < top_k; i++) w[i] = __fdiv_rn(w[i], sum);
         }
         for (int i = 0; i < top_k; i++) {
-            ids[(u64)r * top_k + i] = (u32)picked[i];
-            weights[(u64)r * top_k + i] = __fmul_rn(w[i], scaling);
+            a.ids[(u64)r * top_k + i] = (u32)picked[i];
+            a.weights[(u64)r * top_k + i] = __fmul_rn(w[i], a.scaling);
         }
+        a.tickets[r] = 0u;
     }
+    if (!a.tiles) return;  // block-uniform
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&a.tickets[gridDim.y], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    moe_plan_body(a.ids, gridDim.y, top_k, experts, a.shared_id, a.tile_rows, a.max_tiles,
+                  a.pair_src, a.pair_desc, a.pair_of, a.tiles);
+    if (tid == 0) a.tickets[gridDim.y] = 0u;
 }
 
-// Group the rows·top_k (token, expert) pairs by expert, tokens in order within an expert.
-// Writes, for sorted pair index p: pair_src[p] (its token), pair_desc[p] (its expert); for
-// routing entry i = token·top_k + j: pair_of[i] (its sorted index); and the row tiles of at
-// most `tile_rows` pairs of one expert, `tiles[3t..3t+3] = (expert, first pair, pairs)`, the
-// unused ones of the `max_tiles` marked with expert -1. One block.
-extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int experts,
-                                    int tile_rows, int max_tiles, int* pair_src, int* pair_desc,
-                                    int* pair_of, int* tiles) {
-    __shared__ int counts[MOE_MAX_EXPERTS], offsets[MOE_MAX_EXPERTS];
-    const int pairs = rows * top_k;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) counts[e] = 0;
+// Group the (token, expert) pairs by expert, tokens in order within an expert: the rows·top_k
+// routed pairs and, with shared_id ≥ 0, one pair per token of the shared expert (id shared_id,
+// sorted last; its routing entry is rows·top_k + token). Writes, for sorted pair index p:
+// pair_src[p] (its token), pair_desc[p] (its expert); for routing entry i: pair_of[i] (its
+// sorted index); and the row tiles of at most `tile_rows` pairs of one expert,
+// `tiles[3t..3t+3] = (expert, first pair, pairs)`, the unused ones of the `max_tiles` marked
+// with expert -1. One block; ids are read with __ldcg (another block of the launch may have
+// written them).
+__device__ __forceinline__ void moe_plan_body(const u32* ids, int rows, int top_k, int experts,
+                                              int shared_id, int tile_rows, int max_tiles,
+                                              int* pair_src, int* pair_desc, int* pair_of,
+                                              int* tiles) {
+    __shared__ int counts[MOE_MAX_EXPERTS + 1], offsets[MOE_MAX_EXPERTS + 1];
+    const int routed = rows * top_k;
+    const int pairs = routed + (shared_id >= 0 ? rows : 0);
+    const int groups = experts + (shared_id >= 0 ? 1 : 0);
+    for (int e = threadIdx.x; e < groups; e += blockDim.x) counts[e] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < pairs; i += blockDim.x) atomicAdd(&counts[ids[i]], 1);
+    for (int i = threadIdx.x; i < routed; i += blockDim.x) atomicAdd(&counts[__ldcg(ids + i)], 1);
+    if (shared_id >= 0 && threadIdx.x == 0) counts[experts] = rows;
     __syncthreads();
     if (threadIdx.x == 0) {
         int offset = 0, tile = 0;
-        for (int e = 0; e < experts; e++) {
+        for (int e = 0; e < groups; e++) {
             offsets[e] = offset;
+            const int id = e < experts ? e : shared_id;
             for (int start = 0; start < counts[e]; start += tile_rows) {
-                tiles[3 * tile] = e;
+                tiles[3 * tile] = id;
                 tiles[3 * tile + 1] = offset + start;
                 tiles[3 * tile + 2] = min(tile_rows, counts[e] - start);
                 tile++;
@@ -190,10 +306,19 @@ extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int exp
         }
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int e = threadIdx.x; e < groups; e += blockDim.x) {
         int next = offsets[e];
-        for (int i = 0; i < pairs; i++) {
-            if (ids[i] == (u32)e) {
+        if (e == experts) {
+            for (int t = 0; t < rows; t++) {
+                pair_src[next] = t;
+                pair_desc[next] = shared_id;
+                pair_of[routed + t] = next;
+                next++;
+            }
+            continue;
+        }
+        for (int i = 0; i < routed; i++) {
+            if (__ldcg(ids + i) == (u32)e) {
                 pair_src[next] = i / top_k;
                 pair_desc[next] = e;
                 pair_of[i] = next;
@@ -203,11 +328,21 @@ extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int exp
     }
 }
 
-// out[r, c] = Σ_j weight[r, j] · expert_out[pair_of[r, j], c], summed in ascending expert order
-// from zero without fused multiply-add, as the reference accumulates.
+extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int experts,
+                                    int shared_id, int tile_rows, int max_tiles, int* pair_src,
+                                    int* pair_desc, int* pair_of, int* tiles) {
+    moe_plan_body(ids, rows, top_k, experts, shared_id, tile_rows, max_tiles, pair_src,
+                  pair_desc, pair_of, tiles);
+}
+
+// out[r, c] (+)= Σ_j weight[r, j] · expert_out[pair_of[r, j], c] (+ the shared expert's output,
+// pair pair_of[rows·top_k + r], when has_shared), summed in ascending expert order from zero
+// without fused multiply-add, as the reference accumulates; with `residual` the sum is added to
+// out (x += routed + shared). Grid (hidden / 256, rows).
 extern "C" __global__ void moe_combine(const float* expert_out, const int* pair_of,
-                                       const float* weights, int top_k, int hidden, float* out) {
-    const int r = blockIdx.y;
+                                       const float* weights, int top_k, int hidden,
+                                       int has_shared, int residual, float* out) {
+    const int r = blockIdx.y, rows = gridDim.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= hidden) return;
     float acc = 0.f;
@@ -215,5 +350,7 @@ extern "C" __global__ void moe_combine(const float* expert_out, const int* pair_
         const int p = pair_of[r * top_k + j];
         acc = __fadd_rn(acc, __fmul_rn(weights[r * top_k + j], expert_out[(u64)p * hidden + c]));
     }
-    out[(u64)r * hidden + c] = acc;
+    if (has_shared) acc = __fadd_rn(acc, expert_out[(u64)pair_of[rows * top_k + r] * hidden + c]);
+    float* dst = out + (u64)r * hidden + c;
+    *dst = residual ? __fadd_rn(*dst, acc) : acc;
 }

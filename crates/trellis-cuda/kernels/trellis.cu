@@ -254,8 +254,116 @@ TRELLIS_MATMUL(16)
 // then either finishes directly (one split) or leaves its partial product in `partial` and
 // takes a ticket: the block that completes a (row tile, column block) last adds the partials
 // in split order, applies the output Hadamard, svh and bias, writes the trimmed output, and
-// resets the ticket to zero for the next launch. With `x_up` non-null the input is
-// silu(x) ⊙ x_up (a gated MLP's activation, fused into the down projection).
+// resets the ticket to zero for the next launch.
+//
+// Fused extras, all optional:
+//   * x_up:     the input is silu(x) ⊙ x_up (a gated MLP's activation, for the down projection);
+//   * norm_w:   the input is RMSNorm(x)·norm_w (each block forms its rows' 1/rms itself);
+//   * residual: out += y instead of out = y;
+//   * outputs:  up to LIN_MAX_OUT weights reading the same input (q_a and kv_a, gate and up):
+//               the grid's x covers the column blocks of output 0, then of output 1.
+
+// ---- decoding eight weights per lane, two at a time --------------------------------------
+//
+// Lane L decodes trellis positions 8L..8L+7 of a tile. Their 16-bit states are windows of the
+// tile's bit ring ending at S(t) (bits MSB-first within the u32 words). The four states of each
+// half (positions 8L + 4h .. 8L + 4h + 3) lie within 3K + 16 ≤ 40 bits starting at
+// s_h = S(8L + 4h) − 16, so each half loads the three words holding [s_h, s_h + 64), forms that
+// 64-bit window with two funnel shifts, and takes state i with one clamped funnel shift and one
+// shift: state = funnelshift_rc(lo, hi, 32 − d_i) >> 16, d_i = S(t0 + i) − S(t0), which is
+// the same for every lane and both halves (i·K, plus ⌈i/2⌉ for the half widths).
+//
+// The codebooks then produce two fp16 weights with one f16x2 instruction each, with exactly
+// the reference's single fp16 rounding: mul1 forms 1024 + byte_sum as fp16 bits directly
+// (0x6400 + sum, sum ≤ 1020) and applies the fp16 FMA; 3INST/mcg add the two fp16 halves.
+
+struct LanePlan {
+    int w[2][3];  // word index (within the tile) of the three words of each half's window
+    int off[2];   // bit offset of each window within its first word
+    int sh[4];    // 32 − d_i: the clamped funnel shift of state i of a half
+};
+
+__device__ __forceinline__ void lane_plan_init(LanePlan& lp, int bits_x2, int nw) {
+    const int lane = threadIdx.x & 31;
+    const int ring = 128 * bits_x2;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int t0 = 8 * lane + 4 * h;
+        const int start = (stream_end(t0, bits_x2) - 16 + ring) % ring;
+        const int w0 = start >> 5;
+        lp.w[h][0] = w0;
+        lp.w[h][1] = (w0 + 1) % nw;
+        lp.w[h][2] = (w0 + 2) % nw;
+        lp.off[h] = start & 31;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) lp.sh[i] = 32 - (stream_end(i, bits_x2) - stream_end(0, bits_x2));
+}
+
+template <int CB>
+__device__ __forceinline__ u32 codebook_pair(u32 s0, u32 s1) {
+    if (CB == 2) {
+        const u32 x0 = s0 * 0x83DCD12Du, x1 = s1 * 0x83DCD12Du;
+        u32 h0, h1, w;
+        asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(h0) : "r"(x0), "r"(0x01010101u), "r"(0x6400u));
+        asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(h1) : "r"(x1), "r"(0x01010101u), "r"(0x6400u));
+        asm("fma.rn.f16x2 %0, %1, %2, %3;"
+            : "=r"(w)
+            : "r"(__byte_perm(h0, h1, 0x5410)), "r"(0x1EEE1EEEu), "r"(0xC931C931u));
+        return w;
+    }
+    const u32 mult = CB == 0 ? 89226354u : 0xCBAC1FEDu;
+    const u32 add = CB == 0 ? 64248484u : 0u;
+    const u32 x0 = ((s0 * mult + add) & 0x8FFF8FFFu) ^ 0x3B603B60u;
+    const u32 x1 = ((s1 * mult + add) & 0x8FFF8FFFu) ^ 0x3B603B60u;
+    u32 w;
+    asm("add.rn.f16x2 %0, %1, %2;"
+        : "=r"(w)
+        : "r"(__byte_perm(x0, x1, 0x5410)), "r"(__byte_perm(x0, x1, 0x7632)));
+    return w;
+}
+
+// The lane's eight weights of the tile at `tw` as four fp16 pairs: w2[k] = (weight 2k, 2k+1).
+template <int CB>
+__device__ __forceinline__ void decode_tile8(const u32* tw, const LanePlan& lp, u32 w2[4]) {
+    u32 st[8];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 a = tw[lp.w[h][0]], b = tw[lp.w[h][1]], c = tw[lp.w[h][2]];
+        const u32 hi = __funnelshift_l(b, a, lp.off[h]);
+        const u32 lo = __funnelshift_l(c, b, lp.off[h]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) st[4 * h + i] = __funnelshift_rc(lo, hi, lp.sh[i]) >> 16;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) w2[k] = codebook_pair<CB>(st[2 * k], st[2 * k + 1]);
+}
+
+__device__ __forceinline__ float2 half2_to_float2(u32 h) {
+    return make_float2(f16_bits_to_f32((u16)(h & 0xFFFFu)), f16_bits_to_f32((u16)(h >> 16)));
+}
+
+#define LIN_MAX_OUT 2
+
+struct LinearOut {
+    const TrellisDesc* descs;  // indexed by the row tile's descriptor
+    float* out;
+    float* partial;  // [splits][rows][n_pad]
+    int n_pad, out_features, out_stride, col_blocks;
+};
+
+struct LinearArgs {
+    const int* tiles;
+    const int* src_rows;
+    const float* x;
+    const float* x_up;
+    const float* norm_w;
+    u32* tickets;  // [row tiles][all column blocks]
+    LinearOut o[LIN_MAX_OUT];
+    int rows, in_stride, in_features, k_pad, ktiles_per_split, splits, residual, outputs;
+    float eps;
+    int max_nw;  // most u32 words per tile among the weights (sizes the shared word area)
+};
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
@@ -269,13 +377,13 @@ struct LinearStage {
     float x[(TM + 7) / 8][4];
     float up[(TM + 7) / 8][4];
     float suh[4];
+    float nw[4];
 };
 
 template <int TM>
 __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDesc& d, int kb,
                                             int tiles_n, int nb, int nw, int row0, int nrows,
-                                            const int* src_rows, const float* x,
-                                            const float* x_up, int in_stride, int in_features) {
+                                            const LinearArgs& a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunk4 = 2 * nw, batch4 = MM_KTILES * chunk4;
 #pragma unroll
@@ -290,19 +398,21 @@ __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDe
 #pragma unroll
     for (int q = 0; q < 4; q++) {
         const int c = kb * 16 + lane + 32 * q;
-        st.suh[q] = c < in_features ? f16_bits_to_f32(d.suh[c]) : 0.f;
+        st.suh[q] = c < a.in_features ? f16_bits_to_f32(d.suh[c]) : 0.f;
+        st.nw[q] = (a.norm_w && c < a.in_features) ? a.norm_w[c] : 0.f;
     }
 #pragma unroll
     for (int k = 0; k < (TM + 7) / 8; k++) {
         const int m = warp + 8 * k;
         if (m < TM && m < nrows) {
             const int r = row0 + m;
-            const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+            const u64 src = a.src_rows ? (u64)a.src_rows[r] : (u64)r;
 #pragma unroll
             for (int q = 0; q < 4; q++) {
                 const int c = kb * 16 + lane + 32 * q;
-                st.x[k][q] = c < in_features ? x[src * in_stride + c] : 0.f;
-                st.up[k][q] = (x_up && c < in_features) ? x_up[src * in_stride + c] : 0.f;
+                st.x[k][q] = c < a.in_features ? a.x[src * a.in_stride + c] : 0.f;
+                st.up[k][q] =
+                    (a.x_up && c < a.in_features) ? a.x_up[src * a.in_stride + c] : 0.f;
             }
         }
     }
@@ -310,7 +420,8 @@ __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDe
 
 template <int TM>
 __device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw, float* sx, int nw,
-                                             int nrows, bool gated) {
+                                             int nrows, bool gated, bool normed,
+                                             const float* inv_rms) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int batch4 = MM_KTILES * 2 * nw;
 #pragma unroll
@@ -326,7 +437,9 @@ __device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw,
             if (m < nrows) {
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    const float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
+                    float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
+                    // RMSNorm in the reference's order: weight · (x · (1 / rms)).
+                    if (normed) xv = st.nw[q] * (xv * inv_rms[m]);
                     v[q] = xv * st.suh[q];
                 }
                 fwht128_warp(v);
@@ -340,34 +453,78 @@ __device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw,
     }
 }
 
+// 1/rms of each row of the tile over all in_features inputs, into inv_rms[m] (visible to the
+// whole block on return). One row (decode): the whole block sums it, eight loads in flight per
+// thread; taller tiles: one warp per row, eight loads in flight per lane.
+__device__ __forceinline__ void tile_inv_rms(const LinearArgs& a, int row0, int nrows,
+                                             float* inv_rms) {
+    __shared__ float partial_sums[MM_THREADS / 32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = a.in_features;
+    if (nrows == 1) {
+        const float* xr = a.x + (a.src_rows ? (u64)a.src_rows[row0] : (u64)row0) * a.in_stride;
+        float sum_sq = 0.f;
+        for (int c0 = threadIdx.x; c0 < n; c0 += MM_THREADS * 8) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int c = c0 + MM_THREADS * u;
+                v[u] = c < n ? xr[c] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) sum_sq += v[u] * v[u];
+        }
+        sum_sq = warp_sum(sum_sq);
+        if (lane == 0) partial_sums[warp] = sum_sq;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float total = 0.f;
+            for (int w = 0; w < MM_THREADS / 32; w++) total += partial_sums[w];
+            inv_rms[0] = 1.f / sqrtf(total / (float)n + a.eps);
+        }
+        __syncthreads();
+        return;
+    }
+    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
+        const int r = row0 + m;
+        const float* xr = a.x + (a.src_rows ? (u64)a.src_rows[r] : (u64)r) * a.in_stride;
+        float sum_sq = 0.f;
+        for (int c0 = lane; c0 < n; c0 += 32 * 8) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int c = c0 + 32 * u;
+                v[u] = c < n ? xr[c] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) sum_sq += v[u] * v[u];
+        }
+        sum_sq = warp_sum(sum_sq);
+        if (lane == 0) inv_rms[m] = 1.f / sqrtf(sum_sq / (float)n + a.eps);
+    }
+    __syncthreads();
+}
+
 template <int TM, int CB>
-__device__ __forceinline__ void trellis_linear_body(
-    const TrellisDesc& d, int tile_slot, int row0, int nrows, const int* src_rows, const float* x,
-    const float* x_up, int in_stride, int in_features, int k_pad, int n_pad, int kt0, int kt1,
-    int splits, int rows, float* partial, u32* tickets, float* out, int out_stride,
-    int out_features) {
+__device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const TrellisDesc& d,
+                                                    const LinearOut& o, int nb, int tile_slot,
+                                                    int row0, int nrows, int kt0, int kt1) {
     extern __shared__ u32 smem[];
     __shared__ int is_last;
+    __shared__ float inv_rms[TM];
     const int bits_x2 = d.bits_x2;
     const int nw = 4 * bits_x2;
     u32* sw = smem;
-    float* sx = (float*)(smem + MM_KTILES * 8 * nw);  // [TM][128] transformed inputs
-    float* sz = sx + TM * 128;                        // [TM][128] products of this block
+    float* sx = (float*)(smem + MM_KTILES * 8 * a.max_nw);  // [TM][128] transformed inputs
+    float* sz = sx + TM * 128;  // [TM][128] products of this block
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int tiles_n = n_pad >> 4;
-    const int nb = blockIdx.x;
+    const int tiles_n = o.n_pad >> 4;
+    const int n_pad = o.n_pad;
 
-    int plan[8];
-    const int ring = 128 * bits_x2;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int t = 8 * lane + j;
-        const int b0 = stream_end(t, bits_x2) + ring - 16;
-        const int i0 = (b0 >> 5) % nw;
-        const int i1 = ((b0 + 15) >> 5) % nw;
-        const int shift = 31 - ((b0 + 15) & 31);
-        plan[j] = i0 | (i1 << 8) | (shift << 16);
-    }
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+
+    LanePlan lp;
+    lane_plan_init(lp, bits_x2, nw);
     const int r0 = 2 * (lane & 3);
 
     float acc[TM][2];
@@ -375,16 +532,14 @@ __device__ __forceinline__ void trellis_linear_body(
     for (int m = 0; m < TM; m++) acc[m][0] = acc[m][1] = 0.f;
 
     LinearStage<TM> st;
-    if (kt0 < kt1)
-        linear_load<TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, src_rows, x, x_up, in_stride,
-                        in_features);
+    if (kt0 < kt1) linear_load<TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, a);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {  // kt0, kt1 are multiples of MM_KTILES
-        linear_stage<TM>(st, sw, sx, nw, nrows, x_up != nullptr);
+        linear_stage<TM>(st, sw, sx, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
+                         inv_rms);
         __syncthreads();
         // The next batch's loads fly while this one is decoded.
         if (kb + MM_KTILES < kt1)
-            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, src_rows, x,
-                            x_up, in_stride, in_features);
+            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
 #pragma unroll 1
         for (int c = 0; c < MM_KTILES; c++) {
             const u32* tw = sw + (c * 8 + warp) * nw;
@@ -397,14 +552,16 @@ __device__ __forceinline__ void trellis_linear_body(
                 xv[m][2] = xr[8];
                 xv[m][3] = xr[9];
             }
+            u32 w2[4];
+            decode_tile8<CB>(tw, lp, w2);
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const int p = plan[j];
-                const u32 state =
-                    __funnelshift_r(tw[(p >> 8) & 0xFF], tw[p & 0xFF], p >> 16) & 0xFFFFu;
-                const float w = codebook_value<CB>(state);
+            for (int k = 0; k < 4; k++) {
+                const float2 w = half2_to_float2(w2[k]);
 #pragma unroll
-                for (int m = 0; m < TM; m++) acc[m][j >> 2] += xv[m][j & 3] * w;
+                for (int m = 0; m < TM; m++) {
+                    acc[m][k >> 1] += xv[m][(2 * k) & 3] * w.x;
+                    acc[m][k >> 1] += xv[m][(2 * k + 1) & 3] * w.y;
+                }
             }
         }
         __syncthreads();
@@ -427,9 +584,9 @@ __device__ __forceinline__ void trellis_linear_body(
             sz[m * 128 + col_in_block + 8] = acc[m][1];
         }
     }
-    if (splits > 1) {
+    if (a.splits > 1) {
         if ((lane & 3) == 0) {
-            float* part = partial + ((u64)blockIdx.z * rows + row0) * n_pad + nb * 128;
+            float* part = o.partial + ((u64)blockIdx.z * a.rows + row0) * n_pad + nb * 128;
 #pragma unroll
             for (int m = 0; m < TM; m++) {
                 if (m < nrows) {
@@ -440,15 +597,15 @@ __device__ __forceinline__ void trellis_linear_body(
         }
         __threadfence();
         __syncthreads();
-        u32* ticket = tickets + (u64)tile_slot * gridDim.x + nb;
-        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(splits - 1);
+        u32* ticket = a.tickets + (u64)tile_slot * gridDim.x + blockIdx.x;
+        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(a.splits - 1);
         __syncthreads();
         if (!is_last) return;
         // Every split's partial is visible (each wrote, fenced, then took its ticket).
         for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
             const int m = i >> 7, c = i & 127;
-            sz[i] = ordered_sum_cg(partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
-                                   (u64)rows * n_pad, splits);
+            sz[i] = ordered_sum_cg(o.partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
+                                   (u64)a.rows * n_pad, a.splits);
         }
         if (threadIdx.x == 0) *ticket = 0u;
     }
@@ -461,39 +618,45 @@ __device__ __forceinline__ void trellis_linear_body(
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             const int c = nb * 128 + lane + 32 * q;
-            if (c < out_features) {
+            if (c < o.out_features) {
                 float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
                 if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
-                out[(u64)(row0 + m) * out_stride + c] = y;
+                float* dst = o.out + (u64)(row0 + m) * o.out_stride + c;
+                *dst = a.residual ? __fadd_rn(*dst, y) : y;
             }
         }
     }
 }
 
 template <int TM>
-__device__ __forceinline__ void trellis_linear_impl(
-    const TrellisDesc* descs, const int* tiles, int rows, const int* src_rows, const float* x,
-    const float* x_up, int in_stride, int in_features, int k_pad, int n_pad,
-    int ktiles_per_split, int splits, float* partial, u32* tickets, float* out, int out_stride,
-    int out_features) {
+__device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
     int desc_index = 0, row0, nrows;
-    if (tiles) {
-        desc_index = tiles[3 * blockIdx.y];
+    if (a.tiles) {
+        desc_index = a.tiles[3 * blockIdx.y];
         if (desc_index < 0) return;  // block-uniform, before any barrier
-        row0 = tiles[3 * blockIdx.y + 1];
-        nrows = tiles[3 * blockIdx.y + 2];
+        row0 = a.tiles[3 * blockIdx.y + 1];
+        nrows = a.tiles[3 * blockIdx.y + 2];
     } else {
         row0 = blockIdx.y * TM;
-        nrows = min(TM, rows - row0);
+        nrows = min(TM, a.rows - row0);
     }
-    const TrellisDesc d = descs[desc_index];
-    const int tiles_k = k_pad >> 4;
-    const int kt0 = blockIdx.z * ktiles_per_split;
-    const int kt1 = min(tiles_k, kt0 + ktiles_per_split);
-#define TRELLIS_LINEAR_CASE(CB)                                                                 \
-    trellis_linear_body<TM, CB>(d, blockIdx.y, row0, nrows, src_rows, x, x_up, in_stride,        \
-                                in_features, k_pad, n_pad, kt0, kt1, splits, rows, partial,      \
-                                tickets, out, out_stride, out_features)
+    // Which output this column block belongs to (selects, no indexing of the parameter array).
+    const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
+    LinearOut o;
+    o.descs = second ? a.o[1].descs : a.o[0].descs;
+    o.out = second ? a.o[1].out : a.o[0].out;
+    o.partial = second ? a.o[1].partial : a.o[0].partial;
+    o.n_pad = second ? a.o[1].n_pad : a.o[0].n_pad;
+    o.out_features = second ? a.o[1].out_features : a.o[0].out_features;
+    o.out_stride = second ? a.o[1].out_stride : a.o[0].out_stride;
+    o.col_blocks = second ? a.o[1].col_blocks : a.o[0].col_blocks;
+    const int nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
+    const TrellisDesc d = o.descs[desc_index];
+    const int tiles_k = a.k_pad >> 4;
+    const int kt0 = blockIdx.z * a.ktiles_per_split;
+    const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
+#define TRELLIS_LINEAR_CASE(CB) \
+    trellis_linear_body<TM, CB>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1)
     switch (d.codebook) {
         case 0: TRELLIS_LINEAR_CASE(0); break;
         case 1: TRELLIS_LINEAR_CASE(1); break;
@@ -505,14 +668,9 @@ __device__ __forceinline__ void trellis_linear_impl(
 // Blocks per SM the register budget is fitted to: one-row and two-row tiles fit three blocks
 // (80 registers) without spilling, taller tiles need more registers.
 #define TRELLIS_LINEAR(TM, MIN_BLOCKS)                                                          \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS, MIN_BLOCKS) trellis_linear_tm##TM( \
-        const TrellisDesc* descs, const int* tiles, int rows, const int* src_rows,              \
-        const float* x, const float* x_up, int in_stride, int in_features, int k_pad,           \
-        int n_pad, int ktiles_per_split, int splits, float* partial, u32* tickets, float* out,  \
-        int out_stride, int out_features) {                                                     \
-        trellis_linear_impl<TM>(descs, tiles, rows, src_rows, x, x_up, in_stride, in_features,  \
-                                k_pad, n_pad, ktiles_per_split, splits, partial, tickets, out,  \
-                                out_stride, out_features);                                      \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, MIN_BLOCKS)                        \
+        trellis_linear_tm##TM(const LinearArgs a) {                                             \
+        trellis_linear_impl<TM>(a);                                                             \
     }
 
 TRELLIS_LINEAR(1, 3)
@@ -520,3 +678,204 @@ TRELLIS_LINEAR(2, 3)
 TRELLIS_LINEAR(4, 2)
 TRELLIS_LINEAR(8, 2)
 TRELLIS_LINEAR(16, 1)
+
+// ---- tensor-core linear for tall row tiles (prefill) ---------------------------------------
+//
+// trellis_mma_tm64: the single-launch linear above for row tiles of up to 64 rows, with the
+// products on the tensor cores. The decoded weights of lane L (positions 8L..8L+7 of a tile) are
+// exactly its B fragments of `mma.m16n8k16` (k = 2·(L mod 4) + {0, 1, 8, 9}, n = L/4 and L/4 + 8)
+// and are fp16 values already (every codebook rounds to fp16 once), so they feed the MMA as
+// they are. The transformed inputs are split into fp16 hi + lo halves (x ≈ hi + lo to about
+// 2^-22 relative) and both are multiplied, so the products keep f32-level accuracy; fp32
+// accumulation. Warp w computes n-tile w (16 columns) of the block for all 64 rows: four m16
+// tiles × two n8 halves × (hi, lo) = 16 MMAs per 16×16 weight tile.
+
+#define MMA_TM 64
+#define MMA_XS 136  // fp16 values per staged input row (128 + 8: conflict-free fragment loads)
+
+__device__ __forceinline__ void mma_f16_f32(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                            u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_stage(const LinearStage<MMA_TM>& st, u32* sw, u16* xhi,
+                                          u16* xlo, int nw, int nrows, bool gated, bool normed,
+                                          const float* inv_rms) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int batch4 = MM_KTILES * 2 * nw;
+#pragma unroll
+    for (int i = 0; i < MM_WORD_REGS; i++) {
+        const int idx = threadIdx.x + i * MM_THREADS;
+        if (idx < batch4) ((uint4*)sw)[idx] = st.words[i];
+    }
+#pragma unroll
+    for (int k = 0; k < MMA_TM / 8; k++) {
+        const int m = warp + 8 * k;
+        float v[4];
+        if (m < nrows) {  // warp-uniform
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
+                if (normed) xv = st.nw[q] * (xv * inv_rms[m]);
+                v[q] = xv * st.suh[q];
+            }
+            fwht128_warp(v);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++) v[q] = 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float val = v[q] * HADAMARD_SCALE;
+            const u16 hi = f32_to_f16_bits(val);
+            xhi[m * MMA_XS + lane + 32 * q] = hi;
+            xlo[m * MMA_XS + lane + 32 * q] = f32_to_f16_bits(val - f16_bits_to_f32(hi));
+        }
+    }
+}
+
+template <int CB>
+__device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const TrellisDesc& d,
+                                                 const LinearOut& o, int nb, int tile_slot,
+                                                 int row0, int nrows, int kt0, int kt1) {
+    extern __shared__ u32 smem[];
+    __shared__ int is_last;
+    __shared__ float inv_rms[MMA_TM];
+    const int bits_x2 = d.bits_x2;
+    const int nw = 4 * bits_x2;
+    u32* sw = smem;
+    u16* xhi = (u16*)(smem + MM_KTILES * 8 * a.max_nw);
+    u16* xlo = xhi + MMA_TM * MMA_XS;
+    float* sz = (float*)xhi;  // [64][128] products, after the main loop (aliases the inputs)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tiles_n = o.n_pad >> 4;
+    const int n_pad = o.n_pad;
+    const int g = lane >> 2, t = lane & 3;
+
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+
+    LanePlan lp;
+    lane_plan_init(lp, bits_x2, nw);
+
+    float acc[4][2][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][h][e] = 0.f;
+
+    LinearStage<MMA_TM> st;
+    if (kt0 < kt1) linear_load<MMA_TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, a);
+    for (int kb = kt0; kb < kt1; kb += MM_KTILES) {
+        mma_stage(st, sw, xhi, xlo, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr, inv_rms);
+        __syncthreads();
+        if (kb + MM_KTILES < kt1)
+            linear_load<MMA_TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
+#pragma unroll 1
+        for (int c = 0; c < MM_KTILES; c++) {
+            const u32* tw = sw + (c * 8 + warp) * nw;
+            u32 w2[4];
+            decode_tile8<CB>(tw, lp, w2);
+            const u32 b00 = w2[0], b01 = w2[1], b10 = w2[2], b11 = w2[3];
+            const int kk = c * 16 + 2 * t;
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                const int ra = (mt * 16 + g) * MMA_XS + kk, rb = ra + 8 * MMA_XS;
+                const u32 h0 = *(const u32*)(xhi + ra), h1 = *(const u32*)(xhi + rb);
+                const u32 h2 = *(const u32*)(xhi + ra + 8), h3 = *(const u32*)(xhi + rb + 8);
+                const u32 l0 = *(const u32*)(xlo + ra), l1 = *(const u32*)(xlo + rb);
+                const u32 l2 = *(const u32*)(xlo + ra + 8), l3 = *(const u32*)(xlo + rb + 8);
+                mma_f16_f32(acc[mt][0], h0, h1, h2, h3, b00, b01);
+                mma_f16_f32(acc[mt][0], l0, l1, l2, l3, b00, b01);
+                mma_f16_f32(acc[mt][1], h0, h1, h2, h3, b10, b11);
+                mma_f16_f32(acc[mt][1], l0, l1, l2, l3, b10, b11);
+            }
+        }
+        __syncthreads();
+    }
+    // Products into shared memory (the input staging area is free now).
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int col = warp * 16 + h * 8 + 2 * t;
+            const int row = mt * 16 + g;
+            sz[row * 128 + col] = acc[mt][h][0];
+            sz[row * 128 + col + 1] = acc[mt][h][1];
+            sz[(row + 8) * 128 + col] = acc[mt][h][2];
+            sz[(row + 8) * 128 + col + 1] = acc[mt][h][3];
+        }
+    }
+    __syncthreads();
+    if (a.splits > 1) {
+        float* part = o.partial + ((u64)blockIdx.z * a.rows + row0) * n_pad + nb * 128;
+        for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS)
+            part[(u64)(i >> 7) * n_pad + (i & 127)] = sz[i];
+        __threadfence();
+        __syncthreads();
+        u32* ticket = a.tickets + (u64)tile_slot * gridDim.x + blockIdx.x;
+        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(a.splits - 1);
+        __syncthreads();
+        if (!is_last) return;
+        for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
+            const int m = i >> 7, c = i & 127;
+            sz[i] = ordered_sum_cg(o.partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
+                                   (u64)a.rows * n_pad, a.splits);
+        }
+        if (threadIdx.x == 0) *ticket = 0u;
+        __syncthreads();
+    }
+    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) v[q] = sz[m * 128 + lane + 32 * q];
+        fwht128_warp(v);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int c = nb * 128 + lane + 32 * q;
+            if (c < o.out_features) {
+                float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
+                if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
+                float* dst = o.out + (u64)(row0 + m) * o.out_stride + c;
+                *dst = a.residual ? __fadd_rn(*dst, y) : y;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) trellis_mma_tm64(const LinearArgs a) {
+    int desc_index = 0, row0, nrows;
+    if (a.tiles) {
+        desc_index = a.tiles[3 * blockIdx.y];
+        if (desc_index < 0) return;  // block-uniform, before any barrier
+        row0 = a.tiles[3 * blockIdx.y + 1];
+        nrows = a.tiles[3 * blockIdx.y + 2];
+    } else {
+        row0 = blockIdx.y * MMA_TM;
+        nrows = min(MMA_TM, a.rows - row0);
+    }
+    const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
+    LinearOut o;
+    o.descs = second ? a.o[1].descs : a.o[0].descs;
+    o.out = second ? a.o[1].out : a.o[0].out;
+    o.partial = second ? a.o[1].partial : a.o[0].partial;
+    o.n_pad = second ? a.o[1].n_pad : a.o[0].n_pad;
+    o.out_features = second ? a.o[1].out_features : a.o[0].out_features;
+    o.out_stride = second ? a.o[1].out_stride : a.o[0].out_stride;
+    o.col_blocks = second ? a.o[1].col_blocks : a.o[0].col_blocks;
+    const int nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
+    const TrellisDesc d = o.descs[desc_index];
+    const int tiles_k = a.k_pad >> 4;
+    const int kt0 = blockIdx.z * a.ktiles_per_split;
+    const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
+    switch (d.codebook) {
+        case 0: trellis_mma_body<0>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+        case 1: trellis_mma_body<1>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+        default: trellis_mma_body<2>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+    }
+}

@@ -15,6 +15,18 @@ const MLA_MAX_ROPE: usize = 64;
 /// Most heads the context-split MLA decode kernel takes (`MLA_DECODE_MAX_HEADS`).
 const MLA_DECODE_MAX_HEADS: usize = 32;
 
+/// Smallest bucket of [`position_bucket`].
+const MIN_POSITION_BUCKET: usize = 16;
+
+/// The power of two (at least [`MIN_POSITION_BUCKET`]) that holds positions `0..=max_position`:
+/// the MLA context split is sized from it rather than from the position itself, so that one
+/// recorded decode step serves every position of the bucket.
+pub(crate) fn position_bucket(max_position: usize) -> usize {
+    (max_position + 1)
+        .next_power_of_two()
+        .max(MIN_POSITION_BUCKET)
+}
+
 /// The cache of all layers: `layers × token_slots × values_per_token` values, f32 or f16.
 pub struct CudaKvCache {
     mem: DeviceMem<u8>,
@@ -239,14 +251,13 @@ pub(crate) fn mla_attention(
         spec.kv_lora_rank,
     );
     let qk = nope + rope_dim;
-    crate::ops::rope(dev, q, rope, heads, qk, nope, step.positions, rows);
     let q_lat = scratch.q_lat.ensure(dev, rows * heads * rank);
     let o_lat = scratch.o_lat.ensure(dev, rows * heads * rank);
     let k = &dev.kernels;
-    let (absorb, unabsorb) = match kv_b.weight.dtype {
-        DenseType::F32 => (&k.mla_absorb_q_f32, &k.mla_unabsorb_f32),
-        DenseType::F16 => (&k.mla_absorb_q_f16, &k.mla_unabsorb_f16),
-        DenseType::BF16 => (&k.mla_absorb_q_bf16, &k.mla_unabsorb_bf16),
+    let absorb = match kv_b.weight.dtype {
+        DenseType::F32 => &k.mla_absorb_q_f32,
+        DenseType::F16 => &k.mla_absorb_q_f16,
+        DenseType::BF16 => &k.mla_absorb_q_bf16,
     };
     let w = kv_b.weight.mem.ptr;
     let mut args = Args::new();
@@ -257,22 +268,46 @@ pub(crate) fn mla_attention(
         .arg(to_i32(nope))
         .arg(to_i32(qk))
         .arg(to_i32(v_dim))
-        .arg(to_i32(rank));
+        .arg(to_i32(rank))
+        // The absorb kernel also rotates the queries' rope part.
+        .arg(rope.inv_freq.ptr)
+        .arg(to_i32(rope.half))
+        .arg(rope.scaling)
+        .arg(i32::from(rope.interleaved))
+        .arg(step.positions);
     dev.launch(
         absorb,
         Grid::new((rank.div_ceil(64), heads, rows), 256),
         &mut args,
     );
 
+    if mla_decode_mma(
+        dev,
+        scratch,
+        max_position,
+        q,
+        q_lat,
+        o_lat,
+        spec,
+        step,
+        cache,
+        layer,
+    ) {
+        mla_unabsorb(dev, kv_b, o_lat, out, spec, rows);
+        return;
+    }
     let shared_bytes = |tile: usize| {
         let stride = rank + rope_dim + 1;
-        4 * (heads * stride + tile * stride + heads * tile + 3 * heads)
+        // Floats, then (8-byte aligned) one cache slot per tile position.
+        4 * (heads * stride + tile * stride + heads * tile + 3 * heads) + 8 + 8 * tile
     };
     let tile = (256 / heads).clamp(1, 16);
     if heads <= MLA_DECODE_MAX_HEADS && shared_bytes(tile) <= dev.max_shared_bytes {
-        // Split the context over blocks until the grid covers the GPU `split_waves` times.
-        let positions = max_position + 1;
-        let target_splits = (dev.split_waves * dev.sm_count).div_ceil(rows);
+        // Split the context over blocks until the grid covers the GPU twice, sized for the
+        // whole position bucket; each token's chunk is then chosen on the device from its own
+        // position.
+        let positions = position_bucket(max_position);
+        let target_splits = (2 * dev.sm_count).div_ceil(rows);
         let chunk = positions
             .div_ceil(target_splits)
             .next_multiple_of(tile)
@@ -298,7 +333,6 @@ pub(crate) fn mla_attention(
             .arg(to_i32(rank))
             .arg(to_i32(rope_dim))
             .arg(spec.softmax_scale)
-            .arg(to_i32(chunk))
             .arg(to_i32(tile));
         push_step(&mut args, step);
         dev.launch(
@@ -306,33 +340,140 @@ pub(crate) fn mla_attention(
             Grid::new((splits, rows, 1), 256).shared(shared_bytes(tile)),
             &mut args,
         );
-        let mut args = Args::new();
-        args.arg(part_ml)
-            .arg(part_acc)
-            .arg(to_i32(splits))
-            .arg(to_i32(heads))
-            .arg(to_i32(rank))
-            .arg(o_lat);
-        dev.launch(
-            &k.mla_combine,
-            Grid::new((heads, rows, 1), 256).shared(4 * splits),
-            &mut args,
-        );
+        mla_combine(dev, part_ml, part_acc, splits, heads, rank, rows, o_lat);
     } else {
         mla_attend_per_head(dev, q, q_lat, o_lat, spec, step, cache, layer);
     }
 
+    mla_unabsorb(dev, kv_b, o_lat, out, spec, rows);
+}
+
+/// `out[r, h] = W_UV[h] · o_lat[r, h]`.
+fn mla_unabsorb(
+    dev: &Device,
+    kv_b: &CudaMlaKvB,
+    o_lat: u64,
+    out: u64,
+    spec: &MlaSpec,
+    rows: usize,
+) {
+    let k = &dev.kernels;
+    let unabsorb = match kv_b.weight.dtype {
+        DenseType::F32 => &k.mla_unabsorb_f32,
+        DenseType::F16 => &k.mla_unabsorb_f16,
+        DenseType::BF16 => &k.mla_unabsorb_bf16,
+    };
     let mut args = Args::new();
     args.arg(o_lat)
-        .arg(w)
+        .arg(kv_b.weight.mem.ptr)
         .arg(out)
-        .arg(to_i32(heads))
-        .arg(to_i32(nope))
-        .arg(to_i32(v_dim))
-        .arg(to_i32(rank));
+        .arg(to_i32(spec.heads))
+        .arg(to_i32(spec.qk_nope_dim))
+        .arg(to_i32(spec.v_head_dim))
+        .arg(to_i32(spec.kv_lora_rank));
     dev.launch(
         unabsorb,
-        Grid::new((v_dim.div_ceil(32), heads, rows), 256),
+        Grid::new((spec.v_head_dim.div_ceil(32), spec.heads, rows), 256),
+        &mut args,
+    );
+}
+
+/// Shapes `mla_decode_mma` takes (see `kernels/attention.cu`).
+const MLAM_TILE: usize = 32;
+const MLAM_HEADS: usize = 32;
+const MLAM_RANK: usize = 512;
+
+/// The tensor-core MLA decode and its combine, when the shapes and the cache allow; false
+/// (nothing enqueued) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn mla_decode_mma(
+    dev: &Device,
+    scratch: &mut Scratch,
+    max_position: usize,
+    q: u64,
+    q_lat: u64,
+    o_lat: u64,
+    spec: &MlaSpec,
+    step: &StepView,
+    cache: &CudaKvCache,
+    layer: usize,
+) -> bool {
+    let (heads, rank, rope_dim) = (spec.heads, spec.kv_lora_rank, spec.qk_rope_dim);
+    let width = rank + rope_dim;
+    let xs = width + 8;
+    let shared = 2 * (3 * MLAM_HEADS * xs)
+        + 4 * MLAM_HEADS * (MLAM_TILE + 1)
+        + 2 * 2 * MLAM_HEADS * (MLAM_TILE + 8)
+        + 4 * 3 * MLAM_HEADS
+        + 8 * MLAM_TILE;
+    if !dev.mma
+        || !cache.is_f16()
+        || heads > MLAM_HEADS
+        || rank != MLAM_RANK
+        || rope_dim > 64
+        || !width.is_multiple_of(16)
+        || !spec.qk_nope_dim.is_multiple_of(4)
+        || !cache.layout.values_per_token.is_multiple_of(8)
+        || shared > dev.max_shared_bytes
+    {
+        return false;
+    }
+    let rows = step.rows;
+    // One wave of blocks, sized for the whole position bucket; chunks of at least two tiles
+    // (the kernel's own minimum).
+    let positions = position_bucket(max_position);
+    let target_splits = dev.sm_count.div_ceil(rows);
+    let chunk = positions
+        .div_ceil(target_splits)
+        .next_multiple_of(MLAM_TILE)
+        .max(2 * MLAM_TILE);
+    let splits = positions.div_ceil(chunk);
+    let part_ml = scratch.mla_ml.ensure(dev, rows * splits * heads * 2);
+    let part_acc = scratch.mla_acc.ensure(dev, rows * splits * heads * rank);
+    let mut args = Args::new();
+    args.arg(q)
+        .arg(q_lat)
+        .arg(part_ml)
+        .arg(part_acc)
+        .arg(cache.layer_ptr(layer))
+        .arg(to_i32(cache.layout.values_per_token))
+        .arg(to_i32(heads))
+        .arg(to_i32(spec.qk_nope_dim + rope_dim))
+        .arg(to_i32(spec.qk_nope_dim))
+        .arg(to_i32(rank))
+        .arg(to_i32(rope_dim))
+        .arg(spec.softmax_scale);
+    push_step(&mut args, step);
+    dev.launch(
+        &dev.kernels.mla_decode_mma,
+        Grid::new((splits, rows, 1), 256).shared(shared),
+        &mut args,
+    );
+    mla_combine(dev, part_ml, part_acc, splits, heads, rank, rows, o_lat);
+    true
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mla_combine(
+    dev: &Device,
+    part_ml: u64,
+    part_acc: u64,
+    splits: usize,
+    heads: usize,
+    rank: usize,
+    rows: usize,
+    o_lat: u64,
+) {
+    let mut args = Args::new();
+    args.arg(part_ml)
+        .arg(part_acc)
+        .arg(to_i32(splits))
+        .arg(to_i32(heads))
+        .arg(to_i32(rank))
+        .arg(o_lat);
+    dev.launch(
+        &dev.kernels.mla_combine,
+        Grid::new((heads, rank.div_ceil(64), rows), 256).shared(4 * splits),
         &mut args,
     );
 }

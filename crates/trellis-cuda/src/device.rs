@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use trellis_backend::BackendError;
 
@@ -28,6 +29,13 @@ const SOURCES: [(&str, &str); 6] = [
 /// Row tile heights the matmul kernels are instantiated for (`…_tm{N}`).
 pub(crate) const TILE_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
 
+/// Most dynamic shared memory of the tensor-core trellis kernel: words of K = 8 (16 KiB) and
+/// the staged inputs (34 KiB).
+pub(crate) const MMA_LINEAR_SHARED_BYTES: usize = 64 << 10;
+
+/// Dynamic shared memory of the routing kernel (gate rows and the router input).
+pub(crate) const ROUTE_SHARED_BYTES: usize = 96 << 10;
+
 /// Env var: synchronise after every launch and name the kernel that failed (debugging).
 pub const SYNC_ENV: &str = "TRELLIS_CUDA_SYNC";
 /// Env var: run trellis linears as three launches (input transform, product, output
@@ -36,9 +44,17 @@ pub const UNFUSED_ENV: &str = "TRELLIS_CUDA_UNFUSED_LINEAR";
 /// Env var: time every launch with events (synchronising after each) and keep per-kernel
 /// totals, readable with `CudaBackend::kernel_profile` (slows everything down; for analysis).
 pub const PROFILE_ENV: &str = "TRELLIS_CUDA_PROFILE";
-/// Env var: how many waves of blocks split-k linears and split-context attention aim for
-/// (default 2).
+/// Env var: how many waves of blocks split-k trellis linears aim for (default 4).
 pub const SPLIT_WAVES_ENV: &str = "TRELLIS_CUDA_SPLIT_WAVES";
+/// Env var: `0` turns off recording decode steps as CUDA graphs (each op then launches its
+/// kernels directly).
+pub const GRAPH_ENV: &str = "TRELLIS_CUDA_GRAPH";
+/// Env var: `0` turns off the tensor-core kernels (trellis GEMM for tall row tiles, MLA
+/// decode), leaving the SIMT kernels.
+pub const MMA_ENV: &str = "TRELLIS_CUDA_MMA";
+/// Waves of blocks a split-k trellis launch aims for by default (measured on the H200: 4 beats
+/// 2 for the decode GEMVs, whose blocks are ALU-bound).
+const DEFAULT_SPLIT_WAVES: usize = 4;
 /// Env var: where compiled kernels are cached (default `$XDG_CACHE_HOME` or `~/.cache`,
 /// `/trellis/kernels`); `TRELLIS_HOME` moves it to `$TRELLIS_HOME/kernels`.
 pub const KERNEL_CACHE_ENV: &str = "TRELLIS_KERNEL_CACHE";
@@ -226,7 +242,9 @@ kernel_table!(
     mla_attend_f16,
     mla_decode_f32,
     mla_decode_f16,
+    mla_decode_mma,
     mla_combine,
+    trellis_mma_tm64,
     moe_route,
     moe_plan,
     moe_combine,
@@ -289,6 +307,42 @@ impl<'a> Args<'a> {
     }
 }
 
+/// Whether the stream is being recorded into a graph, or a recorded step is being replayed (its
+/// ops then enqueue nothing: the graph does the work).
+#[derive(Default)]
+pub(crate) struct CaptureState {
+    capturing: AtomicBool,
+    broken: AtomicBool,
+    replaying: AtomicBool,
+}
+
+impl CaptureState {
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    /// Something that cannot be recorded (an allocation) was asked for during a recording.
+    pub fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
+    pub fn take_broken(&self) -> bool {
+        self.broken.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, Ordering::Release);
+    }
+
+    pub fn is_replaying(&self) -> bool {
+        self.replaying.load(Ordering::Acquire)
+    }
+
+    pub fn set_replaying(&self, on: bool) {
+        self.replaying.store(on, Ordering::Release);
+    }
+}
+
 /// Launch geometry.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Grid {
@@ -332,6 +386,13 @@ pub(crate) struct Device {
     pub profile: Option<Mutex<HashMap<&'static str, (usize, f64)>>>,
     /// Device memory held by this backend's allocations.
     pub memory: Arc<crate::memory::MemoryCounter>,
+    /// Graph recording / replay state of the stream.
+    pub capture: CaptureState,
+    /// Decode steps may be recorded as graphs (see [`GRAPH_ENV`]; never while profiling or
+    /// synchronising after each launch).
+    pub graphs: bool,
+    /// Tensor-core kernels may be used (see [`MMA_ENV`]; needs compute capability 8.0+).
+    pub mma: bool,
 }
 
 impl Device {
@@ -382,7 +443,27 @@ impl Device {
         let max_shared = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| cuda_error(format!("shared memory limit: {e}")))?;
-        for k in [&kernels.mla_decode_f32, &kernels.mla_decode_f16] {
+        kernels
+            .moe_route
+            .func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                ROUTE_SHARED_BYTES as i32,
+            )
+            .map_err(|e| cuda_error(format!("raising moe_route's shared memory: {e}")))?;
+        kernels
+            .trellis_mma_tm64
+            .func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MMA_LINEAR_SHARED_BYTES as i32,
+            )
+            .map_err(|e| cuda_error(format!("raising trellis_mma_tm64's shared memory: {e}")))?;
+        for k in [
+            &kernels.mla_decode_f32,
+            &kernels.mla_decode_f16,
+            &kernels.mla_decode_mma,
+        ] {
             k.func
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -390,6 +471,13 @@ impl Device {
                 )
                 .map_err(|e| cuda_error(format!("raising {}'s shared memory: {e}", k.name)))?;
         }
+        let sync_each_launch = std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0");
+        let profile = std::env::var_os(PROFILE_ENV)
+            .is_some_and(|v| v != "0")
+            .then(|| Mutex::new(HashMap::new()));
+        let graphs = !sync_each_launch
+            && profile.is_none()
+            && std::env::var_os(GRAPH_ENV).is_none_or(|v| v != "0");
         Ok(Device {
             ctx,
             stream,
@@ -403,18 +491,22 @@ impl Device {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&w| w > 0)
-                .unwrap_or(2),
-            sync_each_launch: std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0"),
+                .unwrap_or(DEFAULT_SPLIT_WAVES),
+            sync_each_launch,
             memory: Arc::default(),
-            profile: std::env::var_os(PROFILE_ENV)
-                .is_some_and(|v| v != "0")
-                .then(|| Mutex::new(HashMap::new())),
+            profile,
+            capture: CaptureState::default(),
+            graphs,
+            mma: compute_capability.0 >= 8 && std::env::var_os(MMA_ENV).is_none_or(|v| v != "0"),
         })
     }
 
     /// Enqueue `kernel` on the stream. A failed launch is a bug in this crate (bad geometry or
     /// arguments) or a lost device; ops have no error channel, so it panics with the kernel name.
     pub fn launch(&self, kernel: &Kernel, grid: Grid, args: &mut Args<'_>) {
+        if self.capture.is_replaying() {
+            return;
+        }
         let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
         for (i, param) in params.iter_mut().enumerate().take(args.count) {
             *param = if args.borrowed[i].is_null() {

@@ -22,20 +22,26 @@ mod ops;
 
 pub use attention::{CudaKvCache, CudaMlaKvB};
 pub use device::{
-    KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV, compile_kernels,
-    kernel_source,
+    GRAPH_ENV, KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV,
+    compile_kernels, kernel_source,
 };
 pub use linear::{CudaLinear, DenseType, DenseWeights, TrellisWeights};
 pub use moe::{CudaExperts, CudaRouter, CudaRouting};
 pub use ops::CudaRope;
 
+use cudarc::driver::CudaGraph;
 use device::Device;
-use linear::{DenseTensor, linear_forward, upload_dense, upload_trellis};
+use linear::{
+    DenseTensor, RowMap, TrellisJob, TrellisTarget, linear_forward, trellis_launch, upload_dense,
+    upload_trellis,
+};
 use memory::{DeviceMem, Scratch, StepInputs, StepView, check_len};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use trellis_backend::{
-    AttentionSpec, Backend, BackendError, Batch, KvCacheLayout, MlaSpec, Result, RopeSpec,
-    RouterSpec,
+    AttentionSpec, Backend, BackendError, Batch, GatedMlp, KvCacheLayout, MlaSpec, MoeScratch,
+    Result, RopeSpec, RouterSpec, StepKey,
 };
 use trellis_format::{LinearWeights, TensorView};
 
@@ -77,6 +83,65 @@ pub struct CudaBackend {
     dev: Device,
     step: Mutex<StepInputs>,
     scratch: Mutex<Scratch>,
+    /// Recorded steps by key (see [`Backend::run_step`]).
+    graphs: Mutex<HashMap<GraphKey, GraphEntry>>,
+    /// `run_step` uploaded this step's inputs already: the model's `begin_step` is a no-op.
+    inputs_preloaded: AtomicBool,
+}
+
+/// Steps of at most this many rows are recorded as graphs (decode steps; prefill chunks are
+/// long enough that launch costs do not matter).
+const GRAPH_MAX_ROWS: usize = 16;
+
+/// What the recorded work of a step depends on besides device memory contents.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    rows: usize,
+    block_tables: usize,
+    blocks_per_sequence: usize,
+    block_size: usize,
+    logit_rows: Vec<u32>,
+    /// The MLA context split is sized from this bucket of the step's largest position.
+    position_bucket: usize,
+}
+
+impl GraphKey {
+    fn new(key: &StepKey<'_>) -> GraphKey {
+        let batch = key.batch;
+        let max_position = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        GraphKey {
+            rows: batch.rows(),
+            block_tables: batch.block_tables.len(),
+            blocks_per_sequence: batch.blocks_per_sequence,
+            block_size: batch.block_size,
+            logit_rows: key.logit_rows.to_vec(),
+            position_bucket: attention::position_bucket(max_position),
+        }
+    }
+}
+
+/// A recorded step, replayable while no device allocation was freed after `generation`.
+struct Recorded {
+    graph: CudaGraph,
+    generation: u64,
+}
+
+// SAFETY: a graph is only used (launched, dropped) under the backend's `graphs` mutex, one
+// thread at a time, which is all the driver asks of graph objects; its stream handle is the
+// backend's own, shared by every op.
+unsafe impl Send for Recorded {}
+
+enum GraphEntry {
+    /// Run directly once: its scratch areas have their sizes, so it can be recorded next time.
+    Seen,
+    Recorded(Recorded),
+}
+
+#[derive(Clone, Copy)]
+enum StepAction {
+    Direct,
+    Record,
+    Replay,
 }
 
 impl CudaBackend {
@@ -87,6 +152,8 @@ impl CudaBackend {
             dev: Device::open(device_index)?,
             step: Mutex::new(StepInputs::new()),
             scratch: Mutex::new(Scratch::new()),
+            graphs: Mutex::new(HashMap::new()),
+            inputs_preloaded: AtomicBool::new(false),
         })
     }
 
@@ -141,6 +208,45 @@ impl CudaBackend {
         start.elapsed_ms(&end).map_err(err)
     }
 
+    /// Record the ops `step` enqueues into a graph (nothing runs). `Ok(None)` when the
+    /// recording failed or asked for an allocation; `Err` when `step` failed.
+    fn record<E>(&self, step: &mut dyn FnMut() -> Result<(), E>) -> Result<Option<CudaGraph>, E> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = &self.dev.stream;
+        if stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .is_err()
+        {
+            return Ok(None);
+        }
+        self.dev.capture.set_capturing(true);
+        let result = step();
+        self.dev.capture.set_capturing(false);
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        let broken = self.dev.capture.take_broken();
+        result?;
+        match graph {
+            Ok(Some(graph)) if !broken => Ok(Some(graph)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether decode steps are recorded as graphs (off with `TRELLIS_CUDA_GRAPH=0`, and while
+    /// profiling or synchronising after each launch).
+    pub fn graphs_enabled(&self) -> bool {
+        self.dev.graphs
+    }
+
+    /// Steps recorded as graphs so far (for tests).
+    pub fn recorded_steps(&self) -> usize {
+        self.graphs
+            .lock()
+            .expect("graphs")
+            .values()
+            .filter(|e| matches!(e, GraphEntry::Recorded(_)))
+            .count()
+    }
+
     fn step_view(&self) -> StepView {
         self.step
             .lock()
@@ -161,6 +267,31 @@ impl CudaBackend {
             batch.rows(),
             step.rows
         );
+    }
+}
+
+impl Drop for CudaBackend {
+    /// With [`PROFILE_ENV`] set, the per-kernel totals not yet taken by `kernel_profile` go to
+    /// stderr (so a profiled `trellis bench` run reports where its device time went).
+    fn drop(&mut self) {
+        if self.dev.profile.is_none() {
+            return;
+        }
+        let rows = self.kernel_profile();
+        if rows.is_empty() {
+            return;
+        }
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        let mut text = format!(
+            "CUDA kernel profile (device µs, each launch timed alone): {total:.0} µs in total\n"
+        );
+        for (name, calls, us) in rows {
+            text.push_str(&format!(
+                "  {name:<28} {calls:>8} launches {us:>12.0} µs {:>6.1} %\n",
+                100.0 * us / total.max(1e-9)
+            ));
+        }
+        eprint!("{text}");
     }
 }
 
@@ -323,10 +454,80 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&self, tokens: &[u32], batch: &Batch<'_>) {
-        self.step
-            .lock()
-            .expect("step inputs")
-            .upload(&self.dev, tokens, batch);
+        let mut step = self.step.lock().expect("step inputs");
+        if self.inputs_preloaded.load(Ordering::Acquire) {
+            // run_step uploaded these inputs before recording or replaying the step.
+            assert_eq!(
+                step.rows(),
+                batch.rows(),
+                "begin_step inside run_step with a different batch"
+            );
+            return;
+        }
+        step.upload(&self.dev, tokens, batch);
+    }
+
+    fn run_step<E>(
+        &self,
+        key: &StepKey<'_>,
+        step: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), E> {
+        let rows = key.tokens.len();
+        if !self.dev.graphs || rows == 0 || rows > GRAPH_MAX_ROWS || key.batch.rows() != rows {
+            return step();
+        }
+        self.begin_step(key.tokens, key.batch);
+        let gkey = GraphKey::new(key);
+        let mut graphs = self.graphs.lock().expect("graphs");
+        let generation = self.dev.memory.generation();
+        let action = match graphs.get(&gkey) {
+            None => StepAction::Direct,
+            Some(GraphEntry::Recorded(r)) if r.generation == generation => StepAction::Replay,
+            // Seen, or recorded before an allocation was freed (addresses may have moved).
+            Some(_) => StepAction::Record,
+        };
+        self.inputs_preloaded.store(true, Ordering::Release);
+        let result = match action {
+            StepAction::Direct => {
+                let r = step();
+                if r.is_ok() {
+                    graphs.insert(gkey, GraphEntry::Seen);
+                }
+                r
+            }
+            StepAction::Replay => {
+                self.dev.capture.set_replaying(true);
+                let r = step();
+                self.dev.capture.set_replaying(false);
+                if r.is_ok()
+                    && let Some(GraphEntry::Recorded(rec)) = graphs.get(&gkey)
+                    && let Err(e) = rec.graph.launch()
+                {
+                    panic!("CUDA graph launch failed: {e}");
+                }
+                r
+            }
+            StepAction::Record => match self.record(step) {
+                Ok(Some(graph)) => {
+                    if let Err(e) = graph.launch() {
+                        panic!("CUDA graph launch failed: {e}");
+                    }
+                    graphs.insert(gkey, GraphEntry::Recorded(Recorded { graph, generation }));
+                    Ok(())
+                }
+                Ok(None) => {
+                    // Not recordable this time (a scratch area had to grow): run it directly.
+                    graphs.insert(gkey, GraphEntry::Seen);
+                    step()
+                }
+                Err(e) => {
+                    graphs.remove(&gkey);
+                    Err(e)
+                }
+            },
+        };
+        self.inputs_preloaded.store(false, Ordering::Release);
+        result
     }
 
     fn embed(&self, table: &CudaEmbedding, tokens: &[u32], scale: f32, out: &mut CudaBuffer) {
@@ -514,7 +715,14 @@ impl Backend for CudaBackend {
         rows: usize,
         routing: &mut CudaRouting,
     ) {
-        moe::route(&self.dev, router, x.ptr(), rows, routing);
+        moe::route(
+            &self.dev,
+            &mut self.scratch(),
+            router,
+            x.ptr(),
+            rows,
+            routing,
+        );
     }
 
     fn moe_experts(
@@ -535,9 +743,178 @@ impl Backend for CudaBackend {
             out.ptr(),
         );
     }
+
+    fn rms_norm_linears(
+        &self,
+        x: &CudaBuffer,
+        norm: &CudaVector,
+        eps: f32,
+        rows: usize,
+        h: &mut CudaBuffer,
+        linears: &mut [(&CudaLinear, &mut CudaBuffer)],
+    ) {
+        match self.fused_targets(linears) {
+            Some((targets, n)) if targets[0].shape.in_features == norm.len => {
+                let map = RowMap::plain_trellis(&self.dev, rows);
+                trellis_launch(
+                    &self.dev,
+                    &mut self.scratch(),
+                    &TrellisJob {
+                        map: &map,
+                        x: x.ptr(),
+                        in_stride: norm.len,
+                        x_up: 0,
+                        norm: Some((norm.mem.ptr, eps)),
+                        residual: false,
+                        targets: &targets[..n],
+                    },
+                );
+            }
+            _ => {
+                self.rms_norm(x, norm, eps, rows, h);
+                for (w, out) in linears.iter_mut() {
+                    self.linear(w, h, rows, out);
+                }
+            }
+        }
+    }
+
+    fn linear_add(
+        &self,
+        w: &CudaLinear,
+        x: &CudaBuffer,
+        rows: usize,
+        out_features: usize,
+        tmp: &mut CudaBuffer,
+        residual: &mut CudaBuffer,
+    ) {
+        match w {
+            CudaLinear::Trellis(t) if !self.dev.unfused_linear => {
+                debug_assert_eq!(t.shape.out_features, out_features);
+                let map = RowMap::plain_trellis(&self.dev, rows);
+                trellis_launch(
+                    &self.dev,
+                    &mut self.scratch(),
+                    &TrellisJob {
+                        map: &map,
+                        x: x.ptr(),
+                        in_stride: t.shape.in_features,
+                        x_up: 0,
+                        norm: None,
+                        residual: true,
+                        targets: &[TrellisTarget::of(t, residual.ptr())],
+                    },
+                );
+            }
+            _ => {
+                self.linear(w, x, rows, tmp);
+                self.add(residual, tmp, rows * out_features);
+            }
+        }
+    }
+
+    fn moe_block(
+        &self,
+        x: &mut CudaBuffer,
+        norm: &CudaVector,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        router: &CudaRouter,
+        experts: &CudaExperts,
+        shared: Option<&GatedMlp<'_, Self>>,
+        routing: &mut CudaRouting,
+        scratch: MoeScratch<'_, Self>,
+    ) {
+        let fused = norm.len == hidden
+            && moe::moe_block(
+                &self.dev,
+                &mut self.scratch(),
+                x.ptr(),
+                (norm.mem.ptr, eps),
+                scratch.h.ptr(),
+                rows,
+                router,
+                experts,
+                shared,
+                routing,
+            );
+        if fused {
+            return;
+        }
+        let MoeScratch {
+            h,
+            out,
+            shared_out,
+            gate,
+            up,
+        } = scratch;
+        self.rms_norm(x, norm, eps, rows, h);
+        self.moe_route(router, h, rows, routing);
+        self.moe_experts(experts, h, rows, routing, out);
+        if let Some(mlp) = shared {
+            self.linears_on(h, rows, &mut [(mlp.gate, gate), (mlp.up, up)]);
+            self.silu_mul(gate, up, rows * mlp.intermediate);
+            self.linear(mlp.down, gate, rows, shared_out);
+            self.add(out, shared_out, rows * hidden);
+        }
+        self.add(x, out, rows * hidden);
+    }
 }
 
 impl CudaBackend {
+    /// The trellis targets of `linears` if one fused launch can serve them all.
+    fn fused_targets(
+        &self,
+        linears: &[(&CudaLinear, &mut CudaBuffer)],
+    ) -> Option<([TrellisTarget; linear::MAX_TARGETS], usize)> {
+        if self.dev.unfused_linear || linears.is_empty() || linears.len() > linear::MAX_TARGETS {
+            return None;
+        }
+        let mut targets = [None; linear::MAX_TARGETS];
+        for (slot, (w, out)) in targets.iter_mut().zip(linears) {
+            let CudaLinear::Trellis(t) = w else {
+                return None;
+            };
+            *slot = Some(TrellisTarget::of(t, out.ptr()));
+        }
+        let first = targets[0].expect("at least one");
+        let all = targets.map(|t| t.unwrap_or(first));
+        linear::can_share_launch(&all[..linears.len()]).then_some((all, linears.len()))
+    }
+
+    /// `out_i = x · W_i` for each pair, in one launch where the weights allow.
+    fn linears_on(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        linears: &mut [(&CudaLinear, &mut CudaBuffer)],
+    ) {
+        match self.fused_targets(linears) {
+            Some((targets, n)) => {
+                let map = RowMap::plain_trellis(&self.dev, rows);
+                trellis_launch(
+                    &self.dev,
+                    &mut self.scratch(),
+                    &TrellisJob {
+                        map: &map,
+                        x: x.ptr(),
+                        in_stride: targets[0].shape.in_features,
+                        x_up: 0,
+                        norm: None,
+                        residual: false,
+                        targets: &targets[..n],
+                    },
+                );
+            }
+            None => {
+                for (w, out) in linears.iter_mut() {
+                    self.linear(w, x, rows, out);
+                }
+            }
+        }
+    }
+
     /// Fill the first `len` values of a buffer with `value` on the device (tests poison
     /// outputs with NaN this way).
     pub fn fill(&self, buf: &mut CudaBuffer, value: f32, len: usize) {

@@ -245,7 +245,15 @@ pub(crate) struct RowMap {
 impl RowMap {
     /// Rows 0..rows of one weight.
     pub fn plain(rows: usize) -> RowMap {
-        let tile_rows = tile_rows_for(rows);
+        RowMap::plain_tiles(rows, tile_rows_for(rows))
+    }
+
+    /// Rows 0..rows of one trellis weight (tensor-core tiles for many rows).
+    pub fn plain_trellis(dev: &Device, rows: usize) -> RowMap {
+        RowMap::plain_tiles(rows, trellis_tile_rows(dev, rows))
+    }
+
+    fn plain_tiles(rows: usize, tile_rows: usize) -> RowMap {
         RowMap {
             rows,
             tile_rows,
@@ -254,6 +262,22 @@ impl RowMap {
             row_desc: 0,
             src_rows: 0,
         }
+    }
+}
+
+/// Row tile height of the tensor-core trellis kernel (`trellis_mma_tm64`).
+pub(crate) const MMA_TILE_ROWS: usize = 64;
+/// Row groups at least this tall use the tensor-core kernel (its cost per weight tile is the
+/// decode, whatever the rows; below this the SIMT tiles of up to 8 rows keep more blocks per SM).
+const MMA_MIN_ROWS: usize = 9;
+
+/// The tile height of trellis launches over row groups of about `rows` rows: the tensor-core
+/// kernel's 64 for tall groups (prefill), else one of `TILE_ROWS`.
+pub(crate) fn trellis_tile_rows(dev: &Device, rows: usize) -> usize {
+    if dev.mma && !dev.unfused_linear && rows >= MMA_MIN_ROWS {
+        MMA_TILE_ROWS
+    } else {
+        tile_rows_for(rows)
     }
 }
 
@@ -291,6 +315,86 @@ fn to_i32(v: usize) -> i32 {
     i32::try_from(v).expect("size fits the kernels' 32-bit ints")
 }
 
+/// One output of a trellis launch (mirrors `LinearOut` in `kernels/trellis.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LinearOutArgs {
+    descs: u64,
+    out: u64,
+    partial: u64,
+    n_pad: i32,
+    out_features: i32,
+    out_stride: i32,
+    col_blocks: i32,
+}
+
+/// Most weights one trellis launch serves (`LIN_MAX_OUT`).
+pub(crate) const MAX_TARGETS: usize = 2;
+
+/// Parameters of `trellis_linear_tm*` (mirrors `LinearArgs` in `kernels/trellis.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LinearArgs {
+    tiles: u64,
+    src_rows: u64,
+    x: u64,
+    x_up: u64,
+    norm_w: u64,
+    tickets: u64,
+    o: [LinearOutArgs; MAX_TARGETS],
+    rows: i32,
+    in_stride: i32,
+    in_features: i32,
+    k_pad: i32,
+    ktiles_per_split: i32,
+    splits: i32,
+    residual: i32,
+    outputs: i32,
+    eps: f32,
+    max_nw: i32,
+}
+// SAFETY: plain `repr(C)` data whose layout matches the kernel's struct (8-byte pointers
+// first, then 4-byte fields, as both compilers lay them out).
+unsafe impl DeviceRepr for LinearArgs {}
+
+/// One weight of a trellis launch and where its output goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TrellisTarget {
+    /// Device descriptor table (indexed by the row tiles' descriptors).
+    pub table: u64,
+    pub shape: TrellisShape,
+    pub max_bits_x2: i32,
+    pub out: u64,
+    pub out_stride: usize,
+}
+
+impl TrellisTarget {
+    pub fn of(t: &TrellisWeights, out: u64) -> TrellisTarget {
+        TrellisTarget {
+            table: t.table.ptr,
+            shape: t.shape,
+            max_bits_x2: t.desc.bits_x2,
+            out,
+            out_stride: t.shape.out_features,
+        }
+    }
+}
+
+/// A trellis launch: one or two weights over the same input rows, with optional fused input
+/// (RMSNorm or gated activation) and output (residual add) stages.
+pub(crate) struct TrellisJob<'a> {
+    pub map: &'a RowMap,
+    pub x: u64,
+    pub in_stride: usize,
+    /// Non-zero: the input is `silu(x) ⊙ x_up` (same layout as `x`).
+    pub x_up: u64,
+    /// The input is `RMSNorm(x)·weight` with this (weight, eps).
+    pub norm: Option<(u64, f32)>,
+    /// `out += y` instead of `out = y`.
+    pub residual: bool,
+    pub targets: &'a [TrellisTarget],
+}
+
 /// `out = x · W` for trellis weights described by the device table `table`. With `x_up`
 /// non-zero the input is `silu(x) ⊙ x_up` (same layout as `x`).
 #[allow(clippy::too_many_arguments)]
@@ -318,54 +422,132 @@ pub(crate) fn trellis_forward(
         trellis_forward_unfused(dev, scratch, table, shape, max_bits_x2, map, Io { x, ..io });
         return;
     }
-    let TrellisShape {
-        in_features,
-        out_features,
-        k_pad,
-        n_pad,
-    } = shape;
+    trellis_launch(
+        dev,
+        scratch,
+        &TrellisJob {
+            map,
+            x: io.x,
+            in_stride: io.in_stride,
+            x_up,
+            norm: None,
+            residual: false,
+            targets: &[TrellisTarget {
+                table,
+                shape,
+                max_bits_x2,
+                out: io.out,
+                out_stride: io.out_stride,
+            }],
+        },
+    );
+}
+
+/// Whether [`trellis_launch`] can serve these weights together: at most [`MAX_TARGETS`], all
+/// reading the same inputs.
+pub(crate) fn can_share_launch(targets: &[TrellisTarget]) -> bool {
+    (1..=MAX_TARGETS).contains(&targets.len())
+        && targets.iter().all(|t| {
+            t.shape.in_features == targets[0].shape.in_features
+                && t.shape.k_pad == targets[0].shape.k_pad
+        })
+}
+
+/// The single-launch trellis linear (see `trellis_linear_tm*` in `kernels/trellis.cu`).
+pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJob<'_>) {
+    let map = job.map;
+    if map.rows == 0 {
+        return;
+    }
+    assert!(
+        can_share_launch(job.targets),
+        "trellis launch of {} weights with different inputs",
+        job.targets.len()
+    );
+    let first = job.targets[0].shape;
+    let (in_features, k_pad) = (first.in_features, first.k_pad);
     let rows = map.rows;
     let tiles_k = k_pad / 16;
-    let column_blocks = n_pad / 128;
+    let column_blocks: usize = job.targets.iter().map(|t| t.shape.n_pad / 128).sum();
     // Split the reduction (in whole Hadamard blocks) until the grid covers the GPU
-    // `split_waves` times.
-    let base_blocks = column_blocks * map.num_tiles;
+    // `split_waves` times. Grouped launches (MoE) reserve tiles that stay empty; count the
+    // ones the rows fill at least.
+    let busy_tiles = if map.tiles != 0 {
+        map.rows.div_ceil(map.tile_rows).min(map.num_tiles)
+    } else {
+        map.num_tiles
+    };
+    let base_blocks = column_blocks * busy_tiles;
     let wanted = (dev.split_waves * dev.sm_count)
         .div_ceil(base_blocks.max(1))
-        .clamp(1, tiles_k / MM_KTILES);
+        .clamp(1, (tiles_k / MM_KTILES).max(1));
     let ktiles_per_split = tiles_k.div_ceil(wanted).next_multiple_of(MM_KTILES);
     let splits = tiles_k.div_ceil(ktiles_per_split);
+    let n_pad_total: usize = job.targets.iter().map(|t| t.shape.n_pad).sum();
     let partial = if splits > 1 {
-        scratch.partial.ensure(dev, splits * rows * n_pad)
+        scratch.partial.ensure(dev, splits * rows * n_pad_total)
     } else {
         0
     };
     let tickets = scratch.tickets.ensure(dev, map.num_tiles * column_blocks);
+    let max_bits_x2 = job.targets.iter().map(|t| t.max_bits_x2).max().unwrap_or(2);
+
+    let mut args = LinearArgs {
+        tiles: map.tiles,
+        src_rows: map.src_rows,
+        x: job.x,
+        x_up: job.x_up,
+        norm_w: job.norm.map_or(0, |(w, _)| w),
+        tickets,
+        rows: to_i32(rows),
+        in_stride: to_i32(job.in_stride),
+        in_features: to_i32(in_features),
+        k_pad: to_i32(k_pad),
+        ktiles_per_split: to_i32(ktiles_per_split),
+        splits: to_i32(splits),
+        residual: i32::from(job.residual),
+        outputs: to_i32(job.targets.len()),
+        eps: job.norm.map_or(0.0, |(_, eps)| eps),
+        max_nw: 4 * max_bits_x2,
+        ..LinearArgs::default()
+    };
+    let mut partial_offset = 0usize;
+    for (slot, t) in args.o.iter_mut().zip(job.targets) {
+        *slot = LinearOutArgs {
+            descs: t.table,
+            out: t.out,
+            partial: if partial != 0 {
+                partial + 4 * partial_offset as u64
+            } else {
+                0
+            },
+            n_pad: to_i32(t.shape.n_pad),
+            out_features: to_i32(t.shape.out_features),
+            out_stride: to_i32(t.out_stride),
+            col_blocks: to_i32(t.shape.n_pad / 128),
+        };
+        partial_offset += splits * rows * t.shape.n_pad;
+    }
 
     let words_bytes = MM_KTILES * 8 * 4 * (max_bits_x2 as usize) * 4;
+    let mut launch = Args::new();
+    launch.arg_struct(&args);
+    if map.tile_rows == MMA_TILE_ROWS {
+        // Inputs staged as fp16 hi + lo rows of 136 values (aliased by the 64 × 128 products).
+        let x_bytes = (2 * MMA_TILE_ROWS * 136 * 2).max(MMA_TILE_ROWS * 128 * 4);
+        dev.launch(
+            &dev.kernels.trellis_mma_tm64,
+            Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS)
+                .shared(words_bytes + x_bytes),
+            &mut launch,
+        );
+        return;
+    }
     let x_bytes = 2 * map.tile_rows * 128 * 4;
-    let mut args = Args::new();
-    args.arg(table)
-        .arg(map.tiles)
-        .arg(to_i32(rows))
-        .arg(map.src_rows)
-        .arg(io.x)
-        .arg(x_up)
-        .arg(to_i32(io.in_stride))
-        .arg(to_i32(in_features))
-        .arg(to_i32(k_pad))
-        .arg(to_i32(n_pad))
-        .arg(to_i32(ktiles_per_split))
-        .arg(to_i32(splits))
-        .arg(partial)
-        .arg(tickets)
-        .arg(io.out)
-        .arg(to_i32(io.out_stride))
-        .arg(to_i32(out_features));
     dev.launch(
         tile_kernel(&dev.kernels.trellis_linear, map.tile_rows),
         Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS).shared(words_bytes + x_bytes),
-        &mut args,
+        &mut launch,
     );
 }
 
@@ -500,7 +682,6 @@ pub(crate) fn linear_forward(
     rows: usize,
     out: u64,
 ) {
-    let map = RowMap::plain(rows);
     match w {
         CudaLinear::Trellis(t) => trellis_forward(
             dev,
@@ -508,7 +689,7 @@ pub(crate) fn linear_forward(
             t.table.ptr,
             t.shape,
             t.desc.bits_x2,
-            &map,
+            &RowMap::plain_trellis(dev, rows),
             Io {
                 x,
                 in_stride: t.shape.in_features,
@@ -523,7 +704,7 @@ pub(crate) fn linear_forward(
             d.dtype,
             d.in_features,
             d.out_features,
-            &map,
+            &RowMap::plain(rows),
             Io {
                 x,
                 in_stride: d.in_features,
@@ -564,6 +745,116 @@ mod tests {
         let hi = u64::from(words_u32[i0 as usize]);
         let lo = u64::from(words_u32[i1 as usize]);
         ((((hi << 32) | lo) >> shift) & 0xFFFF) as u16
+    }
+
+    /// The fused kernels' window extraction (`lane_plan_init` / `decode_tile8`), transcribed:
+    /// each half of a lane's eight states comes from one 64-bit window of three words.
+    fn kernel_window_states(words_u32: &[u32], bits_x2: i32, lane: i32) -> [u16; 8] {
+        let stream_end = |t: i32| {
+            let whole = bits_x2 >> 1;
+            if bits_x2 & 1 == 1 {
+                (t + 1) * whole + ((t + 1) >> 1)
+            } else {
+                (t + 1) * whole
+            }
+        };
+        let nw = (4 * bits_x2) as usize;
+        let ring = 128 * bits_x2;
+        let funnel_l = |lo: u32, hi: u32, sh: i32| -> u32 {
+            ((((u64::from(hi)) << 32) | u64::from(lo)) << (sh & 31) >> 32) as u32
+        };
+        let funnel_rc = |lo: u32, hi: u32, sh: i32| -> u32 {
+            ((((u64::from(hi)) << 32) | u64::from(lo)) >> sh.min(32)) as u32
+        };
+        let mut out = [0u16; 8];
+        for h in 0..2 {
+            let t0 = 8 * lane + 4 * h;
+            let start = (stream_end(t0) - 16 + ring) % ring;
+            let w0 = (start >> 5) as usize;
+            let (a, b, c) = (
+                words_u32[w0],
+                words_u32[(w0 + 1) % nw],
+                words_u32[(w0 + 2) % nw],
+            );
+            let off = start & 31;
+            let hi = funnel_l(b, a, off);
+            let lo = funnel_l(c, b, off);
+            for i in 0..4 {
+                let sh = 32 - (stream_end(i) - stream_end(0));
+                out[(4 * h + i) as usize] = (funnel_rc(lo, hi, sh) >> 16) as u16;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn kernel_window_extraction_matches_the_codec() {
+        let mut seed = 0x0fed_cba9_8765_4321u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for bits in BitWidth::ALL {
+            for _ in 0..4 {
+                let words: Vec<u16> = (0..bits.tile_words()).map(|_| next() as u16).collect();
+                let u32s: Vec<u32> = words
+                    .chunks_exact(2)
+                    .map(|p| u32::from(p[0]) | (u32::from(p[1]) << 16))
+                    .collect();
+                let states = tile_states(&words, bits);
+                let bits_x2 = (bits.as_f64() * 2.0) as i32;
+                for lane in 0..32 {
+                    let got = kernel_window_states(&u32s, bits_x2, lane);
+                    for (j, &state) in got.iter().enumerate() {
+                        assert_eq!(
+                            state,
+                            states[8 * lane as usize + j],
+                            "K = {bits}, lane {lane}, slot {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `codebook_pair`'s arithmetic (fp16 FMA on 0x6400 + byte sum for mul1, one fp16 addition
+    /// of the halves for 3INST/mcg), evaluated exactly and rounded once, equals the codec's
+    /// decode for every state.
+    #[test]
+    fn kernel_pair_codebooks_match_the_codec() {
+        use half::f16;
+        use trellis_codec::Codebook;
+        for state in 0..=u16::MAX {
+            let s = u32::from(state);
+            let x = s.wrapping_mul(0x83DC_D12D);
+            let byte_sum: u32 = x.to_le_bytes().iter().map(|&b| u32::from(b)).sum();
+            let h = f16::from_bits((0x6400 + byte_sum) as u16).to_f64();
+            let mul1 = f16::from_f64(
+                h * f16::from_bits(0x1EEE).to_f64() + f16::from_bits(0xC931).to_f64(),
+            );
+            assert_eq!(
+                mul1.to_bits(),
+                Codebook::Mul1.decode(state).to_bits(),
+                "mul1 {state}"
+            );
+            for (cb, mult, add) in [
+                (Codebook::Inst3, 89_226_354u32, 64_248_484u32),
+                (Codebook::Mcg, 0xCBAC_1FED, 0),
+            ] {
+                let x = (s.wrapping_mul(mult).wrapping_add(add) & 0x8FFF_8FFF) ^ 0x3B60_3B60;
+                let lo = f16::from_bits(x as u16).to_f64();
+                let hi = f16::from_bits((x >> 16) as u16).to_f64();
+                let w = f16::from_f64(lo + hi);
+                assert_eq!(
+                    w.to_bits(),
+                    cb.decode(state).to_bits(),
+                    "{} {state}",
+                    cb.name()
+                );
+            }
+        }
     }
 
     #[test]

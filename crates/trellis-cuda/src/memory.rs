@@ -17,9 +17,17 @@ use trellis_backend::{BackendError, Batch, Result};
 pub(crate) struct MemoryCounter {
     current: AtomicU64,
     peak: AtomicU64,
+    /// Count of frees: a recorded graph holds raw addresses, so it is only replayed while no
+    /// allocation has been released since it was recorded.
+    frees: AtomicU64,
 }
 
 impl MemoryCounter {
+    /// Frees so far (see `frees`).
+    pub fn generation(&self) -> u64 {
+        self.frees.load(Ordering::Acquire)
+    }
+
     fn add(&self, bytes: u64) {
         let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(now, Ordering::Relaxed);
@@ -27,6 +35,7 @@ impl MemoryCounter {
 
     fn sub(&self, bytes: u64) {
         self.current.fetch_sub(bytes, Ordering::Relaxed);
+        self.frees.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn peak(&self) -> u64 {
@@ -139,6 +148,12 @@ impl<T: DeviceRepr + ValidAsZeroBits> Growable<T> {
     /// Address of at least `len` elements; contents are unspecified after growth.
     pub fn ensure(&mut self, dev: &Device, len: usize) -> u64 {
         if self.mem.as_ref().is_none_or(|m| m.len() < len) {
+            if dev.capture.is_capturing() {
+                // No allocation inside a recording: the recording is dropped and the step run
+                // directly, which grows the area; the address returned here is never used.
+                dev.capture.mark_broken();
+                return self.mem.as_ref().map_or(0, |m| m.ptr);
+            }
             // Grow by half again so that slowly rising sizes do not reallocate every call.
             let old = self.mem.as_ref().map_or(0, DeviceMem::len);
             let new_len = len.max(old + old / 2);
@@ -180,6 +195,11 @@ impl StepInputs {
             block_size: 0,
             ready: false,
         }
+    }
+
+    /// Rows of the inputs last uploaded.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     pub fn upload(&mut self, dev: &Device, tokens: &[u32], batch: &Batch<'_>) {
@@ -239,6 +259,9 @@ pub(crate) struct Scratch {
     /// Trellis linear: per (row tile, column block) count of finished splits; always zero
     /// between launches (the last split resets it).
     pub tickets: Growable<u32>,
+    /// MoE routing: logits `[rows, experts]` and per-token tickets (+1 for the launch).
+    pub route_logits: Growable<f32>,
+    pub route_tickets: Growable<u32>,
     /// MoE: per pair source token, expert, and the pair index of each routing entry.
     pub pair_src: Growable<i32>,
     pub pair_desc: Growable<i32>,
@@ -263,6 +286,8 @@ impl Scratch {
             xh: Growable::new("trellis input transform"),
             partial: Growable::new("trellis partial sums"),
             tickets: Growable::new("trellis split tickets"),
+            route_logits: Growable::new("MoE router logits"),
+            route_tickets: Growable::new("MoE routing tickets"),
             pair_src: Growable::new("MoE pair tokens"),
             pair_desc: Growable::new("MoE pair experts"),
             pair_of: Growable::new("MoE routing pairs"),

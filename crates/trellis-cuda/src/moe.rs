@@ -1,12 +1,15 @@
 //! Mixture of experts on the device: routing, and expert evaluation over the (token, expert)
 //! pairs grouped by expert — a fixed sequence of launches with no host synchronisation.
 
-use crate::device::{Args, Device, Grid};
+use crate::device::{Args, Device, Grid, ROUTE_SHARED_BYTES};
 use crate::linear::{
-    CudaLinear, DenseDesc, DenseType, Io, RowMap, TrellisDesc, TrellisShape, dense_forward,
-    tile_rows_for, trellis_forward, unsupported,
+    CudaLinear, DenseDesc, DenseType, Io, RowMap, TrellisDesc, TrellisJob, TrellisShape,
+    TrellisTarget, dense_forward, tile_rows_for, trellis_forward, trellis_launch,
+    trellis_tile_rows, unsupported,
 };
 use crate::memory::{DeviceMem, Scratch};
+use std::sync::Mutex;
+use trellis_backend::GatedMlp;
 use trellis_backend::{BackendError, GroupRanking, Result, RouterSpec, ScoringFunction};
 use trellis_format::LinearWeights;
 
@@ -46,6 +49,10 @@ pub struct CudaExperts {
     /// Keeps every expert's weights alive; the tables point into them.
     _experts: Vec<(CudaLinear, CudaLinear, CudaLinear)>,
     tables: ExpertTables,
+    /// Host copies of the trellis descriptor tables (gate, up, down), to append a shared expert.
+    descs: [Vec<TrellisDesc>; 3],
+    /// The tables with a shared expert appended (see [`moe_block`]).
+    with_shared: Mutex<Option<WithShared>>,
     count: usize,
     hidden: usize,
     intermediate: usize,
@@ -151,6 +158,7 @@ pub(crate) fn upload_experts(
         }
     }
     let count = experts.len();
+    let mut host_descs: [Vec<TrellisDesc>; 3] = Default::default();
     let tables = match &first.0 {
         CudaLinear::Trellis(_) => {
             let mut descs: [Vec<TrellisDesc>; 3] = Default::default();
@@ -173,6 +181,7 @@ pub(crate) fn upload_experts(
                 }
             }
             let max_bits = |p: usize| descs[p].iter().map(|d| d.bits_x2).max().unwrap_or(2);
+            host_descs.clone_from(&descs);
             ExpertTables::Trellis {
                 max_bits_x2: [max_bits(0), max_bits(1), max_bits(2)],
                 tables: [
@@ -212,6 +221,8 @@ pub(crate) fn upload_experts(
     Ok(CudaExperts {
         _experts: experts,
         tables,
+        descs: host_descs,
+        with_shared: Mutex::new(None),
         count,
         hidden,
         intermediate,
@@ -222,12 +233,67 @@ fn to_i32(v: usize) -> i32 {
     i32::try_from(v).expect("size fits the kernels' 32-bit ints")
 }
 
-pub(crate) fn route(
+/// Parameters of `moe_route` (mirrors `RouteArgs` in `kernels/moe.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RouteArgs {
+    gate: u64,
+    selection_bias: u64,
+    x: u64,
+    norm_w: u64,
+    h_out: u64,
+    logits: u64,
+    tickets: u64,
+    ids: u64,
+    weights: u64,
+    pair_src: u64,
+    pair_desc: u64,
+    pair_of: u64,
+    tiles: u64,
+    hidden: i32,
+    experts: i32,
+    top_k: i32,
+    softmax_scoring: i32,
+    n_group: i32,
+    topk_group: i32,
+    top_two_sum: i32,
+    normalize: i32,
+    scaling: f32,
+    eps: f32,
+    per_block: i32,
+    shared_id: i32,
+    tile_rows: i32,
+    max_tiles: i32,
+}
+// SAFETY: plain `repr(C)` data whose layout matches the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for RouteArgs {}
+
+const ROUTE_THREADS: u32 = 512;
+
+/// Where the routing kernel's expert grouping goes (see `moe_plan_body` in `kernels/moe.cu`).
+#[derive(Clone, Copy, Debug)]
+struct PlanOut {
+    shared_id: i32,
+    tile_rows: usize,
+    max_tiles: usize,
+    pair_src: u64,
+    pair_desc: u64,
+    pair_of: u64,
+    tiles: u64,
+}
+
+/// Route `rows` tokens: with `norm`, the router input is `RMSNorm(x)·weight`, also written to
+/// `h_out`; with `plan`, the launch also groups the pairs by expert.
+#[allow(clippy::too_many_arguments)]
+fn route_launch(
     dev: &Device,
+    scratch: &mut Scratch,
     router: &CudaRouter,
     x: u64,
+    norm: Option<(u64, f32, u64)>,
     rows: usize,
     routing: &mut CudaRouting,
+    plan: Option<PlanOut>,
 ) {
     let spec = &router.spec;
     assert!(
@@ -240,24 +306,296 @@ pub(crate) fn route(
     if rows == 0 {
         return;
     }
-    let mut args = Args::new();
-    args.arg(router.gate.ptr)
-        .arg(router.selection_bias.as_ref().map_or(0, |b| b.ptr))
-        .arg(x)
-        .arg(to_i32(router.hidden))
-        .arg(to_i32(spec.num_experts))
-        .arg(to_i32(spec.top_k))
-        .arg(i32::from(spec.scoring == ScoringFunction::Softmax))
-        .arg(to_i32(spec.n_group))
-        .arg(to_i32(spec.topk_group))
-        .arg(i32::from(spec.group_ranking == GroupRanking::TopTwoSum))
-        .arg(i32::from(spec.normalize))
-        .arg(spec.scaling)
-        .arg(routing.ids.ptr)
-        .arg(routing.weights.ptr);
+    let hidden = router.hidden;
+    let row_bytes = 4 * (hidden + 8);
+    assert!(
+        row_bytes + 4 * hidden <= ROUTE_SHARED_BYTES,
+        "routing over {hidden} inputs needs more shared memory than the kernel takes"
+    );
+    let per_block = ((ROUTE_SHARED_BYTES - 4 * hidden) / row_bytes).clamp(1, 32);
+    // Spread the gate over at least a few blocks per token.
+    let per_block = per_block.min(spec.num_experts.div_ceil(8)).max(1);
+    let groups = spec.num_experts.div_ceil(per_block);
+    let logits = scratch.route_logits.ensure(dev, rows * spec.num_experts);
+    let tickets = scratch.route_tickets.ensure(dev, rows + 1);
+    let plan = plan.unwrap_or(PlanOut {
+        shared_id: -1,
+        tile_rows: 1,
+        max_tiles: 0,
+        pair_src: 0,
+        pair_desc: 0,
+        pair_of: 0,
+        tiles: 0,
+    });
+    let args = RouteArgs {
+        gate: router.gate.ptr,
+        selection_bias: router.selection_bias.as_ref().map_or(0, |b| b.ptr),
+        x,
+        norm_w: norm.map_or(0, |n| n.0),
+        h_out: norm.map_or(0, |n| n.2),
+        logits,
+        tickets,
+        ids: routing.ids.ptr,
+        weights: routing.weights.ptr,
+        pair_src: plan.pair_src,
+        pair_desc: plan.pair_desc,
+        pair_of: plan.pair_of,
+        tiles: plan.tiles,
+        hidden: to_i32(hidden),
+        experts: to_i32(spec.num_experts),
+        top_k: to_i32(spec.top_k),
+        softmax_scoring: i32::from(spec.scoring == ScoringFunction::Softmax),
+        n_group: to_i32(spec.n_group),
+        topk_group: to_i32(spec.topk_group),
+        top_two_sum: i32::from(spec.group_ranking == GroupRanking::TopTwoSum),
+        normalize: i32::from(spec.normalize),
+        scaling: spec.scaling,
+        eps: norm.map_or(0.0, |n| n.1),
+        per_block: to_i32(per_block),
+        shared_id: plan.shared_id,
+        tile_rows: to_i32(plan.tile_rows),
+        max_tiles: to_i32(plan.max_tiles),
+    };
+    let mut launch = Args::new();
+    launch.arg_struct(&args);
     dev.launch(
         &dev.kernels.moe_route,
-        Grid::new((rows, 1, 1), 512),
+        Grid::new((groups, rows, 1), ROUTE_THREADS).shared(4 * (per_block * (hidden + 8) + hidden)),
+        &mut launch,
+    );
+}
+
+pub(crate) fn route(
+    dev: &Device,
+    scratch: &mut Scratch,
+    router: &CudaRouter,
+    x: u64,
+    rows: usize,
+    routing: &mut CudaRouting,
+) {
+    route_launch(dev, scratch, router, x, None, rows, routing, None);
+}
+
+/// Descriptor tables of the experts with the shared expert appended as one more expert (id
+/// `count`), built on first use for that shared expert.
+pub(crate) struct WithShared {
+    key: u64,
+    tables: [DeviceMem<TrellisDesc>; 3],
+    max_bits_x2: [i32; 3],
+}
+
+/// The shared expert's three trellis projections, if they fit the routed experts' padded
+/// shapes (then it runs in the experts' launches).
+fn shared_descs(
+    experts: &CudaExperts,
+    shared: &GatedMlp<'_, crate::CudaBackend>,
+) -> Option<[TrellisDesc; 3]> {
+    let ExpertTables::Trellis { shapes, .. } = &experts.tables else {
+        return None;
+    };
+    let list = [shared.gate, shared.up, shared.down];
+    let mut descs = [TrellisDesc::default(); 3];
+    for (p, linear) in list.into_iter().enumerate() {
+        let CudaLinear::Trellis(t) = linear else {
+            return None;
+        };
+        if t.shape != shapes[p] {
+            return None;
+        }
+        descs[p] = t.desc;
+    }
+    Some(descs)
+}
+
+/// The whole MoE block with a fused router-input norm, the shared expert run with the routed
+/// ones and the residual added by the combine: `x += Σ_j w_j·expert_j(h) + shared(h)`,
+/// `h = RMSNorm(x)·norm` (written to `h`). Returns false (nothing enqueued) when the experts
+/// or the shared expert do not fit the fused path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_block(
+    dev: &Device,
+    scratch: &mut Scratch,
+    x: u64,
+    norm: (u64, f32),
+    h: u64,
+    rows: usize,
+    router: &CudaRouter,
+    experts: &CudaExperts,
+    shared: Option<&GatedMlp<'_, crate::CudaBackend>>,
+    routing: &mut CudaRouting,
+) -> bool {
+    if dev.unfused_linear || router.hidden != experts.hidden {
+        return false;
+    }
+    let ExpertTables::Trellis {
+        tables,
+        shapes,
+        max_bits_x2,
+    } = &experts.tables
+    else {
+        return false;
+    };
+    // Tables with the shared expert appended (id = count), built once.
+    let mut with_shared = experts.with_shared.lock().expect("shared expert tables");
+    let (tables, max_bits_x2, shared_id) = match shared {
+        None => (
+            [tables[0].ptr, tables[1].ptr, tables[2].ptr],
+            *max_bits_x2,
+            -1,
+        ),
+        Some(mlp) => {
+            let Some(descs) = shared_descs(experts, mlp) else {
+                return false;
+            };
+            let key = descs[0].words;
+            if with_shared.as_ref().is_none_or(|w| w.key != key) {
+                if dev.capture.is_capturing() {
+                    dev.capture.mark_broken();
+                    return true;
+                }
+                let mut all: [Vec<TrellisDesc>; 3] = Default::default();
+                for (p, list) in all.iter_mut().enumerate() {
+                    *list = experts.descs[p].clone();
+                    list.push(descs[p]);
+                }
+                let upload = |p: usize| {
+                    DeviceMem::from_host(dev, &all[p], "expert tables with the shared expert")
+                        .unwrap_or_else(|e| panic!("{e}"))
+                };
+                *with_shared = Some(WithShared {
+                    key,
+                    tables: [upload(0), upload(1), upload(2)],
+                    max_bits_x2: [0, 1, 2].map(|p| max_bits_x2[p].max(descs[p].bits_x2)),
+                });
+            }
+            let w = with_shared.as_ref().expect("built above");
+            (
+                [w.tables[0].ptr, w.tables[1].ptr, w.tables[2].ptr],
+                w.max_bits_x2,
+                to_i32(experts.count),
+            )
+        }
+    };
+    if rows == 0 {
+        return true;
+    }
+    let (hidden, inter, top_k) = (experts.hidden, experts.intermediate, routing.top_k);
+    let groups_used = usize::from(shared_id >= 0);
+    let pairs = rows * (top_k + groups_used);
+    let used_experts = experts.count.min(rows * top_k) + groups_used;
+    let tile_rows = trellis_tile_rows(dev, pairs.div_ceil(used_experts));
+    let max_tiles = pairs.div_ceil(tile_rows) + used_experts;
+    let pair_src = scratch.pair_src.ensure(dev, pairs);
+    let pair_desc = scratch.pair_desc.ensure(dev, pairs);
+    let pair_of = scratch.pair_of.ensure(dev, pairs);
+    let tiles = scratch.tiles.ensure(dev, 3 * max_tiles);
+    let gate = scratch.moe_gate.ensure(dev, pairs * inter);
+    let up = scratch.moe_up.ensure(dev, pairs * inter);
+    let down = scratch.moe_down.ensure(dev, pairs * hidden);
+
+    route_launch(
+        dev,
+        scratch,
+        router,
+        x,
+        Some((norm.0, norm.1, h)),
+        rows,
+        routing,
+        Some(PlanOut {
+            shared_id,
+            tile_rows,
+            max_tiles,
+            pair_src,
+            pair_desc,
+            pair_of,
+            tiles,
+        }),
+    );
+    let gathered = RowMap {
+        rows: pairs,
+        tile_rows,
+        tiles,
+        num_tiles: max_tiles,
+        row_desc: pair_desc,
+        src_rows: pair_src,
+    };
+    let sorted = RowMap {
+        src_rows: 0,
+        ..gathered
+    };
+    let target = |p: usize, out: u64, out_stride: usize| TrellisTarget {
+        table: tables[p],
+        shape: shapes[p],
+        max_bits_x2: max_bits_x2[p],
+        out,
+        out_stride,
+    };
+    // gate and up in one launch, then down with silu(gate) ⊙ up applied as it reads.
+    trellis_launch(
+        dev,
+        scratch,
+        &TrellisJob {
+            map: &gathered,
+            x: h,
+            in_stride: hidden,
+            x_up: 0,
+            norm: None,
+            residual: false,
+            targets: &[target(0, gate, inter), target(1, up, inter)],
+        },
+    );
+    trellis_launch(
+        dev,
+        scratch,
+        &TrellisJob {
+            map: &sorted,
+            x: gate,
+            in_stride: inter,
+            x_up: up,
+            norm: None,
+            residual: false,
+            targets: &[target(2, down, hidden)],
+        },
+    );
+    combine(
+        dev,
+        down,
+        pair_of,
+        routing,
+        rows,
+        hidden,
+        shared_id >= 0,
+        true,
+        x,
+    );
+    true
+}
+
+/// `out (+)= Σ_j w_j · down[pair_of[r, j]] (+ shared)`.
+#[allow(clippy::too_many_arguments)]
+fn combine(
+    dev: &Device,
+    down: u64,
+    pair_of: u64,
+    routing: &CudaRouting,
+    rows: usize,
+    hidden: usize,
+    has_shared: bool,
+    residual: bool,
+    out: u64,
+) {
+    let mut args = Args::new();
+    args.arg(down)
+        .arg(pair_of)
+        .arg(routing.weights.ptr)
+        .arg(to_i32(routing.top_k))
+        .arg(to_i32(hidden))
+        .arg(i32::from(has_shared))
+        .arg(i32::from(residual))
+        .arg(out);
+    dev.launch(
+        &dev.kernels.moe_combine,
+        Grid::new((hidden.div_ceil(256), rows, 1), 256),
         &mut args,
     );
 }
@@ -280,7 +618,10 @@ pub(crate) fn experts_forward(
     let (hidden, inter, top_k) = (experts.hidden, experts.intermediate, routing.top_k);
     let pairs = rows * top_k;
     let used_experts = experts.count.min(pairs);
-    let tile_rows = tile_rows_for(pairs.div_ceil(used_experts));
+    let tile_rows = match experts.tables {
+        ExpertTables::Trellis { .. } => trellis_tile_rows(dev, pairs.div_ceil(used_experts)),
+        ExpertTables::Dense { .. } => tile_rows_for(pairs.div_ceil(used_experts)),
+    };
     let max_tiles = pairs.div_ceil(tile_rows) + used_experts;
 
     let pair_src = scratch.pair_src.ensure(dev, pairs);
@@ -296,6 +637,7 @@ pub(crate) fn experts_forward(
         .arg(to_i32(rows))
         .arg(to_i32(top_k))
         .arg(to_i32(experts.count))
+        .arg(-1i32)
         .arg(to_i32(tile_rows))
         .arg(to_i32(max_tiles))
         .arg(pair_src)
@@ -368,16 +710,5 @@ pub(crate) fn experts_forward(
         }
     }
 
-    let mut args = Args::new();
-    args.arg(down)
-        .arg(pair_of)
-        .arg(routing.weights.ptr)
-        .arg(to_i32(top_k))
-        .arg(to_i32(hidden))
-        .arg(out);
-    dev.launch(
-        &dev.kernels.moe_combine,
-        Grid::new((hidden.div_ceil(256), rows, 1), 256),
-        &mut args,
-    );
+    combine(dev, down, pair_of, routing, rows, hidden, false, false, out);
 }

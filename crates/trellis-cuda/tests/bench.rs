@@ -10,8 +10,8 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use std::cell::RefCell;
 use trellis_backend::{
-    Backend, Batch, GroupRanking, KvCacheLayout, KvDtype, MlaSpec, RopeSpec, RouterSpec,
-    ScoringFunction,
+    Backend, Batch, GatedMlp, GroupRanking, KvCacheLayout, KvDtype, MlaSpec, MoeScratch, RopeSpec,
+    RouterSpec, ScoringFunction, StepKey,
 };
 use trellis_codec::{BitWidth, Codebook};
 use trellis_cuda::{
@@ -158,9 +158,21 @@ fn op_timings() {
             us,
             None,
         );
-        let us = time_us(g, || layer.decode_layer(&mut cache, ctx));
+        let ops_us = time_us(g, || layer.decode_layer_ops(&mut cache, ctx));
         row(
-            format!("GLM full MoE layer decode ctx {ctx} (K=3)"),
+            format!("GLM MoE layer decode, separate ops ctx {ctx}"),
+            ops_us,
+            Some(layer.layer_bytes),
+        );
+        let fused_us = time_us(g, || layer.decode_layer(&mut cache, ctx));
+        row(
+            format!("GLM MoE layer decode, fused ops ctx {ctx}"),
+            fused_us,
+            Some(layer.layer_bytes),
+        );
+        let us = time_us(g, || layer.decode_layer_graph(&mut cache, ctx));
+        row(
+            format!("GLM full MoE layer decode ctx {ctx} (K=3, graph)"),
             us,
             Some(layer.layer_bytes),
         );
@@ -187,7 +199,7 @@ fn op_timings() {
     } else {
         "fused trellis linears".to_string()
     };
-    let waves = std::env::var(trellis_cuda::SPLIT_WAVES_ENV).unwrap_or_else(|_| "2".into());
+    let waves = std::env::var(trellis_cuda::SPLIT_WAVES_ENV).unwrap_or_else(|_| "4".into());
     eprintln!(
         "\nop timings, {variant}, split waves {waves} (CUDA events, median of {RUNS} runs of {CALLS} calls):\n{}\nend of op timings",
         table.join("\n")
@@ -463,7 +475,82 @@ impl GlmLayer {
         g.moe_experts(&self.experts, &b.h, rows, &b.routing, &mut b.out);
     }
 
+    /// One decode layer as the model runs it (fused ops).
     fn decode_layer(&self, cache: &mut CudaKvCache, ctx: usize) {
+        let g = gpu();
+        let b = &mut *self.bufs.borrow_mut();
+        let Buffers {
+            x,
+            h,
+            q_latent,
+            q,
+            ckv,
+            ..
+        } = b;
+        g.rms_norm_linears(
+            x,
+            &self.input_norm,
+            1e-5,
+            1,
+            h,
+            &mut [(&self.q_a, q_latent), (&self.kv_a, ckv)],
+        );
+        g.rms_norm_linears(q_latent, &self.q_norm, 1e-6, 1, h, &mut [(&self.q_b, q)]);
+        self.attention_step(b, cache, ctx);
+        g.linear_add(&self.o, &b.attn, 1, HIDDEN, &mut b.out, &mut b.x);
+        let shared = GatedMlp {
+            gate: &self.shared[0],
+            up: &self.shared[1],
+            down: &self.shared[2],
+            intermediate: 1536,
+        };
+        g.moe_block(
+            &mut b.x,
+            &self.input_norm,
+            1e-5,
+            1,
+            HIDDEN,
+            &self.router,
+            &self.experts,
+            Some(&shared),
+            &mut b.routing,
+            MoeScratch {
+                h: &mut b.h,
+                out: &mut b.out,
+                shared_out: &mut b.shared_out,
+                gate: &mut b.gate,
+                up: &mut b.up,
+            },
+        );
+    }
+
+    /// The same layer recorded once as a graph and replayed (as a decode step is).
+    fn decode_layer_graph(&self, cache: &mut CudaKvCache, ctx: usize) {
+        let layout = Self::layout(ctx);
+        let tables: Vec<u32> = (0..layout.num_blocks as u32).collect();
+        let pos = [ctx as u32];
+        let batch = Batch {
+            positions: &pos,
+            sequence: &[0],
+            block_tables: &tables,
+            blocks_per_sequence: layout.num_blocks,
+            block_size: BLOCK,
+        };
+        let key = StepKey {
+            tokens: &[0],
+            batch: &batch,
+            logit_rows: &[],
+        };
+        gpu()
+            .run_step(&key, &mut || -> Result<(), ()> {
+                self.decode_layer(cache, ctx);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// The layer as the separate ops of the first CUDA backend (before fusion).
+    fn decode_layer_ops(&self, cache: &mut CudaKvCache, ctx: usize) {
         let g = gpu();
         let b = &mut *self.bufs.borrow_mut();
         g.rms_norm(&b.x, &self.input_norm, 1e-5, 1, &mut b.h);

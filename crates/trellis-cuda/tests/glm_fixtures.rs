@@ -5,7 +5,7 @@
 mod common;
 
 use common::{cpu, gpu};
-use trellis_backend::{Backend, Batch, KvDtype};
+use trellis_backend::{Backend, Batch, KvDtype, StepKey};
 use trellis_format::ModelDir;
 use trellis_models::{CausalLm, LoadOptions};
 use trellis_testutil::{TensorFile, argmax, fixture, rel_l2, top2_margin};
@@ -93,8 +93,18 @@ impl<B: Backend + 'static> Harness<B> {
                 blocks_per_sequence: layout.num_blocks,
                 block_size: BLOCK,
             };
-            self.model
-                .forward(self.backend, &[tok], &batch, &mut cache, &[0], None)
+            // Decode steps go through run_step, as the engine's do (recorded and replayed as
+            // CUDA graphs on the GPU).
+            let key = StepKey {
+                tokens: &[tok],
+                batch: &batch,
+                logit_rows: &[0],
+            };
+            let (model, backend) = (&mut self.model, self.backend);
+            backend
+                .run_step(&key, &mut || {
+                    model.forward(backend, &[tok], &batch, &mut cache, &[0], None)
+                })
                 .unwrap();
             self.model.read_logits(self.backend, &mut row);
             out.extend_from_slice(&row);
@@ -176,8 +186,9 @@ fn check_exl3(name: &str) {
         );
     }
     eprintln!(
-        "{name} teacher-forced {} steps: worst GPU vs ExLlamaV3 {worst_ref:.3e}, GPU vs CPU {worst_cpu:.3e}",
-        greedy.len()
+        "{name} teacher-forced {} steps: worst GPU vs ExLlamaV3 {worst_ref:.3e}, GPU vs CPU {worst_cpu:.3e} ({} step graphs recorded so far)",
+        greedy.len(),
+        gpu().recorded_steps()
     );
 }
 

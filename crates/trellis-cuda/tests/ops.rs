@@ -834,3 +834,570 @@ fn write_read_round_trip() {
     assert_eq!(read_gpu(&b, 1000), v);
     assert!(read_gpu(&b, 1024)[1000..].iter().all(|x| x.is_nan()));
 }
+
+/// `rms_norm_linears` (RMSNorm fused into one launch of one or two trellis weights), and the
+/// composite fallbacks (dense weights, a norm of another width), against the CPU's
+/// `rms_norm` + `linear`.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_norm_linears() {
+    let mut r = rng(20);
+    let (c, g) = (cpu(), gpu());
+    // (in, [outs], bits, codebooks): GLM's q_a + kv_a pair, its q_b, a padded pair with a bias.
+    let cases: [(usize, &[usize], f64); 4] = [
+        (2048, &[768, 576], 3.0),
+        (768, &[5120], 4.0),
+        (500, &[300, 130], 2.5),
+        (256, &[384], 2.0),
+    ];
+    for (ci, (in_f, outs, bits)) in cases.into_iter().enumerate() {
+        let bits = BitWidth::from_f64(bits).unwrap();
+        let norm = (0..in_f)
+            .map(|_| r.random_range(0.5f32..1.5))
+            .collect::<Vec<_>>();
+        let (cn, gn) = (
+            c.upload_vector(&norm).unwrap(),
+            g.upload_vector(&norm).unwrap(),
+        );
+        let weights: Vec<_> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| {
+                let cb = Codebook::ALL[(ci + i) % 3];
+                let cb = if bits.is_integer() {
+                    cb
+                } else {
+                    Codebook::Mul1
+                };
+                LinearWeights::Trellis(random_trellis(&mut r, in_f, o, bits, cb, ci == 2))
+            })
+            .collect();
+        let cw: Vec<_> = weights
+            .iter()
+            .map(|w| c.upload_linear("w", w).unwrap())
+            .collect();
+        let gw: Vec<_> = weights
+            .iter()
+            .map(|w| g.upload_linear("w", w).unwrap())
+            .collect();
+        for rows in [1usize, 3, 17, 40] {
+            let x = uniform(&mut r, rows * in_f, 2.0);
+            let cx = trellis_backend::cpu::CpuBuffer(x.clone());
+            let mut ch = c.alloc(rows * in_f).unwrap();
+            let mut couts: Vec<_> = outs.iter().map(|&o| c.alloc(rows * o).unwrap()).collect();
+            {
+                let mut pairs: Vec<_> = cw.iter().zip(couts.iter_mut()).collect();
+                c.rms_norm_linears(&cx, &cn, 1e-5, rows, &mut ch, &mut pairs);
+            }
+            let gx = gpu_buffer(&x, 0);
+            let mut gh = g.alloc(rows * in_f).unwrap();
+            let spare = 32;
+            let mut gouts: Vec<_> = outs.iter().map(|&o| poisoned(rows * o + spare)).collect();
+            {
+                let mut pairs: Vec<_> = gw.iter().zip(gouts.iter_mut()).collect();
+                g.rms_norm_linears(&gx, &gn, 1e-5, rows, &mut gh, &mut pairs);
+            }
+            for (i, &o) in outs.iter().enumerate() {
+                let what = format!("norm+linear {in_f}→{outs:?} K={bits} output {i} rows {rows}");
+                check(
+                    &what,
+                    &read_gpu(&gouts[i], rows * o),
+                    &couts[i].0,
+                    LINEAR_TOL,
+                );
+                assert_tail_untouched(&what, &gouts[i], rows * o, spare);
+            }
+        }
+    }
+    // Fallbacks: a dense weight, and three trellis weights (more than one launch takes).
+    let in_f = 192;
+    let norm = uniform(&mut r, in_f, 1.0);
+    let (cn, gn) = (
+        c.upload_vector(&norm).unwrap(),
+        g.upload_vector(&norm).unwrap(),
+    );
+    let dense = float_bytes(&uniform(&mut r, 96 * in_f, 0.1), DType::F16);
+    let dshape = [96, in_f];
+    let weights = [
+        LinearWeights::Dense {
+            weight: view("d", DType::F16, &dshape, &dense),
+            bias: None,
+        },
+        LinearWeights::Trellis(random_trellis(
+            &mut r,
+            in_f,
+            200,
+            BitWidth::from_f64(3.0).unwrap(),
+            Codebook::Mul1,
+            false,
+        )),
+        LinearWeights::Trellis(random_trellis(
+            &mut r,
+            in_f,
+            72,
+            BitWidth::from_f64(4.0).unwrap(),
+            Codebook::Mcg,
+            false,
+        )),
+    ];
+    let outs = [96usize, 200, 72];
+    let cw: Vec<_> = weights
+        .iter()
+        .map(|w| c.upload_linear("w", w).unwrap())
+        .collect();
+    let gw: Vec<_> = weights
+        .iter()
+        .map(|w| g.upload_linear("w", w).unwrap())
+        .collect();
+    for (range, what) in [(0..1, "dense"), (1..3, "trellis pair"), (0..3, "three")] {
+        let rows = 5;
+        let x = uniform(&mut r, rows * in_f, 2.0);
+        let cx = trellis_backend::cpu::CpuBuffer(x.clone());
+        let mut ch = c.alloc(rows * in_f).unwrap();
+        let mut couts: Vec<_> = outs[range.clone()]
+            .iter()
+            .map(|&o| c.alloc(rows * o).unwrap())
+            .collect();
+        {
+            let mut pairs: Vec<_> = cw[range.clone()].iter().zip(couts.iter_mut()).collect();
+            c.rms_norm_linears(&cx, &cn, 1e-6, rows, &mut ch, &mut pairs);
+        }
+        let gx = gpu_buffer(&x, 0);
+        let mut gh = g.alloc(rows * in_f).unwrap();
+        let mut gouts: Vec<_> = outs[range.clone()]
+            .iter()
+            .map(|&o| poisoned(rows * o))
+            .collect();
+        {
+            let mut pairs: Vec<_> = gw[range.clone()].iter().zip(gouts.iter_mut()).collect();
+            g.rms_norm_linears(&gx, &gn, 1e-6, rows, &mut gh, &mut pairs);
+        }
+        for (i, &o) in outs[range.clone()].iter().enumerate() {
+            check(
+                &format!("norm+linears fallback {what} output {i}"),
+                &read_gpu(&gouts[i], rows * o),
+                &couts[i].0,
+                LINEAR_TOL,
+            );
+        }
+    }
+}
+
+/// `linear_add` (the residual added in the trellis launch's output stage) against the CPU's
+/// `linear` + `add`, and the dense fallback.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_linear_add() {
+    let mut r = rng(21);
+    let (c, g) = (cpu(), gpu());
+    let dense = float_bytes(&uniform(&mut r, 160 * 300, 0.1), DType::BF16);
+    let dshape = [160, 300];
+    let cases = [
+        (
+            5120,
+            2048,
+            LinearWeights::Trellis(random_trellis(
+                &mut r,
+                5120,
+                2048,
+                BitWidth::from_f64(3.0).unwrap(),
+                Codebook::Mul1,
+                false,
+            )),
+        ),
+        (
+            300,
+            200,
+            LinearWeights::Trellis(random_trellis(
+                &mut r,
+                300,
+                200,
+                BitWidth::from_f64(2.5).unwrap(),
+                Codebook::Mul1,
+                true,
+            )),
+        ),
+        (
+            300,
+            160,
+            LinearWeights::Dense {
+                weight: view("d", DType::BF16, &dshape, &dense),
+                bias: None,
+            },
+        ),
+    ];
+    for (in_f, out_f, w) in &cases {
+        let (cw, gw) = (
+            c.upload_linear("w", w).unwrap(),
+            g.upload_linear("w", w).unwrap(),
+        );
+        for rows in [1usize, 4, 19] {
+            let x = uniform(&mut r, rows * in_f, 1.0);
+            let res = uniform(&mut r, rows * out_f, 3.0);
+            let mut cres = trellis_backend::cpu::CpuBuffer(res.clone());
+            let mut ctmp = c.alloc(rows * out_f).unwrap();
+            c.linear_add(
+                &cw,
+                &trellis_backend::cpu::CpuBuffer(x.clone()),
+                rows,
+                *out_f,
+                &mut ctmp,
+                &mut cres,
+            );
+            let spare = 16;
+            let mut gres = gpu_buffer(&res, spare);
+            let mut gtmp = g.alloc(rows * out_f).unwrap();
+            g.linear_add(&gw, &gpu_buffer(&x, 0), rows, *out_f, &mut gtmp, &mut gres);
+            let what = format!("linear_add {in_f}→{out_f} rows {rows}");
+            check(&what, &read_gpu(&gres, rows * out_f), &cres.0, LINEAR_TOL);
+            assert_tail_untouched(&what, &gres, rows * out_f, spare);
+        }
+    }
+}
+
+/// `moe_block` (norm fused into routing, routing + grouping in one launch, gate and up in one
+/// launch, the shared expert run as one more expert, the residual added by the combine)
+/// against the CPU's composition of rms_norm, moe_route, moe_experts, the shared MLP and adds;
+/// and the fallbacks (a shared expert of another width, dense experts).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_moe_block() {
+    moe_block_case(
+        "moe block 16×(256→384) + shared",
+        16,
+        256,
+        384,
+        Some(384),
+        false,
+        30,
+    );
+    moe_block_case(
+        "moe block 8×(512→256), no shared",
+        8,
+        512,
+        256,
+        None,
+        false,
+        31,
+    );
+    moe_block_case(
+        "moe block shared of another width",
+        8,
+        256,
+        128,
+        Some(256),
+        false,
+        32,
+    );
+    moe_block_case("moe block dense experts", 8, 192, 160, Some(160), true, 33);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_block_case(
+    what: &str,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    shared_inter: Option<usize>,
+    dense: bool,
+    seed: u64,
+) {
+    use trellis_backend::{GatedMlp, MoeScratch};
+    let mut r = rng(seed);
+    let (c, g) = (cpu(), gpu());
+    let widths = [4.0, 3.0, 2.5, 2.0, 6.0, 3.5];
+    let mut store = Vec::new();
+    let mut make = |in_f: usize,
+                    out_f: usize,
+                    i: usize,
+                    r: &mut rand::rngs::StdRng|
+     -> (trellis_backend::cpu::CpuLinear, trellis_cuda::CudaLinear) {
+        if dense {
+            let bytes = float_bytes(&uniform(r, in_f * out_f, 0.08), DType::F16);
+            store.push(bytes.clone());
+            let shape = [out_f, in_f];
+            let w = LinearWeights::Dense {
+                weight: view("expert", DType::F16, &shape, &bytes),
+                bias: None,
+            };
+            return (
+                c.upload_linear("expert", &w).unwrap(),
+                g.upload_linear("expert", &w).unwrap(),
+            );
+        }
+        let bits = BitWidth::from_f64(widths[i % widths.len()]).unwrap();
+        let cb = if bits.is_integer() {
+            Codebook::ALL[i % 3]
+        } else {
+            Codebook::Mul1
+        };
+        let w = LinearWeights::Trellis(random_trellis(r, in_f, out_f, bits, cb, false));
+        (
+            c.upload_linear("expert", &w).unwrap(),
+            g.upload_linear("expert", &w).unwrap(),
+        )
+    };
+    let mut cpu_experts = Vec::new();
+    let mut gpu_experts = Vec::new();
+    for e in 0..experts {
+        let (cg, gg) = make(hidden, inter, e, &mut r);
+        let (cu, gu) = make(hidden, inter, e + 1, &mut r);
+        let (cd, gd) = make(inter, hidden, e + 2, &mut r);
+        cpu_experts.push((cg, cu, cd));
+        gpu_experts.push((gg, gu, gd));
+    }
+    let shared = shared_inter.map(|si| {
+        let (cg, gg) = make(hidden, si, 1, &mut r);
+        let (cu, gu) = make(hidden, si, 4, &mut r);
+        let (cd, gd) = make(si, hidden, 3, &mut r);
+        ((cg, cu, cd), (gg, gu, gd), si)
+    });
+    let cexp = c.upload_experts(cpu_experts).unwrap();
+    let gexp = g.upload_experts(gpu_experts).unwrap();
+    let spec = RouterSpec {
+        num_experts: experts,
+        top_k: 4,
+        scoring: ScoringFunction::Sigmoid,
+        n_group: 1,
+        topk_group: 1,
+        group_ranking: GroupRanking::TopTwoSum,
+        normalize: true,
+        scaling: 1.8,
+    };
+    let (bytes, shape) = router_weights(&mut r, experts, hidden);
+    let gate = LinearWeights::Dense {
+        weight: view("gate", DType::F32, &shape, &bytes),
+        bias: None,
+    };
+    let bias = uniform_any(&mut r, experts, 0.05);
+    let cr = c.upload_router(&gate, Some(&bias), &spec).unwrap();
+    let gr = g.upload_router(&gate, Some(&bias), &spec).unwrap();
+    let norm = (0..hidden)
+        .map(|_| r.random_range(0.5f32..1.5))
+        .collect::<Vec<_>>();
+    let (cn, gn) = (
+        c.upload_vector(&norm).unwrap(),
+        g.upload_vector(&norm).unwrap(),
+    );
+    let width = inter.max(shared_inter.unwrap_or(0));
+    let cshared = shared
+        .as_ref()
+        .map(|(cl, _, si)| GatedMlp::<trellis_backend::cpu::CpuBackend> {
+            gate: &cl.0,
+            up: &cl.1,
+            down: &cl.2,
+            intermediate: *si,
+        });
+    let gshared = shared
+        .as_ref()
+        .map(|(_, gl, si)| GatedMlp::<trellis_cuda::CudaBackend> {
+            gate: &gl.0,
+            up: &gl.1,
+            down: &gl.2,
+            intermediate: *si,
+        });
+    for rows in [1usize, 3, 17, 130] {
+        let x = uniform(&mut r, rows * hidden, 2.0);
+        let mut cx = trellis_backend::cpu::CpuBuffer(x.clone());
+        let mut croute = c.alloc_routing(rows, 4).unwrap();
+        let mut cbufs: Vec<_> = [hidden, hidden, hidden, width, width]
+            .iter()
+            .map(|&w| c.alloc(rows * w).unwrap())
+            .collect();
+        let [ch, cout, cso, cgate, cup] = &mut cbufs[..] else {
+            unreachable!()
+        };
+        c.moe_block(
+            &mut cx,
+            &cn,
+            1e-5,
+            rows,
+            hidden,
+            &cr,
+            &cexp,
+            cshared.as_ref(),
+            &mut croute,
+            MoeScratch {
+                h: ch,
+                out: cout,
+                shared_out: cso,
+                gate: cgate,
+                up: cup,
+            },
+        );
+        let spare = 16;
+        let mut gx = gpu_buffer(&x, spare);
+        let mut groute = g.alloc_routing(rows, 4).unwrap();
+        let mut gbufs: Vec<_> = [hidden, hidden, hidden, width, width]
+            .iter()
+            .map(|&w| g.alloc(rows * w).unwrap())
+            .collect();
+        let [gh, gout, gso, ggate, gup] = &mut gbufs[..] else {
+            unreachable!()
+        };
+        g.moe_block(
+            &mut gx,
+            &gn,
+            1e-5,
+            rows,
+            hidden,
+            &gr,
+            &gexp,
+            gshared.as_ref(),
+            &mut groute,
+            MoeScratch {
+                h: gh,
+                out: gout,
+                shared_out: gso,
+                gate: ggate,
+                up: gup,
+            },
+        );
+        assert_eq!(
+            g.read_routing(&groute, rows).0,
+            c.read_routing(&croute, rows).0,
+            "{what}: routing differs (rows {rows})"
+        );
+        let label = format!("{what} rows {rows}");
+        check(&label, &read_gpu(&gx, rows * hidden), &cx.0, LINEAR_TOL);
+        assert_tail_untouched(&label, &gx, rows * hidden, spare);
+    }
+}
+
+/// A decode step recorded as a CUDA graph and replayed computes what the direct launches
+/// compute: the same random ops run through `run_step` at changing positions (crossing
+/// position buckets) against the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn run_step_replays_recorded_steps() {
+    use trellis_backend::StepKey;
+    let mut r = rng(40);
+    let (c, g) = (cpu(), gpu());
+    let spec = MlaSpec {
+        heads: 20,
+        qk_nope_dim: 192,
+        qk_rope_dim: 64,
+        v_head_dim: 256,
+        kv_lora_rank: 512,
+        softmax_scale: 1.0 / 16.0,
+        latent_norm_eps: 1e-6,
+    };
+    let half = spec.qk_rope_dim / 2;
+    let rope = RopeSpec {
+        inv_freq: (0..half)
+            .map(|i| 1e4f32.powf(-(2.0 * i as f32) / spec.qk_rope_dim as f32))
+            .collect(),
+        attention_scaling: 1.0,
+        interleaved: true,
+    };
+    let kv_b_rows = spec.heads * (spec.qk_nope_dim + spec.v_head_dim);
+    let kv_b = float_bytes(
+        &uniform(&mut r, kv_b_rows * spec.kv_lora_rank, 0.08),
+        DType::F16,
+    );
+    let shape = [kv_b_rows, spec.kv_lora_rank];
+    let weights = LinearWeights::Dense {
+        weight: view("kv_b", DType::F16, &shape, &kv_b),
+        bias: None,
+    };
+    let (ckv_b, gkv_b) = (
+        c.upload_mla_kv_b(&weights, &spec).unwrap(),
+        g.upload_mla_kv_b(&weights, &spec).unwrap(),
+    );
+    let norm: Vec<f32> = (0..512).map(|_| r.random_range(0.5f32..1.5)).collect();
+    let (cnorm, gnorm) = (
+        c.upload_vector(&norm).unwrap(),
+        g.upload_vector(&norm).unwrap(),
+    );
+    let (crope, grope) = (c.upload_rope(&rope).unwrap(), g.upload_rope(&rope).unwrap());
+    let o_w = LinearWeights::Trellis(random_trellis(
+        &mut r,
+        spec.heads * spec.v_head_dim,
+        256,
+        BitWidth::from_f64(3.0).unwrap(),
+        Codebook::Mul1,
+        false,
+    ));
+    let (co, go) = (
+        c.upload_linear("o", &o_w).unwrap(),
+        g.upload_linear("o", &o_w).unwrap(),
+    );
+    let layout = KvCacheLayout {
+        layers: 1,
+        values_per_token: spec.cache_width(),
+        block_size: 16,
+        num_blocks: 8,
+        dtype: KvDtype::F16,
+    };
+    let tables: Vec<u32> = (0..8).rev().collect();
+    let mut cc = c.alloc_kv_cache(&layout).unwrap();
+    let mut gc = g.alloc_kv_cache(&layout).unwrap();
+    let qw = spec.heads * spec.qk_head_dim();
+    let ow = spec.heads * spec.v_head_dim;
+    // Fixed device buffers, as a model's workspace: inputs are written before each step.
+    let mut gckv = g.alloc(spec.cache_width()).unwrap();
+    let mut gq = g.alloc(qw).unwrap();
+    let mut gattn = g.alloc(ow).unwrap();
+    let mut gtmp = g.alloc(256).unwrap();
+    let mut gx = g.alloc(256).unwrap();
+    let recorded_before = g.recorded_steps();
+    for pos in 0..100u32 {
+        let positions = [pos];
+        let batch = Batch {
+            positions: &positions,
+            sequence: &[0],
+            block_tables: &tables,
+            blocks_per_sequence: 8,
+            block_size: 16,
+        };
+        let ckv = uniform(&mut r, spec.cache_width(), 1.0);
+        let q = uniform(&mut r, qw, 1.0);
+        let x = uniform(&mut r, 256, 1.0);
+        // CPU reference.
+        c.begin_step(&[0], &batch);
+        let mut cq = trellis_backend::cpu::CpuBuffer(q.clone());
+        c.mla_append(
+            &trellis_backend::cpu::CpuBuffer(ckv.clone()),
+            &cnorm,
+            &crope,
+            &spec,
+            &batch,
+            &mut cc,
+            0,
+        );
+        let mut cattn = c.alloc(ow).unwrap();
+        c.mla_attention(&mut cq, &ckv_b, &crope, &spec, &batch, &cc, 0, &mut cattn);
+        let mut cx = trellis_backend::cpu::CpuBuffer(x.clone());
+        let mut ctmp = c.alloc(256).unwrap();
+        c.linear_add(&co, &cattn, 1, 256, &mut ctmp, &mut cx);
+        // GPU through run_step.
+        g.write(&mut gckv, &ckv);
+        g.write(&mut gq, &q);
+        g.write(&mut gx, &x);
+        let key = StepKey {
+            tokens: &[0],
+            batch: &batch,
+            logit_rows: &[0],
+        };
+        g.run_step(&key, &mut || -> Result<(), ()> {
+            g.begin_step(&[0], &batch);
+            g.mla_append(&gckv, &gnorm, &grope, &spec, &batch, &mut gc, 0);
+            g.mla_attention(&mut gq, &gkv_b, &grope, &spec, &batch, &gc, 0, &mut gattn);
+            g.linear_add(&go, &gattn, 1, 256, &mut gtmp, &mut gx);
+            Ok(())
+        })
+        .unwrap();
+        check(
+            &format!("run_step position {pos}"),
+            &read_gpu(&gx, 256),
+            &cx.0,
+            ATTENTION_TOL,
+        );
+    }
+    let recorded = g.recorded_steps() - recorded_before;
+    eprintln!("run_step: {recorded} recorded step graphs over 100 positions");
+    assert!(
+        recorded >= 3 || !g.graphs_enabled(),
+        "only {recorded} steps were recorded as graphs"
+    );
+}

@@ -15,7 +15,9 @@
 
 use crate::rope::{rope_spec, yarn_mscale};
 use crate::{CausalLm, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap};
-use trellis_backend::{Backend, Batch, GroupRanking, MlaSpec, RouterSpec, ScoringFunction};
+use trellis_backend::{
+    Backend, Batch, GatedMlp, GroupRanking, MlaSpec, MoeScratch, RouterSpec, ScoringFunction,
+};
 use trellis_format::{
     DType, LinearWeights, MlaMoeConfig, ModelDir, RopeScaling, ScoringFunc, TensorStore, TopkMethod,
 };
@@ -77,6 +79,8 @@ struct Workspace<B: Backend> {
     x: B::Buffer,
     h: B::Buffer,
     q_latent: B::Buffer,
+    /// Scratch of the query latent's norm (`rms_norm_linears`).
+    q_latent_normed: B::Buffer,
     q: B::Buffer,
     ckv: B::Buffer,
     attn: B::Buffer,
@@ -399,6 +403,7 @@ impl<B: Backend> Glm4MoeLite<B> {
             x: b.alloc(rows * hidden)?,
             h: b.alloc(rows * hidden)?,
             q_latent: b.alloc(rows * q_rank.max(1))?,
+            q_latent_normed: b.alloc(rows * q_rank.max(1))?,
             q: b.alloc(rows * heads * qk)?,
             ckv: b.alloc(rows * mla.cache_width())?,
             attn: b.alloc(rows * heads * cfg.v_head_dim)?,
@@ -437,21 +442,6 @@ impl<B: Backend> Glm4MoeLite<B> {
             ws,
         })
     }
-}
-
-fn run_mlp<B: Backend>(
-    b: &B,
-    mlp: &Mlp<B>,
-    x: &B::Buffer,
-    rows: usize,
-    gate: &mut B::Buffer,
-    up: &mut B::Buffer,
-    out: &mut B::Buffer,
-) {
-    b.linear(&mlp.gate, x, rows, gate);
-    b.linear(&mlp.up, x, rows, up);
-    b.silu_mul(gate, up, rows * mlp.intermediate);
-    b.linear(&mlp.down, gate, rows, out);
 }
 
 /// Copy `rows × width` values off the backend for an observer.
@@ -497,20 +487,39 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
         b.embed(&self.embed, tokens, 1.0, &mut ws.x);
 
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention block.
-            b.rms_norm(&ws.x, &layer.input_norm, eps, n, &mut ws.h);
+            // Attention block: h = RMSNorm(x) feeds the query and latent projections.
             let attn = &layer.attention;
             match &attn.query {
                 QueryProjection::LowRank {
                     a, norm, b: q_b, ..
                 } => {
-                    b.linear(a, &ws.h, n, &mut ws.q_latent);
-                    b.rms_norm_inplace(&mut ws.q_latent, norm, LATENT_NORM_EPS, n);
-                    b.linear(q_b, &ws.q_latent, n, &mut ws.q);
+                    b.rms_norm_linears(
+                        &ws.x,
+                        &layer.input_norm,
+                        eps,
+                        n,
+                        &mut ws.h,
+                        &mut [(a, &mut ws.q_latent), (&attn.kv_a, &mut ws.ckv)],
+                    );
+                    // q = q_b(RMSNorm(q_a(h))).
+                    b.rms_norm_linears(
+                        &ws.q_latent,
+                        norm,
+                        LATENT_NORM_EPS,
+                        n,
+                        &mut ws.q_latent_normed,
+                        &mut [(q_b, &mut ws.q)],
+                    );
                 }
-                QueryProjection::Direct(q) => b.linear(q, &ws.h, n, &mut ws.q),
+                QueryProjection::Direct(q) => b.rms_norm_linears(
+                    &ws.x,
+                    &layer.input_norm,
+                    eps,
+                    n,
+                    &mut ws.h,
+                    &mut [(q, &mut ws.q), (&attn.kv_a, &mut ws.ckv)],
+                ),
             }
-            b.linear(&attn.kv_a, &ws.h, n, &mut ws.ckv);
             b.mla_append(&ws.ckv, &attn.kv_norm, &self.rope, mla, batch, cache, l);
             b.mla_attention(
                 &mut ws.q,
@@ -522,17 +531,48 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
                 l,
                 &mut ws.attn,
             );
-            b.linear(&attn.o, &ws.attn, n, &mut ws.out);
-            b.add(&mut ws.x, &ws.out, n * hidden);
+            // x += o_proj(attention).
+            b.linear_add(&attn.o, &ws.attn, n, hidden, &mut ws.out, &mut ws.x);
 
-            // Feed-forward block.
-            b.rms_norm(&ws.x, &layer.post_attention_norm, eps, n, &mut ws.h);
+            // Feed-forward block on h = RMSNorm(x), added to x.
             match &layer.ffn {
                 FeedForward::Dense(mlp) => {
-                    run_mlp(b, mlp, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.out)
+                    b.rms_norm_linears(
+                        &ws.x,
+                        &layer.post_attention_norm,
+                        eps,
+                        n,
+                        &mut ws.h,
+                        &mut [(&mlp.gate, &mut ws.gate), (&mlp.up, &mut ws.up)],
+                    );
+                    b.silu_mul(&mut ws.gate, &ws.up, n * mlp.intermediate);
+                    b.linear_add(&mlp.down, &ws.gate, n, hidden, &mut ws.out, &mut ws.x);
                 }
                 FeedForward::Moe(moe) => {
-                    b.moe_route(&moe.router, &ws.h, n, &mut ws.routing);
+                    let shared = moe.shared.as_ref().map(|m| GatedMlp {
+                        gate: &m.gate,
+                        up: &m.up,
+                        down: &m.down,
+                        intermediate: m.intermediate,
+                    });
+                    b.moe_block(
+                        &mut ws.x,
+                        &layer.post_attention_norm,
+                        eps,
+                        n,
+                        hidden,
+                        &moe.router,
+                        &moe.experts,
+                        shared.as_ref(),
+                        &mut ws.routing,
+                        MoeScratch {
+                            h: &mut ws.h,
+                            out: &mut ws.out,
+                            shared_out: &mut ws.shared_out,
+                            gate: &mut ws.gate,
+                            up: &mut ws.up,
+                        },
+                    );
                     if let Some(obs) = observer.as_mut() {
                         let (ids, weights) = b.read_routing(&ws.routing, n);
                         obs(Tap::Routing {
@@ -541,22 +581,8 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
                             weights: &weights,
                         });
                     }
-                    b.moe_experts(&moe.experts, &ws.h, n, &ws.routing, &mut ws.out);
-                    if let Some(shared) = &moe.shared {
-                        run_mlp(
-                            b,
-                            shared,
-                            &ws.h,
-                            n,
-                            &mut ws.gate,
-                            &mut ws.up,
-                            &mut ws.shared_out,
-                        );
-                        b.add(&mut ws.out, &ws.shared_out, n * hidden);
-                    }
                 }
             }
-            b.add(&mut ws.x, &ws.out, n * hidden);
             if let Some(obs) = observer.as_mut() {
                 obs(Tap::Hidden {
                     layer: l,

@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::time::Instant;
-use trellis_backend::{Backend, Batch, KvDtype};
+use trellis_backend::{Backend, Batch, KvDtype, StepKey};
 use trellis_format::ModelDir;
 use trellis_models::{CausalLm, LoadOptions, ModelInfo, Progress};
 
@@ -53,6 +53,9 @@ pub struct EngineOptions {
     /// Compute logits for every prompt position (for `trellis logits`), not just the last.
     pub all_logits: bool,
     pub kv_dtype: KvDtype,
+    /// Most sequences decoded together (the server's batch); the KV pool holds `ctx_size`
+    /// tokens for each.
+    pub max_batch: usize,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +65,7 @@ impl Default for EngineOptions {
             prefill_chunk: 256,
             all_logits: false,
             kv_dtype: KvDtype::F16,
+            max_batch: 1,
         }
     }
 }
@@ -117,8 +121,12 @@ pub struct Engine<B: Backend> {
     kv_bytes_per_token: usize,
     prefill_chunk: usize,
     all_logits: bool,
-    /// Blocks of the one running sequence: all blocks, in order.
+    /// Blocks of the one running sequence of the single-sequence API: the first
+    /// `ctx_size` tokens' worth of the pool, in order.
     block_table: Vec<u32>,
+    max_rows: usize,
+    max_batch: usize,
+    num_blocks: usize,
     /// Tokens whose keys and values are in the cache, in order.
     history: Vec<u32>,
     positions: Vec<u32>,
@@ -154,9 +162,16 @@ impl<B: Backend + 'static> Engine<B> {
                 .min(common.max_position_embeddings)
                 .max(1),
         );
+        let max_batch = options.max_batch.max(1);
+        // A step holds one prefill chunk beside the decode rows of the other sequences.
+        let max_rows = chunk + max_batch - 1;
         let load = LoadOptions {
-            max_rows: chunk,
-            max_logit_rows: if options.all_logits { chunk } else { 1 },
+            max_rows,
+            max_logit_rows: if options.all_logits {
+                max_rows
+            } else {
+                max_batch
+            },
         };
         let model = trellis_models::load(dir, &backend, &load, progress)?;
         let ctx_size = match requested {
@@ -166,6 +181,7 @@ impl<B: Backend + 'static> Engine<B> {
                 let per_token = model.kv_layout(1, 1, options.kv_dtype).bytes().max(1) as u64;
                 let affordable = backend.free_memory().map_or(usize::MAX, |free| {
                     ((free as f64 * DEFAULT_CACHE_MEMORY_SHARE) as u64 / per_token) as usize
+                        / max_batch
                 });
                 common
                     .max_position_embeddings
@@ -173,7 +189,7 @@ impl<B: Backend + 'static> Engine<B> {
                     .min(affordable.max(MIN_DEFAULT_CONTEXT))
             }
         };
-        let layout = model.kv_layout(ctx_size, BLOCK_SIZE, options.kv_dtype);
+        let layout = model.kv_layout(ctx_size * max_batch, BLOCK_SIZE, options.kv_dtype);
         let cache = backend.alloc_kv_cache(&layout)?;
         let mut eos = dir.eos_token_ids();
         eos.sort_unstable();
@@ -187,8 +203,11 @@ impl<B: Backend + 'static> Engine<B> {
             kv_bytes_per_token: layout.layers * layout.values_per_token * layout.dtype.size(),
             prefill_chunk: chunk,
             all_logits: options.all_logits,
-            block_table: (0..layout.num_blocks as u32).collect(),
+            block_table: (0..ctx_size.div_ceil(BLOCK_SIZE) as u32).collect(),
             history: Vec::with_capacity(ctx_size),
+            max_rows,
+            max_batch,
+            num_blocks: layout.num_blocks,
             positions: Vec::with_capacity(chunk),
             sequence: vec![0; chunk],
             logit_rows: Vec::with_capacity(chunk),
@@ -214,6 +233,56 @@ impl<B: Backend> Engine<B> {
     /// KV-cache bytes one token occupies over all layers (read once per decoded token).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.kv_bytes_per_token
+    }
+
+    /// Blocks of [`BLOCK_SIZE`] tokens in the KV pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Most token rows one forward pass takes.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    /// Most sequences decoded together.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// One forward pass over tokens of several sequences placed by `batch` (block tables
+    /// owned by the caller, e.g. a scheduler with its own block allocator), returning the
+    /// logits of `logit_rows`, `[logit_rows.len(), vocab]`. The single-sequence methods and
+    /// this one must not be mixed on one engine: they would share blocks.
+    pub fn forward_batch(
+        &mut self,
+        tokens: &[u32],
+        batch: &Batch<'_>,
+        logit_rows: &[u32],
+    ) -> Result<&[f32]> {
+        self.check_tokens(tokens)?;
+        if tokens.len() > self.max_rows || logit_rows.len() > self.max_batch.max(1) {
+            return Err(EngineError::Invalid(format!(
+                "a step of {} rows with {} logit rows exceeds the engine's {} rows / {} sequences",
+                tokens.len(),
+                logit_rows.len(),
+                self.max_rows,
+                self.max_batch
+            )));
+        }
+        let key = StepKey {
+            tokens,
+            batch,
+            logit_rows,
+        };
+        let (model, cache, backend) = (&mut self.model, &mut self.cache, &self.backend);
+        backend.run_step(&key, &mut || {
+            model.forward(backend, tokens, batch, cache, logit_rows, None)
+        })?;
+        let len = logit_rows.len() * self.info().vocab_size;
+        self.model
+            .read_logits(&self.backend, &mut self.logits[..len]);
+        Ok(&self.logits[..len])
     }
 
     /// End-of-sequence token ids (from config.json and generation_config.json).
@@ -242,7 +311,7 @@ impl<B: Backend> Engine<B> {
     /// Run `tokens` through the model after the current history, one chunk at a time.
     /// With `all_logits`, `on_logits` receives each chunk's logits (`[chunk_len, vocab]`);
     /// otherwise it receives only the last token's logits, once.
-    fn run(&mut self, tokens: &[u32], mut on_logits: impl FnMut(&[f32])) -> Result<()> {
+    pub fn extend(&mut self, tokens: &[u32], mut on_logits: impl FnMut(&[f32])) -> Result<()> {
         self.check_tokens(tokens)?;
         let available = self.ctx_size - self.history.len();
         if tokens.len() > available {
@@ -271,14 +340,16 @@ impl<B: Backend> Engine<B> {
                 blocks_per_sequence: self.block_table.len(),
                 block_size: BLOCK_SIZE,
             };
-            self.model.forward(
-                &self.backend,
-                chunk,
-                &batch,
-                &mut self.cache,
-                &self.logit_rows,
-                None,
-            )?;
+            // One step of the backend (a device backend may replay a recording of it).
+            let key = StepKey {
+                tokens: chunk,
+                batch: &batch,
+                logit_rows: &self.logit_rows,
+            };
+            let (model, cache, backend) = (&mut self.model, &mut self.cache, &self.backend);
+            backend.run_step(&key, &mut || {
+                model.forward(backend, chunk, &batch, cache, key.logit_rows, None)
+            })?;
             self.history.extend_from_slice(chunk);
             if !self.logit_rows.is_empty() {
                 let len = self.logit_rows.len() * vocab;
@@ -297,7 +368,7 @@ impl<B: Backend> Engine<B> {
                 "cannot prefill an empty prompt".into(),
             ));
         }
-        self.run(tokens, |_| {})?;
+        self.extend(tokens, |_| {})?;
         let vocab = self.info().vocab_size;
         let rows = if self.all_logits {
             (tokens.len() - 1) % self.prefill_chunk + 1
@@ -317,13 +388,13 @@ impl<B: Backend> Engine<B> {
         }
         self.reset();
         let mut out = Vec::with_capacity(tokens.len() * self.info().vocab_size);
-        self.run(tokens, |chunk| out.extend_from_slice(chunk))?;
+        self.extend(tokens, |chunk| out.extend_from_slice(chunk))?;
         Ok(out)
     }
 
     /// Decode one token after the history; returns its logits. Allocates nothing.
     pub fn step(&mut self, token: u32) -> Result<&[f32]> {
-        self.run(std::slice::from_ref(&token), |_| {})?;
+        self.extend(std::slice::from_ref(&token), |_| {})?;
         let vocab = self.info().vocab_size;
         Ok(&self.logits[..vocab])
     }
@@ -353,7 +424,7 @@ impl<B: Backend> Engine<B> {
         } else {
             1
         };
-        self.run(&prompt[common..], |_| {})?;
+        self.extend(&prompt[common..], |_| {})?;
         Ok((&self.logits[(rows - 1) * vocab..rows * vocab], computed))
     }
 

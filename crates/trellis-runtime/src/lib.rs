@@ -6,6 +6,8 @@ pub mod chat_template;
 pub mod engine;
 pub mod generation;
 pub mod glm_output;
+pub mod perplexity;
 pub mod sampler;
+pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;

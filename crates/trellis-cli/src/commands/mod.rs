@@ -6,6 +6,7 @@ pub mod dequant;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod perplexity;
 pub mod synth;
 pub mod template;
 
@@ -82,6 +83,7 @@ pub fn with_engine<T: EngineTask>(
         } else {
             KvDtype::F16
         },
+        max_batch: 1,
     };
     match run.device {
         Device::Cpu => task.run(
