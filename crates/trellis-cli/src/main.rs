@@ -36,6 +36,8 @@ enum Command {
     /// Perplexity of a model on a text file (llama.cpp's method: windows of --ctx tokens,
     /// the second half of each scored).
     Perplexity(commands::perplexity::Args),
+    /// Convert a GGUF model (llama.cpp) into a Hugging Face directory trellis can run.
+    Import(commands::import::Args),
     /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
     Bench(commands::bench::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
@@ -59,6 +61,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
+        Command::Import(a) => commands::import::run(a),
         Command::Template(a) => commands::template::run(a),
     };
     if let Err(e) = result {

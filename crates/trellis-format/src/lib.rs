@@ -17,6 +17,7 @@ pub mod config;
 mod dtype;
 mod error;
 pub mod generation;
+pub mod gguf;
 mod json;
 pub mod linear;
 mod model_dir;
@@ -33,6 +34,7 @@ pub use config::{
 pub use dtype::DType;
 pub use error::{FormatError, Result};
 pub use generation::GenerationDefaults;
+pub use gguf::{GgmlType, GgufError, GgufFile, GgufTensorInfo, GgufValue, import_gguf};
 pub use linear::{EXL3_PAD, LinearWeights, TrellisShape, expand_sign_bits, pad_to_exl3};
 pub use model_dir::ModelDir;
 pub use quant::{Calibration, ModuleStorage, QuantizationConfig, StoredTensor};

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod dequant;
 pub mod generate;
+pub mod import;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;
