@@ -38,6 +38,8 @@ enum Command {
     Perplexity(commands::perplexity::Args),
     /// Convert a GGUF model (llama.cpp) into a Hugging Face directory trellis can run.
     Import(commands::import::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
+    Serve(commands::serve::Args),
     /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
     Bench(commands::bench::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
@@ -62,6 +64,7 @@ fn main() {
         Command::Chat(a) => commands::chat::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Import(a) => commands::import::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Template(a) => commands::template::run(a),
     };
     if let Err(e) = result {

@@ -80,16 +80,12 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The user's flags over the model's defaults.
     pub fn resolve(&self, model: &trellis_format::GenerationDefaults) -> SamplingParams {
-        let from_model = SamplingOptions {
-            do_sample: model.do_sample,
-            temperature: model.temperature.map(|v| v as f32),
-            top_k: model.top_k,
-            top_p: model.top_p.map(|v| v as f32),
-            min_p: model.min_p.map(|v| v as f32),
-            repetition_penalty: model.repetition_penalty.map(|v| v as f32),
-            ..SamplingOptions::default()
-        };
-        let from_user = SamplingOptions {
+        SamplingParams::resolve(&model_sampling_options(model), &self.options())
+    }
+
+    /// The flags given, unset ones left unset.
+    pub fn options(&self) -> SamplingOptions {
+        SamplingOptions {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -101,8 +97,20 @@ impl SamplingArgs {
             penalty_window: self.penalty_window,
             seed: self.seed,
             ..SamplingOptions::default()
-        };
-        SamplingParams::resolve(&from_model, &from_user)
+        }
+    }
+}
+
+/// The sampling settings of a model's generation_config.json.
+pub fn model_sampling_options(model: &trellis_format::GenerationDefaults) -> SamplingOptions {
+    SamplingOptions {
+        do_sample: model.do_sample,
+        temperature: model.temperature.map(|v| v as f32),
+        top_k: model.top_k,
+        top_p: model.top_p.map(|v| v as f32),
+        min_p: model.min_p.map(|v| v as f32),
+        repetition_penalty: model.repetition_penalty.map(|v| v as f32),
+        ..SamplingOptions::default()
     }
 }
 

@@ -8,6 +8,7 @@ pub mod import;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;
+pub mod serve;
 pub mod synth;
 pub mod template;
 
