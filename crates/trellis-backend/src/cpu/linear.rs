@@ -1,12 +1,11 @@
-//! Linear layers on the CPU: EXL3 trellis weights decoded tile by tile inside the product,
-//! and dense f32/f16/bf16 weights.
+//! Linear layers on the CPU: EXL3 trellis weights repacked at upload and decoded inside the
+//! product by the SIMD kernels of `trellis_kernels`, and dense f32/f16/bf16 weights.
 
 use super::scratch::{with_op_scratch, with_task_scratch};
+use super::trellis_kernels::{self, PackedTrellis};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use trellis_codec::hadamard::{HADAMARD_SIZE, hadamard_blocks};
-use trellis_codec::tile::{POSITION_TO_TILE_INDEX, TILE_SIZE, tile_states};
-use trellis_codec::{TILE_WEIGHTS, TrellisLinear};
+use trellis_codec::TrellisLinear;
 
 /// Dense weights in HF orientation `[out, in]`, kept in their stored precision.
 pub enum DenseData {
@@ -75,7 +74,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// A linear layer uploaded to the CPU backend.
 pub enum CpuLinear {
-    Trellis(TrellisLinear<'static>),
+    Trellis(PackedTrellis),
     Dense {
         weight: DenseData,
         bias: Option<Vec<f32>>,
@@ -85,6 +84,12 @@ pub enum CpuLinear {
 }
 
 impl CpuLinear {
+    /// Upload an EXL3 linear: its tiles are repacked straight from `t` (usually the memory
+    /// map) into the kernels' layout, so no intermediate copy is held.
+    pub fn trellis(t: &TrellisLinear<'_>) -> CpuLinear {
+        CpuLinear::Trellis(PackedTrellis::new(t))
+    }
+
     pub fn in_features(&self) -> usize {
         match self {
             CpuLinear::Trellis(t) => t.in_features,
@@ -102,7 +107,7 @@ impl CpuLinear {
     /// Bytes one full evaluation reads.
     pub fn weight_bytes(&self) -> usize {
         match self {
-            CpuLinear::Trellis(t) => t.storage_bytes(),
+            CpuLinear::Trellis(t) => t.stored_bytes,
             CpuLinear::Dense { weight, bias, .. } => {
                 weight.bytes() + 4 * bias.as_ref().map_or(0, Vec::len)
             }
@@ -112,7 +117,7 @@ impl CpuLinear {
     /// `out[rows, out_features] = x[rows, in_features] · W (+ bias)`.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         match self {
-            CpuLinear::Trellis(t) => trellis_forward(t, x, rows, out),
+            CpuLinear::Trellis(t) => trellis_kernels::forward(t, x, rows, out),
             CpuLinear::Dense {
                 weight,
                 bias,
@@ -189,76 +194,4 @@ fn scatter_blocks(blocks: &[f32], block_width: usize, rows: usize, width: usize,
                 .copy_from_slice(&block[r * block_width..r * block_width + w]);
         }
     }
-}
-
-/// Decode tile (kt, nt) into a row-major 16×16 f32 block.
-#[inline]
-fn decode_tile_f32(
-    t: &TrellisLinear<'_>,
-    table: &[f32],
-    kt: usize,
-    nt: usize,
-    tile: &mut [f32; TILE_WEIGHTS],
-) {
-    let states = tile_states(t.tile_words(kt, nt), t.bits);
-    for (p, &s) in states.iter().enumerate() {
-        tile[usize::from(POSITION_TO_TILE_INDEX[p])] = table[usize::from(s)];
-    }
-}
-
-/// `y = ((x ⊙ suh)·H̃ · W̃)·H̃ ⊙ svh (+ bias)`, with W̃ decoded on the fly.
-///
-/// Work is split over 128-wide output blocks: each task decodes the tiles of its block once
-/// for all rows, then applies the output Hadamard to its own block, so tasks share nothing.
-fn trellis_forward(t: &TrellisLinear<'_>, x: &[f32], rows: usize, out: &mut [f32]) {
-    let (k, n) = (t.k_padded, t.n_padded);
-    let (in_f, out_f) = (t.in_features, t.out_features);
-    let table = t.codebook.table_f32();
-    with_op_scratch(rows * (k + n), |scratch| {
-        let (xh, z) = scratch.split_at_mut(rows * k);
-        xh.par_chunks_mut(k)
-            .zip(x[..rows * in_f].par_chunks(in_f))
-            .for_each(|(h, xr)| {
-                for ((hv, &xv), s) in h.iter_mut().zip(xr).zip(t.suh.iter()) {
-                    *hv = xv * s.to_f32();
-                }
-                h[in_f..].fill(0.0);
-                hadamard_blocks(h);
-            });
-        let xh: &[f32] = xh;
-        let tiles_per_block = HADAMARD_SIZE / TILE_SIZE;
-        z.par_chunks_mut(rows * HADAMARD_SIZE)
-            .enumerate()
-            .for_each(|(b, z)| {
-                z.fill(0.0);
-                let mut tile = [0.0f32; TILE_WEIGHTS];
-                for kt in 0..t.tiles_k() {
-                    for tn in 0..tiles_per_block {
-                        decode_tile_f32(t, table, kt, b * tiles_per_block + tn, &mut tile);
-                        for r in 0..rows {
-                            let xs = &xh[r * k + kt * TILE_SIZE..r * k + (kt + 1) * TILE_SIZE];
-                            let z0 = r * HADAMARD_SIZE + tn * TILE_SIZE;
-                            let zs = &mut z[z0..z0 + TILE_SIZE];
-                            for (i, &xv) in xs.iter().enumerate() {
-                                let w = &tile[i * TILE_SIZE..(i + 1) * TILE_SIZE];
-                                for (zv, &wv) in zs.iter_mut().zip(w) {
-                                    *zv += xv * wv;
-                                }
-                            }
-                        }
-                    }
-                }
-                for zr in z.chunks_exact_mut(HADAMARD_SIZE) {
-                    hadamard_blocks(zr);
-                    for (j, v) in zr.iter_mut().enumerate() {
-                        let col = b * HADAMARD_SIZE + j;
-                        *v *= t.svh[col].to_f32();
-                        if let Some(bias) = &t.bias {
-                            *v += bias[col].to_f32();
-                        }
-                    }
-                }
-            });
-        scatter_blocks(z, HADAMARD_SIZE, rows, out_f, &mut out[..rows * out_f]);
-    });
 }

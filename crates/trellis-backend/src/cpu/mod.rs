@@ -10,6 +10,7 @@ mod linear;
 mod moe;
 mod ops;
 mod scratch;
+pub mod trellis_kernels;
 
 pub use attention::{MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
 pub use kv::{CpuKvCache, KvData};
@@ -19,8 +20,6 @@ pub use moe::{CpuExperts, CpuRouter, CpuRouting};
 use crate::spec::{AttentionSpec, Batch, KvCacheLayout, MlaSpec, RopeSpec, RouterSpec};
 use crate::{Backend, BackendError, Result};
 use half::bf16;
-use std::borrow::Cow;
-use trellis_codec::TrellisLinear;
 use trellis_format::{DType, LinearWeights, TensorView};
 
 /// Activations on the CPU.
@@ -130,10 +129,6 @@ fn dense_data(view: &TensorView<'_>) -> Result<DenseData> {
     })
 }
 
-fn owned<T: Clone>(values: &[T]) -> Cow<'static, [T]> {
-    Cow::Owned(values.to_vec())
-}
-
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
     type Linear = CpuLinear;
@@ -163,13 +158,7 @@ impl Backend for CpuBackend {
 
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<CpuLinear> {
         Ok(match weights {
-            LinearWeights::Trellis(t) => CpuLinear::Trellis(TrellisLinear {
-                trellis: owned(&t.trellis),
-                suh: owned(&t.suh),
-                svh: owned(&t.svh),
-                bias: t.bias.as_deref().map(owned),
-                ..t.clone()
-            }),
+            LinearWeights::Trellis(t) => CpuLinear::trellis(t),
             LinearWeights::Dense { weight, bias } => {
                 let [out_features, in_features] = weight.shape[..] else {
                     return Err(BackendError::Weight {

@@ -222,13 +222,13 @@ fn spawn_scheduler(
             spawn_on(path, super::cuda_backend, options, tokenizer, config).map(|s| (s, "cuda"))
         }
         // Probed here (and dropped) so that the engine's thread knows which backend to build.
-        Device::Auto => match super::cuda_backend() {
-            Ok(probe) => {
-                drop(probe);
+        Device::Auto => {
+            if super::cuda_backend().is_ok() {
                 spawn_on(path, super::cuda_backend, options, tokenizer, config).map(|s| (s, "cuda"))
+            } else {
+                on_cpu(path, options, tokenizer, config)
             }
-            Err(_) => on_cpu(path, options, tokenizer, config),
-        },
+        }
     }
 }
 

@@ -1,0 +1,173 @@
+//! The CPU trellis kernels against the codec's reference: every instruction-set level this
+//! machine supports, every bit width and codebook, decode bit for bit and forward within f32
+//! accumulation error, for one row (GEMV) and several (GEMM), padded shapes included.
+
+use half::f16;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use std::borrow::Cow;
+use trellis_backend::cpu::trellis_kernels::{Isa, PackedTrellis, forward_with};
+use trellis_codec::{BitWidth, Codebook, TrellisLinear};
+use trellis_testutil::rel_l2;
+
+/// Random words (every bit pattern is a valid walk), random signed scales, optional bias.
+fn random_trellis(
+    rng: &mut StdRng,
+    in_features: usize,
+    out_features: usize,
+    bits: BitWidth,
+    codebook: Codebook,
+    bias: bool,
+) -> TrellisLinear<'static> {
+    let k = in_features.next_multiple_of(128);
+    let n = out_features.next_multiple_of(128);
+    let words: Vec<u16> = (0..(k / 16) * (n / 16) * bits.tile_words())
+        .map(|_| rng.random())
+        .collect();
+    let scale = |rng: &mut StdRng, len: usize, s: f32| -> Vec<f16> {
+        (0..len)
+            .map(|_| {
+                let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                f16::from_f32(sign * s * rng.random_range(0.5f32..1.5))
+            })
+            .collect()
+    };
+    let suh = scale(rng, k, 0.05);
+    let svh = scale(rng, n, 1.0);
+    let bias = bias.then(|| scale(rng, n, 0.5));
+    TrellisLinear::new(
+        Cow::Owned(words),
+        Cow::Owned(suh),
+        Cow::Owned(svh),
+        bias.map(Cow::Owned),
+        bits,
+        codebook,
+        in_features,
+        out_features,
+    )
+    .unwrap()
+}
+
+/// Every (width, codebook) pair the format allows: half-integer widths are mul1 only.
+fn cases() -> Vec<(BitWidth, Codebook)> {
+    let mut cases = Vec::new();
+    for bits in BitWidth::ALL {
+        for cb in Codebook::ALL {
+            if bits.is_integer() || cb == Codebook::Mul1 {
+                cases.push((bits, cb));
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn every_level_decodes_tiles_bit_exactly() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (bits, cb) in cases() {
+        // Two strips deep and 10 strips wide: strip and tile offsets both matter.
+        let t = random_trellis(&mut rng, 256, 160, bits, cb, false);
+        let inner = t.decode_inner();
+        let p = PackedTrellis::new(&t);
+        for isa in Isa::available() {
+            for strip in 0..p.strips() {
+                for kt in 0..p.tiles_k() {
+                    let tile = p.decode_tile_with(isa, strip, kt);
+                    for r in 0..16 {
+                        for c in 0..16 {
+                            let want = inner[(16 * kt + r) * t.n_padded + 16 * strip + c];
+                            let got = tile[r * 16 + c];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_f32().to_bits(),
+                                "{isa:?} K {bits} {cb:?} strip {strip} kt {kt} ({r}, {c})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_forward(t: &TrellisLinear<'_>, rows_list: &[usize], rng: &mut StdRng, what: &str) {
+    let p = PackedTrellis::new(t);
+    for &rows in rows_list {
+        let x: Vec<f32> = (0..rows * t.in_features)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let want = t.apply(&x, rows);
+        for isa in Isa::available() {
+            // NaN never passes rel_l2, so an output the kernel forgets to write fails.
+            let mut got = vec![f32::NAN; rows * t.out_features + 3];
+            forward_with(&p, isa, &x, rows, &mut got);
+            let err = rel_l2(&got[..rows * t.out_features], &want);
+            assert!(
+                err < 2e-6,
+                "{what}: {isa:?} K {} {:?} rows {rows}: rel L2 {err:e}",
+                t.bits,
+                t.codebook
+            );
+            assert!(
+                got[rows * t.out_features..].iter().all(|v| v.is_nan()),
+                "{what}: {isa:?} wrote past its output"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_level_matches_the_reference_forward() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for (bits, cb) in cases() {
+        let t = random_trellis(&mut rng, 256, 384, bits, cb, false);
+        check_forward(&t, &[1, 2, 7, 16, 33], &mut rng, "256 → 384");
+    }
+}
+
+#[test]
+fn padded_shapes_and_bias() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let shapes = [(512, 576), (300, 200), (128, 128), (640, 1000)];
+    for (i, &(in_f, out_f)) in shapes.iter().enumerate() {
+        for (bits, cb) in [
+            (BitWidth::integer(4).unwrap(), Codebook::Mul1),
+            (BitWidth::integer(3).unwrap(), Codebook::Mcg),
+            (BitWidth::from_f64(2.5).unwrap(), Codebook::Mul1),
+            (BitWidth::integer(6).unwrap(), Codebook::Inst3),
+        ] {
+            let t = random_trellis(&mut rng, in_f, out_f, bits, cb, i % 2 == 0);
+            check_forward(
+                &t,
+                &[1, 2, 7, 16, 33],
+                &mut rng,
+                &format!("{in_f} → {out_f}"),
+            );
+        }
+    }
+}
+
+/// More rows than one GEMM row block (64), with a partial last block.
+#[test]
+fn many_rows() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let t = random_trellis(
+        &mut rng,
+        384,
+        200,
+        BitWidth::integer(3).unwrap(),
+        Codebook::Mul1,
+        true,
+    );
+    check_forward(&t, &[64, 65, 150], &mut rng, "384 → 200");
+}
+
+#[test]
+fn levels_are_detected_consistently() {
+    let available = Isa::available();
+    eprintln!("levels on this machine: {available:?}");
+    assert_eq!(available[0], Isa::Scalar);
+    assert!(available.contains(&Isa::selected()));
+    for isa in Isa::ALL {
+        assert_eq!(Isa::from_name(isa.name()), Some(isa));
+    }
+}
