@@ -31,6 +31,7 @@ __device__ __forceinline__ void kv_append_impl(const float* k, const float* v, C
                                     int values_per_token, const u32* positions,                   \
                                     const u32* sequence, const u32* block_tables,                 \
                                     int blocks_per_sequence, int block_size, int rows) {          \
+        pdl_entry();                                                                              \
         kv_append_impl(k, v, cache, width, values_per_token, positions, sequence, block_tables,   \
                        blocks_per_sequence, block_size, rows);                                    \
     }
@@ -131,6 +132,7 @@ __device__ __forceinline__ void gqa_attention_impl(const float* q, float* out, c
              int kv_heads, int head_dim, float scale, int window, float softcap,                \
              const u32* positions, const u32* sequence, const u32* block_tables,                \
              int blocks_per_sequence, int block_size) {                                         \
+        pdl_entry();                                                                            \
         gqa_attention_impl(q, out, cache, values_per_token, heads, kv_heads, head_dim, scale,   \
                            window, softcap, positions, sequence, block_tables,                  \
                            blocks_per_sequence, block_size);                                    \
@@ -187,6 +189,7 @@ __device__ __forceinline__ void mla_append_impl(const float* ckv, const float* n
                                     int rope_dim, float eps, const u32* positions,                \
                                     const u32* sequence, const u32* block_tables,                 \
                                     int blocks_per_sequence, int block_size) {                    \
+        pdl_entry();                                                                              \
         mla_append_impl(ckv, norm_weight, inv_freq, half, scaling, interleaved, cache,            \
                         values_per_token, rank, rope_dim, eps, positions, sequence,               \
                         block_tables, blocks_per_sequence, block_size);                           \
@@ -205,14 +208,12 @@ MLA_APPEND(mla_append_f16, f16_t)
 // The blocks of column group 0 also rotate their head's rope part of q in place (the rope
 // kernel's arithmetic exactly), so no separate rope launch is needed; only mla_decode, a later
 // launch, reads the rotated part.
-template <typename W>
-__device__ __forceinline__ void mla_absorb_q_impl(float* q, const W* kv_b, float* q_lat,
-                                                  int heads, int nope, int qk, int v_dim,
-                                                  int rank, const float* inv_freq, int half,
-                                                  float scaling, int interleaved,
-                                                  const u32* positions) {
-    __shared__ float q_nope[MLA_MAX_NOPE];
-    __shared__ float group_sum[ABSORB_GROUPS][ABSORB_COLS];
+// The head's no-rope query part into shared `q_nope`; the blocks of column group 0 also rotate
+// its rope part in place (see mla_absorb_q_impl).
+__device__ __forceinline__ void mla_absorb_stage_query(float* q, float* q_nope, int heads,
+                                                       int nope, int qk, const float* inv_freq,
+                                                       int half, float scaling, int interleaved,
+                                                       const u32* positions) {
     const int h = blockIdx.y, r = blockIdx.z;
     float* qh = q + ((u64)r * heads + h) * qk;
     for (int d = threadIdx.x; d < nope; d += blockDim.x) q_nope[d] = qh[d];
@@ -232,6 +233,19 @@ __device__ __forceinline__ void mla_absorb_q_impl(float* q, const W* kv_b, float
         }
     }
     __syncthreads();
+}
+
+template <typename W>
+__device__ __forceinline__ void mla_absorb_q_impl(float* q, const W* kv_b, float* q_lat,
+                                                  int heads, int nope, int qk, int v_dim,
+                                                  int rank, const float* inv_freq, int half,
+                                                  float scaling, int interleaved,
+                                                  const u32* positions) {
+    __shared__ float q_nope[MLA_MAX_NOPE];
+    __shared__ float group_sum[ABSORB_GROUPS][ABSORB_COLS];
+    const int h = blockIdx.y, r = blockIdx.z;
+    mla_absorb_stage_query(q, q_nope, heads, nope, qk, inv_freq, half, scaling, interleaved,
+                           positions);
     const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
     const int col = threadIdx.x % ABSORB_COLS, group = threadIdx.x / ABSORB_COLS;
     const int c = blockIdx.x * ABSORB_COLS + col;
@@ -256,6 +270,57 @@ __device__ __forceinline__ void mla_absorb_q_impl(float* q, const W* kv_b, float
     if (group == 0 && c < rank) {
         float sum = 0.f;
         for (int g = 0; g < ABSORB_GROUPS; g++) sum += group_sum[g][col];
+        q_lat[((u64)r * heads + h) * rank + c] = sum;
+    }
+}
+
+// mla_absorb_q for decode (few tokens, rank a multiple of 8): the same product with wide loads
+// all in flight, since one token's W_UK read is latency-bound. A kernel of its own so that its
+// registers do not lower the occupancy of the prefill form.
+template <typename W>
+__device__ __forceinline__ void mla_absorb_q_wide_impl(float* q, const W* kv_b, float* q_lat,
+                                                       int heads, int nope, int qk, int v_dim,
+                                                       int rank, const float* inv_freq, int half,
+                                                       float scaling, int interleaved,
+                                                       const u32* positions) {
+    __shared__ float q_nope[MLA_MAX_NOPE];
+    const int h = blockIdx.y, r = blockIdx.z;
+    mla_absorb_stage_query(q, q_nope, heads, nope, qk, inv_freq, half, scaling, interleaved,
+                           positions);
+    const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
+    // Thread (row group g, column group cg) sums rows g, g + 32, … for 8 columns read with
+    // one 16-byte load per row, all rows' loads in flight at once (W_UK is read once per
+    // token: its latency, not its bytes, is the cost); the 32 row groups are added in order.
+    __shared__ float row_group_sum[32][ABSORB_COLS];
+    const int cg = threadIdx.x & 7, g = threadIdx.x >> 3;
+    const int c0 = blockIdx.x * ABSORB_COLS + 8 * cg;
+    float acc8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (c0 < rank) {
+        for (int d0 = g; d0 < nope; d0 += 32 * 8) {
+            float wv[8][8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int d = d0 + 32 * u;
+                if (d < nope) load8_f32(w + (u64)d * rank + c0, wv[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int d = d0 + 32 * u;
+                if (d < nope) {
+                    const float qv = q_nope[d];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc8[i] += qv * wv[u][i];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) row_group_sum[g][8 * cg + i] = acc8[i];
+    __syncthreads();
+    const int col = threadIdx.x, c = blockIdx.x * ABSORB_COLS + col;
+    if (col < ABSORB_COLS && c < rank) {
+        float sum = 0.f;
+        for (int gi = 0; gi < 32; gi++) sum += row_group_sum[gi][col];
         q_lat[((u64)r * heads + h) * rank + c] = sum;
     }
 }
@@ -308,17 +373,83 @@ __device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* k
     }
 }
 
+// mla_unabsorb for decode (few tokens, rank a multiple of 8), with wide loads all in flight; a
+// kernel of its own for the same reason as mla_absorb_q_wide.
+template <typename W>
+__device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const W* kv_b,
+                                                       float* out, int heads, int nope, int v_dim,
+                                                       int rank) {
+    __shared__ __align__(16) float latent[MLA_MAX_RANK];
+    const int h = blockIdx.y, r = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const float* src = o_lat + ((u64)r * heads + h) * rank;
+    for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
+    __syncthreads();
+    const int per_warp = MLA_VALUES_PER_BLOCK / warps;  // 4 with 8 warps
+    const int v0 = blockIdx.x * MLA_VALUES_PER_BLOCK + warp * per_warp;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // Lane L reads columns 8L…8L+7 (+ 256·j) of the warp's rows with 16-byte loads, every
+    // load of the warp in flight at once (at rank 512: two per row, eight per lane).
+    for (int c0 = 8 * lane; c0 < rank; c0 += 32 * 8 * 2) {
+        float wv[2][4][8];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int c = c0 + 256 * u;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int v = v0 + i;
+                if (c < rank && i < per_warp && v < v_dim)
+                    load8_f32(kv_b + ((u64)h * (nope + v_dim) + nope + v) * rank + c, wv[u][i]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int c = c0 + 256 * u;
+            if (c >= rank) continue;
+            float lat[8];
+            load8_f32(latent + c, lat);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (i >= per_warp || v0 + i >= v_dim) continue;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i] += wv[u][i][e] * lat[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float sum = warp_sum(acc[i]);
+        const int v = v0 + i;
+        if (lane == 0 && i < per_warp && v < v_dim) out[((u64)r * heads + h) * v_dim + v] = sum;
+    }
+}
+
 #define MLA_KV_B_KERNELS(SUFFIX, W)                                                             \
     extern "C" __global__ void mla_absorb_q_##SUFFIX(                                           \
         float* q, const W* kv_b, float* q_lat, int heads, int nope, int qk, int v_dim, int rank, \
         const float* inv_freq, int half, float scaling, int interleaved, const u32* positions) { \
+        pdl_entry();                                                                             \
         mla_absorb_q_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half, scaling, \
                           interleaved, positions);                                               \
     }                                                                                            \
     extern "C" __global__ void mla_unabsorb_##SUFFIX(const float* o_lat, const W* kv_b,          \
                                                      float* out, int heads, int nope, int v_dim, \
                                                      int rank) {                                 \
+        pdl_entry();                                                                             \
         mla_unabsorb_impl(o_lat, kv_b, out, heads, nope, v_dim, rank);                           \
+    }                                                                                            \
+    extern "C" __global__ void mla_absorb_q_wide_##SUFFIX(                                      \
+        float* q, const W* kv_b, float* q_lat, int heads, int nope, int qk, int v_dim, int rank, \
+        const float* inv_freq, int half, float scaling, int interleaved, const u32* positions) { \
+        pdl_entry();                                                                             \
+        mla_absorb_q_wide_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half,     \
+                               scaling, interleaved, positions);                                 \
+    }                                                                                            \
+    extern "C" __global__ void mla_unabsorb_wide_##SUFFIX(const float* o_lat, const W* kv_b,     \
+                                                          float* out, int heads, int nope,       \
+                                                          int v_dim, int rank) {                 \
+        pdl_entry();                                                                             \
+        mla_unabsorb_wide_impl(o_lat, kv_b, out, heads, nope, v_dim, rank);                      \
     }
 MLA_KV_B_KERNELS(f32, float)
 MLA_KV_B_KERNELS(f16, f16_t)
@@ -393,6 +524,7 @@ __device__ __forceinline__ void mla_attend_impl(const float* q, const float* q_l
              int values_per_token, int heads, int qk, int nope, int rank, int rope_dim,         \
              float scale, const u32* positions, const u32* sequence, const u32* block_tables,   \
              int blocks_per_sequence, int block_size) {                                         \
+        pdl_entry();                                                                            \
         mla_attend_impl(q, q_lat, o_lat, cache, values_per_token, heads, qk, nope, rank,        \
                         rope_dim, scale, positions, sequence, block_tables,                     \
                         blocks_per_sequence, block_size);                                       \
@@ -541,6 +673,7 @@ __device__ __forceinline__ void mla_decode_impl(
              int values_per_token, int heads, int qk, int nope, int rank, int rope_dim,         \
              float scale, int tile, const u32* positions, const u32* sequence,                  \
              const u32* block_tables, int blocks_per_sequence, int block_size) {                \
+        pdl_entry();                                                                            \
         mla_decode_impl(q, q_lat, part_ml, part_acc, cache, values_per_token, heads, qk, nope,  \
                         rank, rope_dim, scale, tile, positions, sequence, block_tables,         \
                         blocks_per_sequence, block_size);                                       \
@@ -559,6 +692,7 @@ MLA_DECODE(mla_decode_f16, f16_t)
 extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
     mla_combine(const float* part_ml, const float* part_acc, int splits, int heads, int rank,
                 float* o_lat) {
+    pdl_entry();
     extern __shared__ float split_weight[];
     __shared__ float scratch[32];
     __shared__ float group_sum[MLA_COMBINE_GROUPS][MLA_COMBINE_COLS];
@@ -632,6 +766,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     int values_per_token, int heads, int qk, int nope, int rank, int rope_dim, float scale,
     const u32* positions, const u32* sequence, const u32* block_tables, int blocks_per_sequence,
     int block_size) {
+    pdl_entry();
     extern __shared__ __align__(16) unsigned char mlam_smem[];
     const int width = rank + rope_dim;  // multiple of 16
     const int xs = width + 8;           // fp16 values per staged row

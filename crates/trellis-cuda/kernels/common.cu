@@ -11,6 +11,30 @@ typedef unsigned long long u64;
 // 1/sqrt(128) exactly as the CPU reference writes it (f32 0.088_388_35).
 #define HADAMARD_SCALE 0.08838835f
 
+// Programmatic dependent launch (Hopper and later). The host launches kernels with the
+// programmatic-serialization attribute, so a kernel may be scheduled while its predecessor in
+// the stream still runs: its launch and block set-up overlap the predecessor's tail. Every
+// kernel therefore first waits for its predecessors to complete (and their writes to become
+// visible) and only then lets its own successor be scheduled, so at most one kernel waits
+// ahead and nothing reads data before it is written. Before sm_90 both are no-ops (the host
+// then launches without the attribute).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_entry() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 // Storage element types, distinct so that overloads pick the right widening.
 struct f16_t {
     u16 bits;
@@ -34,6 +58,32 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(f16_t v) { return f16_bits_to_f32(v.bits); }
 __device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float(((u32)v.bits) << 16); }
+
+// Eight consecutive weights widened to f32, with 16-byte loads (two for f32). `p` must be
+// 16-byte aligned.
+__device__ __forceinline__ void load8_f32(const float* p, float out[8]) {
+    const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+    out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+__device__ __forceinline__ void load8_f32(const f16_t* p, float out[8]) {
+    const uint4 v = *(const uint4*)p;
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = f16_bits_to_f32((u16)(w[i] & 0xFFFFu));
+        out[2 * i + 1] = f16_bits_to_f32((u16)(w[i] >> 16));
+    }
+}
+__device__ __forceinline__ void load8_f32(const bf16_t* p, float out[8]) {
+    const uint4 v = *(const uint4*)p;
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
 
 __device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f32(f16_t* p, float v) { p->bits = f32_to_f16_bits(v); }

@@ -57,6 +57,7 @@ __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const 
                                     const int* src_rows, const float* x, int in_stride,          \
                                     int in_features, int out_features, float* out,               \
                                     int out_stride) {                                            \
+        pdl_entry();                                                                             \
         dense_matmul_impl<W, TM>(descs, tiles, rows, src_rows, x, in_stride, in_features,        \
                                  out_features, out, out_stride);                                 \
     }

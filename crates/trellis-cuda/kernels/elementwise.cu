@@ -16,14 +16,17 @@ __device__ __forceinline__ void embed_impl(const T* table, const u32* tokens, in
 
 extern "C" __global__ void embed_f32(const float* table, const u32* tokens, int rows, int hidden,
                                      float scale, float* out) {
+    pdl_entry();
     embed_impl(table, tokens, rows, hidden, scale, out);
 }
 extern "C" __global__ void embed_f16(const f16_t* table, const u32* tokens, int rows, int hidden,
                                      float scale, float* out) {
+    pdl_entry();
     embed_impl(table, tokens, rows, hidden, scale, out);
 }
 extern "C" __global__ void embed_bf16(const bf16_t* table, const u32* tokens, int rows, int hidden,
                                       float scale, float* out) {
+    pdl_entry();
     embed_impl(table, tokens, rows, hidden, scale, out);
 }
 
@@ -31,6 +34,7 @@ extern "C" __global__ void embed_bf16(const bf16_t* table, const u32* tokens, in
 // the elements it read).
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float eps, int width,
                                     float* out) {
+    pdl_entry();
     __shared__ float scratch[32];
     const float* xr = x + (u64)blockIdx.x * width;
     float* orow = out + (u64)blockIdx.x * width;
@@ -42,12 +46,14 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float e
 }
 
 extern "C" __global__ void add_inplace(float* x, const float* y, u64 len) {
+    pdl_entry();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (u64)gridDim.x * blockDim.x)
         x[i] += y[i];
 }
 
 extern "C" __global__ void silu_mul(float* gate, const float* up, u64 len) {
+    pdl_entry();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (u64)gridDim.x * blockDim.x) {
         const float g = gate[i];
@@ -56,6 +62,7 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, u64 len) {
 }
 
 extern "C" __global__ void gelu_tanh_mul(float* gate, const float* up, u64 len) {
+    pdl_entry();
     const float sqrt_2_over_pi = 0.7978846f;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (u64)gridDim.x * blockDim.x) {
@@ -76,6 +83,7 @@ struct RowList {
 // dst[first_dst_row + j] = src[list.rows[j]]; grid (column blocks, list.count).
 extern "C" __global__ void copy_rows(const float* src, float* dst, int width, RowList list,
                                      int first_dst_row) {
+    pdl_entry();
     const int j = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= width || j >= list.count) return;
@@ -87,6 +95,7 @@ extern "C" __global__ void copy_rows(const float* src, float* dst, int width, Ro
 extern "C" __global__ void rope(float* x, const float* inv_freq, int half, float scaling,
                                 int interleaved, int heads, int head_dim, int offset,
                                 const u32* positions, int rows) {
+    pdl_entry();
     const u64 total = (u64)rows * heads * half;
     for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (u64)gridDim.x * blockDim.x) {
@@ -110,6 +119,7 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int half, float
 }
 
 extern "C" __global__ void fill_f32(float* x, float value, u64 len) {
+    pdl_entry();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (u64)gridDim.x * blockDim.x)
         x[i] = value;

@@ -57,6 +57,7 @@ struct RouteArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const RouteArgs a) {
+    pdl_entry();
     extern __shared__ float dyn[];
     __shared__ float scores[MOE_MAX_EXPERTS], select[MOE_MAX_EXPERTS];
     __shared__ int chosen[MOE_MAX_EXPERTS + MOE_MAX_TOP_K];
@@ -331,6 +332,7 @@ __device__ __forceinline__ void moe_plan_body(const u32* ids, int rows, int top_
 extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int experts,
                                     int shared_id, int tile_rows, int max_tiles, int* pair_src,
                                     int* pair_desc, int* pair_of, int* tiles) {
+    pdl_entry();
     moe_plan_body(ids, rows, top_k, experts, shared_id, tile_rows, max_tiles, pair_src,
                   pair_desc, pair_of, tiles);
 }
@@ -342,6 +344,7 @@ extern "C" __global__ void moe_plan(const u32* ids, int rows, int top_k, int exp
 extern "C" __global__ void moe_combine(const float* expert_out, const int* pair_of,
                                        const float* weights, int top_k, int hidden,
                                        int has_shared, int residual, float* out) {
+    pdl_entry();
     const int r = blockIdx.y, rows = gridDim.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= hidden) return;

@@ -23,6 +23,7 @@ struct TrellisDesc {
 extern "C" __global__ void trellis_prep(const TrellisDesc* descs, const int* row_desc,
                                         const int* src_rows, const float* x, int in_stride,
                                         int in_features, int k_pad, float* xh) {
+    pdl_entry();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunk = blockIdx.x * (blockDim.x >> 5) + warp;
     if (chunk * 128 >= k_pad) return;  // warp-uniform
@@ -46,6 +47,7 @@ extern "C" __global__ void trellis_prep(const TrellisDesc* descs, const int* row
 extern "C" __global__ void trellis_finish(const TrellisDesc* descs, const int* row_desc,
                                           const float* partial, int splits, int rows, int n_pad,
                                           int out_features, int out_stride, float* out) {
+    pdl_entry();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunk = blockIdx.x * (blockDim.x >> 5) + warp;
     if (chunk * 128 >= n_pad) return;  // warp-uniform
@@ -236,6 +238,7 @@ __device__ __forceinline__ void trellis_matmul_impl(const TrellisDesc* descs, co
         trellis_matmul_tm##TM(const TrellisDesc* descs, const int* tiles, int rows,             \
                               const float* xh, int k_pad, int n_pad, int ktiles_per_split,       \
                               float* partial) {                                                 \
+        pdl_entry();                                                                            \
         trellis_matmul_impl<TM>(descs, tiles, rows, xh, k_pad, n_pad, ktiles_per_split, partial); \
     }
 
@@ -380,11 +383,13 @@ struct LinearStage {
     float nw[4];
 };
 
+// The weights' part of a batch (packed words, suh, norm weights): constant for the launch, so
+// it may be loaded before waiting for the previous kernel.
 template <int TM>
-__device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDesc& d, int kb,
-                                            int tiles_n, int nb, int nw, int row0, int nrows,
-                                            const LinearArgs& a) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+__device__ __forceinline__ void linear_load_weights(LinearStage<TM>& st, const TrellisDesc& d,
+                                                    int kb, int tiles_n, int nb, int nw,
+                                                    const LinearArgs& a) {
+    const int lane = threadIdx.x & 31;
     const int chunk4 = 2 * nw, batch4 = MM_KTILES * chunk4;
 #pragma unroll
     for (int i = 0; i < MM_WORD_REGS; i++) {
@@ -401,6 +406,13 @@ __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDe
         st.suh[q] = c < a.in_features ? f16_bits_to_f32(d.suh[c]) : 0.f;
         st.nw[q] = (a.norm_w && c < a.in_features) ? a.norm_w[c] : 0.f;
     }
+}
+
+// The activations' part of a batch: written by earlier kernels.
+template <int TM>
+__device__ __forceinline__ void linear_load_inputs(LinearStage<TM>& st, int kb, int row0,
+                                                   int nrows, const LinearArgs& a) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < (TM + 7) / 8; k++) {
         const int m = warp + 8 * k;
@@ -416,6 +428,14 @@ __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDe
             }
         }
     }
+}
+
+template <int TM>
+__device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDesc& d, int kb,
+                                            int tiles_n, int nb, int nw, int row0, int nrows,
+                                            const LinearArgs& a) {
+    linear_load_weights<TM>(st, d, kb, tiles_n, nb, nw, a);
+    linear_load_inputs<TM>(st, kb, row0, nrows, a);
 }
 
 template <int TM>
@@ -521,8 +541,6 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     const int tiles_n = o.n_pad >> 4;
     const int n_pad = o.n_pad;
 
-    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
-
     LanePlan lp;
     lane_plan_init(lp, bits_x2, nw);
     const int r0 = 2 * (lane & 3);
@@ -531,8 +549,15 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
 #pragma unroll
     for (int m = 0; m < TM; m++) acc[m][0] = acc[m][1] = 0.f;
 
+    // The first batch of weights is requested before waiting for the kernel that writes the
+    // inputs, so their latency overlaps its tail (row tiles from the router were waited for
+    // already: the descriptor depends on them).
     LinearStage<TM> st;
-    if (kt0 < kt1) linear_load<TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, a);
+    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
+    if (!a.tiles) pdl_entry();
+
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+    if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {  // kt0, kt1 are multiples of MM_KTILES
         linear_stage<TM>(st, sw, sx, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
                          inv_rms);
@@ -631,6 +656,8 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
 template <int TM>
 __device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
     int desc_index = 0, row0, nrows;
+    // Without row tiles the body waits for the previous kernel itself, after its first loads.
+    if (a.tiles) pdl_entry();
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];
         if (desc_index < 0) return;  // block-uniform, before any barrier
@@ -849,6 +876,7 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
 }
 
 extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) trellis_mma_tm64(const LinearArgs a) {
+    pdl_entry();
     int desc_index = 0, row0, nrows;
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];

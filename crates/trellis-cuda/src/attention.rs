@@ -254,10 +254,14 @@ pub(crate) fn mla_attention(
     let q_lat = scratch.q_lat.ensure(dev, rows * heads * rank);
     let o_lat = scratch.o_lat.ensure(dev, rows * heads * rank);
     let k = &dev.kernels;
-    let absorb = match kv_b.weight.dtype {
-        DenseType::F32 => &k.mla_absorb_q_f32,
-        DenseType::F16 => &k.mla_absorb_q_f16,
-        DenseType::BF16 => &k.mla_absorb_q_bf16,
+    let wide = kv_b_wide_form(rows, rank);
+    let absorb = match (kv_b.weight.dtype, wide) {
+        (DenseType::F32, false) => &k.mla_absorb_q_f32,
+        (DenseType::F16, false) => &k.mla_absorb_q_f16,
+        (DenseType::BF16, false) => &k.mla_absorb_q_bf16,
+        (DenseType::F32, true) => &k.mla_absorb_q_wide_f32,
+        (DenseType::F16, true) => &k.mla_absorb_q_wide_f16,
+        (DenseType::BF16, true) => &k.mla_absorb_q_wide_bf16,
     };
     let w = kv_b.weight.mem.ptr;
     let mut args = Args::new();
@@ -348,6 +352,16 @@ pub(crate) fn mla_attention(
     mla_unabsorb(dev, kv_b, o_lat, out, spec, rows);
 }
 
+/// Tokens per launch up to which the `kv_b` products use their decode form (`…_wide`: 16-byte
+/// loads, all in flight; the whole weight is requested at once). Taller launches (prefill)
+/// have blocks enough to hide latency, and the wide form's registers would cost them
+/// occupancy (measured on the H200: 13 → 9.5 µs per decode launch; prefill unchanged).
+const KV_B_WIDE_MAX_ROWS: usize = 8;
+
+fn kv_b_wide_form(rows: usize, rank: usize) -> bool {
+    rows <= KV_B_WIDE_MAX_ROWS && rank.is_multiple_of(8)
+}
+
 /// `out[r, h] = W_UV[h] · o_lat[r, h]`.
 fn mla_unabsorb(
     dev: &Device,
@@ -358,10 +372,13 @@ fn mla_unabsorb(
     rows: usize,
 ) {
     let k = &dev.kernels;
-    let unabsorb = match kv_b.weight.dtype {
-        DenseType::F32 => &k.mla_unabsorb_f32,
-        DenseType::F16 => &k.mla_unabsorb_f16,
-        DenseType::BF16 => &k.mla_unabsorb_bf16,
+    let unabsorb = match (kv_b.weight.dtype, kv_b_wide_form(rows, spec.kv_lora_rank)) {
+        (DenseType::F32, false) => &k.mla_unabsorb_f32,
+        (DenseType::F16, false) => &k.mla_unabsorb_f16,
+        (DenseType::BF16, false) => &k.mla_unabsorb_bf16,
+        (DenseType::F32, true) => &k.mla_unabsorb_wide_f32,
+        (DenseType::F16, true) => &k.mla_unabsorb_wide_f16,
+        (DenseType::BF16, true) => &k.mla_unabsorb_wide_bf16,
     };
     let mut args = Args::new();
     args.arg(o_lat)

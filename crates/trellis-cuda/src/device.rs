@@ -52,6 +52,9 @@ pub const GRAPH_ENV: &str = "TRELLIS_CUDA_GRAPH";
 /// Env var: `0` turns off the tensor-core kernels (trellis GEMM for tall row tiles, MLA
 /// decode), leaving the SIMT kernels.
 pub const MMA_ENV: &str = "TRELLIS_CUDA_MMA";
+/// Env var: `0` turns off programmatic dependent launch (each kernel then starts only after
+/// its predecessor has completed; see `pdl_entry` in `kernels/common.cu`).
+pub const PDL_ENV: &str = "TRELLIS_CUDA_PDL";
 /// Waves of blocks a split-k trellis launch aims for by default (measured on the H200: 4 beats
 /// 2 for the decode GEMVs, whose blocks are ALU-bound).
 const DEFAULT_SPLIT_WAVES: usize = 4;
@@ -238,6 +241,12 @@ kernel_table!(
     mla_unabsorb_f32,
     mla_unabsorb_f16,
     mla_unabsorb_bf16,
+    mla_absorb_q_wide_f32,
+    mla_absorb_q_wide_f16,
+    mla_absorb_q_wide_bf16,
+    mla_unabsorb_wide_f32,
+    mla_unabsorb_wide_f16,
+    mla_unabsorb_wide_bf16,
     mla_attend_f32,
     mla_attend_f16,
     mla_decode_f32,
@@ -367,6 +376,53 @@ impl Grid {
     }
 }
 
+/// `cuLaunchKernelEx` with programmatic stream serialization allowed: the kernel may be
+/// scheduled before its predecessor in the stream completes (it waits on entry).
+///
+/// # Safety
+/// As for `cuLaunchKernel`: `params` holds one pointer per kernel parameter, to values of the
+/// kernel's parameter types, and the kernel was compiled with `pdl_entry` at its start.
+unsafe fn launch_programmatic(
+    function: cudarc::driver::sys::CUfunction,
+    grid: Grid,
+    stream: cudarc::driver::sys::CUstream,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    use cudarc::driver::sys::{
+        CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
+    };
+    let mut attribute = CUlaunchAttribute {
+        id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: CUlaunchAttributeValue {
+            programmaticStreamSerializationAllowed: 1,
+        },
+    };
+    let config = CUlaunchConfig {
+        gridDimX: grid.blocks.0,
+        gridDimY: grid.blocks.1,
+        gridDimZ: grid.blocks.2,
+        blockDimX: grid.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: grid.shared_bytes,
+        hStream: stream,
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // SAFETY: `config` and `attribute` outlive the call, which copies them; the caller
+    // vouches for `function` and `params`.
+    unsafe {
+        cudarc::driver::sys::cuLaunchKernelEx(
+            &config,
+            function,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+    }
+}
+
 /// Context, stream and kernels of one GPU.
 pub(crate) struct Device {
     pub ctx: Arc<CudaContext>,
@@ -393,6 +449,9 @@ pub(crate) struct Device {
     pub graphs: bool,
     /// Tensor-core kernels may be used (see [`MMA_ENV`]; needs compute capability 8.0+).
     pub mma: bool,
+    /// Kernels are launched with programmatic stream serialization (see [`PDL_ENV`]; needs
+    /// compute capability 9.0+, where every kernel waits for its predecessors on entry).
+    pdl: bool,
 }
 
 impl Device {
@@ -498,6 +557,9 @@ impl Device {
             capture: CaptureState::default(),
             graphs,
             mma: compute_capability.0 >= 8 && std::env::var_os(MMA_ENV).is_none_or(|v| v != "0"),
+            pdl: compute_capability.0 >= 9
+                && !sync_each_launch
+                && std::env::var_os(PDL_ENV).is_none_or(|v| v != "0"),
         })
     }
 
@@ -528,14 +590,23 @@ impl Device {
             // signature); the values outlive this call, which copies them. Device pointers
             // among them refer to live allocations of this context, used in stream order.
             unsafe {
-                driver_result::launch_kernel(
-                    kernel.func.cu_function(),
-                    grid.blocks,
-                    (grid.threads, 1, 1),
-                    grid.shared_bytes,
-                    self.stream.cu_stream(),
-                    &mut params[..args.count],
-                )
+                if self.pdl {
+                    launch_programmatic(
+                        kernel.func.cu_function(),
+                        grid,
+                        self.stream.cu_stream(),
+                        &mut params[..args.count],
+                    )
+                } else {
+                    driver_result::launch_kernel(
+                        kernel.func.cu_function(),
+                        grid.blocks,
+                        (grid.threads, 1, 1),
+                        grid.shared_bytes,
+                        self.stream.cu_stream(),
+                        &mut params[..args.count],
+                    )
+                }
             }
         });
         if let Err(e) = result {
