@@ -5,6 +5,10 @@
 use crate::error::{FormatError, Result};
 use serde_json::{Map, Value};
 
+/// Most decoder layers a config may declare: far above any real model (a few hundred at most),
+/// low enough that per-layer tables cannot exhaust memory.
+pub(crate) const MAX_LAYERS: usize = 65_536;
+
 /// Longest rendering of an offending value in an error message.
 const MAX_SHOWN: usize = 80;
 
@@ -130,6 +134,19 @@ impl<'a> Fields<'a> {
             Some(Value::Null) => Err(self.wrong(key, "a positive integer", &Value::Null)),
             Some(_) => Ok(self.opt_positive(key)?.unwrap_or_default()),
         }
+    }
+
+    /// A layer count: positive and at most [`MAX_LAYERS`], so that tables sized by it stay
+    /// small whatever a (corrupt) config says.
+    pub(crate) fn req_layer_count(&self, key: &str) -> Result<usize> {
+        let n = self.req_positive(key)?;
+        if n > MAX_LAYERS {
+            return Err(self.err(
+                key,
+                format!("{n} layers is more than the {MAX_LAYERS} this loader accepts"),
+            ));
+        }
+        Ok(n)
     }
 
     pub(crate) fn positive_or(&self, key: &str, default: usize) -> Result<usize> {

@@ -507,3 +507,25 @@ fn generation_defaults() {
     ));
     assert!(msg.contains("g.json") && msg.contains("top_p"), "{msg}");
 }
+
+/// A corrupt layer count is refused before any per-layer table is sized from it (it used to
+/// overflow a Vec's capacity: a panic, found by the mutation fuzz test).
+#[test]
+fn absurd_layer_counts_are_refused() {
+    let configs = [
+        llama_like("llama", "LlamaForCausalLM"),
+        llama_like("mistral", "MistralForCausalLM"),
+        glm_flash(),
+        deepseek_v3(),
+    ];
+    for mut v in configs {
+        v["num_hidden_layers"] = json!(1u64 << 62);
+        let msg = err_msg(ModelConfig::from_json(&v));
+        assert!(
+            msg.contains("num_hidden_layers") && msg.contains("layers"),
+            "{msg}"
+        );
+        v["num_hidden_layers"] = json!(65_536);
+        ModelConfig::from_json(&v).unwrap_or_else(|e| panic!("65,536 layers: {e}"));
+    }
+}

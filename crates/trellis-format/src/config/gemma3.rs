@@ -72,7 +72,7 @@ impl Gemma3Config {
             *root
         };
         let hidden_size = f.req_positive("hidden_size")?;
-        let num_hidden_layers = f.req_positive("num_hidden_layers")?;
+        let num_hidden_layers = f.req_layer_count("num_hidden_layers")?;
         let heads_count = f.positive_or("num_attention_heads", 8)?;
         let heads = parse_heads_with_defaults(&f, hidden_size, heads_count, 4, Some(256))?;
         let max_position_embeddings = f.positive_or("max_position_embeddings", 131_072)?;

@@ -79,7 +79,7 @@ impl LlamaConfig {
             _ => LlamaFamily::Llama,
         };
         let hidden_size = f.req_positive("hidden_size")?;
-        let num_hidden_layers = f.req_positive("num_hidden_layers")?;
+        let num_hidden_layers = f.req_layer_count("num_hidden_layers")?;
         let heads = parse_heads(f, hidden_size)?;
         let default_max_positions = match family {
             LlamaFamily::Llama => 2048,
@@ -170,7 +170,7 @@ pub struct Qwen3MoeConfig {
 impl Qwen3MoeConfig {
     pub(crate) fn parse(f: &Fields<'_>, class_name: String) -> Result<Qwen3MoeConfig> {
         let hidden_size = f.req_positive("hidden_size")?;
-        let num_hidden_layers = f.req_positive("num_hidden_layers")?;
+        let num_hidden_layers = f.req_layer_count("num_hidden_layers")?;
         let heads = parse_heads(f, hidden_size)?;
         // transformers 5 saves the expert count under its alias `num_local_experts`.
         let experts_key = if !f.has("num_experts") && f.has("num_local_experts") {

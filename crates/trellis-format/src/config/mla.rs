@@ -94,7 +94,7 @@ impl MlaMoeConfig {
         class_name: String,
     ) -> Result<MlaMoeConfig> {
         let deepseek_v2 = architecture == Architecture::DeepseekV2;
-        let num_hidden_layers = f.req_positive("num_hidden_layers")?;
+        let num_hidden_layers = f.req_layer_count("num_hidden_layers")?;
         let n_routed_experts = f.req_count("n_routed_experts")?;
         let num_experts_per_tok = f.req_count("num_experts_per_tok")?;
         if num_experts_per_tok > n_routed_experts {
