@@ -38,10 +38,14 @@ enum Command {
     Perplexity(commands::perplexity::Args),
     /// Convert a GGUF model (llama.cpp) into a Hugging Face directory trellis can run.
     Import(commands::import::Args),
-    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
-    Serve(commands::serve::Args),
     /// Measure prefill and decode speed, time to first token, memory and the roofline fraction.
     Bench(commands::bench::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
+    Serve(commands::serve::Args),
+    /// Quantize a Hugging Face model to EXL3 (calibration, LDLQ, Viterbi-encoded tiles).
+    Quantize(commands::quantize::Args),
+    /// Compare a model's next-token distributions with a reference model's (KL divergence).
+    Kld(commands::kld::Args),
     /// Write a synthetic model with a real architecture's shapes and random trellis weights.
     Synth(commands::synth::Args),
 }
@@ -64,8 +68,10 @@ fn main() {
         Command::Chat(a) => commands::chat::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Import(a) => commands::import::run(a),
-        Command::Serve(a) => commands::serve::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
+        Command::Kld(a) => commands::kld::run(a),
         Command::Template(a) => commands::template::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

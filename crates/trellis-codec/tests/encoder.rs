@@ -4,7 +4,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use trellis_codec::encode::{EncodedTile, encode_tile, encode_tiles};
+use trellis_codec::encode::{
+    Effort, EncodedTile, encode_tile, encode_tiles, encode_tiles_with_effort,
+};
 use trellis_codec::tile::{
     POSITION_TO_TILE_INDEX, decode_tile, is_valid_walk, pack_states, tile_states,
 };
@@ -136,5 +138,31 @@ fn decodable_tiles_are_reproduced_exactly() {
             assert_eq!(tile.values, target, "K = {bits}, {cb:?}");
             check_tile(&tile, &target, bits, cb);
         }
+    }
+}
+
+/// The quantizer's fast effort still returns valid closed walks whose packed words decode to
+/// its values, within 2 % of the exhaustive search's squared error.
+#[test]
+fn fast_effort_is_valid_and_close_to_exact() {
+    let mut rng = StdRng::seed_from_u64(31);
+    let targets: Vec<[f32; TILE_WEIGHTS]> = (0..24)
+        .map(|_| gaussian_tile(&mut rng, CODEBOOK_SCALE))
+        .collect();
+    for (k, cb) in [
+        (2.0, Codebook::Mul1),
+        (2.5, Codebook::Mul1),
+        (4.0, Codebook::Mcg),
+    ] {
+        let bits = BitWidth::from_f64(k).unwrap();
+        let fast = encode_tiles_with_effort(&targets, bits, cb, Effort::Fast);
+        let exact = encode_tiles_with_effort(&targets, bits, cb, Effort::Exact);
+        assert_eq!(exact, encode_tiles(&targets, bits, cb));
+        for (tile, target) in fast.iter().zip(&targets) {
+            check_tile(tile, target, bits, cb);
+        }
+        let sse = |v: &[EncodedTile]| v.iter().map(|t| t.squared_error).sum::<f64>();
+        let (f, e) = (sse(&fast), sse(&exact));
+        assert!(f <= 1.02 * e, "K={k}: fast {f} vs exact {e}");
     }
 }

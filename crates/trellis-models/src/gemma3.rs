@@ -27,9 +27,12 @@ use crate::blocks::{
 };
 use crate::llama::rotary_dim;
 use crate::rope::rope_spec;
-use crate::{CausalLm, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap};
+use crate::{
+    CausalLm, Layerwise, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap,
+    check_layer_index, check_layerwise_rows, no_layer_loaded,
+};
 use trellis_backend::{AttentionSpec, Backend, Batch};
-use trellis_format::{Gemma3Config, LayerAttention, ModelDir, TensorStore};
+use trellis_format::{Gemma3Config, LayerAttention, ModelConfig, ModelDir, TensorStore};
 
 /// Where a checkpoint keeps the text decoder: `Gemma3ForCausalLM` under `model.`; the
 /// multimodal `Gemma3ForConditionalGeneration` under `language_model.model.` (released
@@ -62,15 +65,22 @@ struct Workspace<B: Backend> {
 
 pub struct Gemma3<B: Backend> {
     info: ModelInfo,
+    /// The parsed config, kept so that a layerwise model can load layers later.
+    config: Gemma3Config,
+    activation: Activation,
+    /// Where the decoder's tensors live (see [`DECODER_PREFIXES`]).
+    prefix: &'static str,
     hidden: usize,
     eps: f32,
     embed: B::Embedding,
     embed_scale: f32,
     rope_local: B::Rope,
     rope_global: B::Rope,
+    /// Every decoder layer; a layerwise model holds only the one it has loaded.
     layers: Vec<Layer<B>>,
     final_norm: B::Vector,
-    lm_head: B::Linear,
+    /// `None` in a layerwise model, which never computes logits.
+    lm_head: Option<B::Linear>,
     final_logit_softcap: Option<f32>,
     options: LoadOptions,
     ws: Workspace<B>,
@@ -92,6 +102,99 @@ fn decoder_prefix(store: &TensorStore) -> Result<&'static str> {
         })
 }
 
+impl<B: Backend> Layer<B> {
+    /// Load decoder layer `l` (under `prefix`), whose keys and values go to cache layer
+    /// `cache_layer`.
+    fn load(
+        w: &mut Weights<'_, B>,
+        cfg: &Gemma3Config,
+        prefix: &str,
+        activation: Activation,
+        l: usize,
+        cache_layer: usize,
+    ) -> Result<Self> {
+        let hidden = cfg.hidden_size;
+        let p = format!("{prefix}layers.{l}");
+        let local = cfg.layer_types[l] == LayerAttention::Sliding;
+        let spec = AttentionSpec {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            softmax_scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32,
+            sliding_window: local.then_some(cfg.sliding_window),
+            logit_softcap: None,
+        };
+        let biases = AttentionBiases {
+            qkv: cfg.attention_bias,
+            o: cfg.attention_bias,
+        };
+        let qk_norm = Some(QkNormStyle {
+            eps: cfg.rms_norm_eps as f32,
+            plus_one: true,
+        });
+        let norm = |w: &Weights<'_, B>, name: &str| {
+            w.vector_plus_one(&format!("{p}.{name}.weight"), hidden)
+        };
+        Ok(Layer {
+            input_norm: norm(w, "input_layernorm")?,
+            post_attention_norm: norm(w, "post_attention_layernorm")?,
+            pre_feedforward_norm: norm(w, "pre_feedforward_layernorm")?,
+            post_feedforward_norm: norm(w, "post_feedforward_layernorm")?,
+            attention: SelfAttention::load(
+                w,
+                &format!("{p}.self_attn"),
+                cache_layer,
+                hidden,
+                spec,
+                biases,
+                qk_norm,
+            )?,
+            local,
+            mlp: Mlp::load(
+                w,
+                &format!("{p}.mlp"),
+                hidden,
+                cfg.intermediate_size,
+                false,
+                activation,
+            )?,
+        })
+    }
+
+    /// `ws.x ← layer(ws.x)` for the tokens of `batch`.
+    fn forward(
+        &self,
+        b: &B,
+        ws: &mut Workspace<B>,
+        (rope_local, rope_global): (&B::Rope, &B::Rope),
+        (hidden, eps): (usize, f32),
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+    ) {
+        let n = batch.rows();
+        // x = x + RMSNorm(Attention(RMSNorm(x)))
+        let rope = if self.local { rope_local } else { rope_global };
+        b.rms_norm(&ws.x, &self.input_norm, eps, n, &mut ws.h);
+        self.attention
+            .forward(b, &ws.h, rope, batch, cache, &mut ws.attention);
+        b.rms_norm(
+            &ws.attention.out,
+            &self.post_attention_norm,
+            eps,
+            n,
+            &mut ws.h,
+        );
+        b.add(&mut ws.x, &ws.h, n * hidden);
+
+        // x = x + RMSNorm(MLP(RMSNorm(x)))
+        b.rms_norm(&ws.x, &self.pre_feedforward_norm, eps, n, &mut ws.h);
+        self.mlp
+            .forward(b, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.ffn_out);
+        b.rms_norm(&ws.ffn_out, &self.post_feedforward_norm, eps, n, &mut ws.h);
+        b.add(&mut ws.x, &ws.h, n * hidden);
+    }
+}
+
 impl<B: Backend> Gemma3<B> {
     pub fn load(
         dir: &ModelDir,
@@ -99,6 +202,28 @@ impl<B: Backend> Gemma3<B> {
         b: &B,
         options: &LoadOptions,
         progress: Progress<'_>,
+    ) -> Result<Self> {
+        Self::load_with(dir, cfg, b, options, progress, true)
+    }
+
+    /// A layerwise model (see [`Layerwise`]): everything but the decoder layers and the head.
+    pub fn load_layerwise(dir: &ModelDir, b: &B, options: &LoadOptions) -> Result<Self> {
+        let ModelConfig::Gemma3(cfg) = &dir.config else {
+            return Err(ModelError::Invalid(format!(
+                "{}: not a Gemma 3 config",
+                dir.path.display()
+            )));
+        };
+        Self::load_with(dir, cfg, b, options, &mut |_, _, _| {}, false)
+    }
+
+    fn load_with(
+        dir: &ModelDir,
+        cfg: &Gemma3Config,
+        b: &B,
+        options: &LoadOptions,
+        progress: Progress<'_>,
+        all_layers: bool,
     ) -> Result<Self> {
         let store = &dir.tensors;
         let what = format!("{} ({})", cfg.class_name, store.dir().display());
@@ -126,60 +251,13 @@ impl<B: Backend> Gemma3<B> {
             rope_dim(&cfg.rope_global)?,
             false,
         ))?;
-        let biases = AttentionBiases {
-            qkv: cfg.attention_bias,
-            o: cfg.attention_bias,
-        };
-        let qk_norm = Some(QkNormStyle {
-            eps,
-            plus_one: true,
-        });
-
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            progress(l + 1, total, "decoder layers");
-            let p = format!("{prefix}layers.{l}");
-            let local = cfg.layer_types[l] == LayerAttention::Sliding;
-            let spec = AttentionSpec {
-                heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                softmax_scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32,
-                sliding_window: local.then_some(cfg.sliding_window),
-                logit_softcap: None,
-            };
-            let norm = |name: &str| w.vector_plus_one(&format!("{p}.{name}.weight"), hidden);
-            let (input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm) = (
-                norm("input_layernorm")?,
-                norm("post_attention_layernorm")?,
-                norm("pre_feedforward_layernorm")?,
-                norm("post_feedforward_layernorm")?,
-            );
-            layers.push(Layer {
-                input_norm,
-                attention: SelfAttention::load(
-                    &mut w,
-                    &format!("{p}.self_attn"),
-                    l,
-                    hidden,
-                    spec,
-                    biases,
-                    qk_norm,
-                )?,
-                local,
-                post_attention_norm,
-                pre_feedforward_norm,
-                mlp: Mlp::load(
-                    &mut w,
-                    &format!("{p}.mlp"),
-                    hidden,
-                    cfg.intermediate_size,
-                    false,
-                    activation,
-                )?,
-                post_feedforward_norm,
-            });
-            store.release_mapped_pages();
+        if all_layers {
+            for l in 0..cfg.num_hidden_layers {
+                progress(l + 1, total, "decoder layers");
+                layers.push(Layer::load(&mut w, cfg, prefix, activation, l, l)?);
+                store.release_mapped_pages();
+            }
         }
         progress(total - 1, total, "head");
         let final_norm = w.vector_plus_one(&format!("{prefix}norm.weight"), hidden)?;
@@ -188,20 +266,28 @@ impl<B: Backend> Gemma3<B> {
         } else {
             "lm_head"
         };
-        let lm_head = w.lm_head(head_name, &embed_table, cfg.tie_word_embeddings)?;
+        let lm_head = if all_layers {
+            Some(w.lm_head(head_name, &embed_table, cfg.tie_word_embeddings)?)
+        } else {
+            None
+        };
         progress(total, total, "done");
 
         let rows = options.max_rows.max(1);
         let logit_rows = options.max_logit_rows.clamp(1, rows);
-        let spec = &layers
-            .first()
-            .ok_or_else(|| ModelError::Invalid(format!("{what}: no decoder layers")))?
-            .attention
-            .spec;
+        // Every layer has the same head counts and sizes.
+        let spec = AttentionSpec {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            softmax_scale: 1.0,
+            sliding_window: None,
+            logit_softcap: None,
+        };
         let ws = Workspace {
             x: b.alloc(rows * hidden)?,
             h: b.alloc(rows * hidden)?,
-            attention: AttentionBuffers::alloc(b, rows, hidden, spec)?,
+            attention: AttentionBuffers::alloc(b, rows, hidden, &spec)?,
             gate: b.alloc(rows * cfg.intermediate_size)?,
             up: b.alloc(rows * cfg.intermediate_size)?,
             ffn_out: b.alloc(rows * hidden)?,
@@ -220,6 +306,9 @@ impl<B: Backend> Gemma3<B> {
         };
         Ok(Gemma3 {
             info,
+            config: cfg.clone(),
+            activation,
+            prefix,
             hidden,
             eps,
             embed,
@@ -266,33 +355,20 @@ impl<B: Backend> CausalLm<B> for Gemma3<B> {
         b.begin_step(tokens, batch);
         b.embed(&self.embed, tokens, self.embed_scale, &mut ws.x);
 
+        let Some(lm_head) = &self.lm_head else {
+            return Err(ModelError::Invalid(
+                "a layerwise model has no output head; run it layer by layer".into(),
+            ));
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            // x = x + RMSNorm(Attention(RMSNorm(x)))
-            let rope = if layer.local {
-                &self.rope_local
-            } else {
-                &self.rope_global
-            };
-            b.rms_norm(&ws.x, &layer.input_norm, eps, n, &mut ws.h);
-            layer
-                .attention
-                .forward(b, &ws.h, rope, batch, cache, &mut ws.attention);
-            b.rms_norm(
-                &ws.attention.out,
-                &layer.post_attention_norm,
-                eps,
-                n,
-                &mut ws.h,
+            layer.forward(
+                b,
+                ws,
+                (&self.rope_local, &self.rope_global),
+                (hidden, eps),
+                batch,
+                cache,
             );
-            b.add(&mut ws.x, &ws.h, n * hidden);
-
-            // x = x + RMSNorm(MLP(RMSNorm(x)))
-            b.rms_norm(&ws.x, &layer.pre_feedforward_norm, eps, n, &mut ws.h);
-            layer
-                .mlp
-                .forward(b, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.ffn_out);
-            b.rms_norm(&ws.ffn_out, &layer.post_feedforward_norm, eps, n, &mut ws.h);
-            b.add(&mut ws.x, &ws.h, n * hidden);
             if let Some(obs) = observer.as_mut() {
                 obs(Tap::Hidden {
                     layer: l,
@@ -310,7 +386,7 @@ impl<B: Backend> CausalLm<B> for Gemma3<B> {
         b.copy_rows(&ws.h, hidden, logit_rows, &mut ws.head_in);
         ws.logit_rows = logit_rows.len();
         if !logit_rows.is_empty() {
-            b.linear(&self.lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
+            b.linear(lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
         }
         Ok(())
     }
@@ -325,5 +401,75 @@ impl<B: Backend> CausalLm<B> for Gemma3<B> {
                 *v = (*v / cap).tanh() * cap;
             }
         }
+    }
+}
+
+impl<B: Backend> Layerwise<B> for Gemma3<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn embed(&mut self, b: &B, tokens: &[u32], hidden: &mut [f32]) -> Result<()> {
+        check_layerwise_rows(
+            tokens.len(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        b.embed(&self.embed, tokens, self.embed_scale, &mut self.ws.x);
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn load_layer(&mut self, b: &B, store: &TensorStore, layer: usize) -> Result<()> {
+        check_layer_index(layer, self.config.num_hidden_layers)?;
+        self.layers.clear();
+        let mut w = Weights::new(b, store);
+        self.layers.push(Layer::load(
+            &mut w,
+            &self.config,
+            self.prefix,
+            self.activation,
+            layer,
+            0,
+        )?);
+        Ok(())
+    }
+
+    fn forward_layer(
+        &mut self,
+        b: &B,
+        hidden: &mut [f32],
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+    ) -> Result<()> {
+        check_layerwise_rows(
+            batch.rows(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        let layer = self.layers.first().ok_or_else(no_layer_loaded)?;
+        b.write(&mut self.ws.x, hidden);
+        b.begin_step(&[], batch);
+        layer.forward(
+            b,
+            &mut self.ws,
+            (&self.rope_local, &self.rope_global),
+            (self.hidden, self.eps),
+            batch,
+            cache,
+        );
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn final_norm(&mut self, b: &B, hidden: &[f32], out: &mut [f32]) -> Result<()> {
+        let rows = hidden.len() / self.hidden;
+        check_layerwise_rows(rows, hidden.len(), self.hidden, self.options.max_rows)?;
+        b.write(&mut self.ws.x, hidden);
+        b.rms_norm(&self.ws.x, &self.final_norm, self.eps, rows, &mut self.ws.h);
+        b.read(&self.ws.h, &mut out[..hidden.len()]);
+        Ok(())
     }
 }

@@ -14,12 +14,16 @@
 //! then `logits = lm_head(RMSNorm(x))`.
 
 use crate::rope::{rope_spec, yarn_mscale};
-use crate::{CausalLm, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap};
+use crate::{
+    CausalLm, Layerwise, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap,
+    check_layer_index, check_layerwise_rows, no_layer_loaded,
+};
 use trellis_backend::{
     Backend, Batch, GatedMlp, GroupRanking, MlaSpec, MoeScratch, RouterSpec, ScoringFunction,
 };
 use trellis_format::{
-    DType, LinearWeights, MlaMoeConfig, ModelDir, RopeScaling, ScoringFunc, TensorStore, TopkMethod,
+    DType, LinearWeights, MlaMoeConfig, ModelConfig, ModelDir, RopeScaling, ScoringFunc,
+    TensorStore, TopkMethod,
 };
 
 /// eps of `q_a_layernorm` and `kv_a_layernorm`: the reference builds them with the RMSNorm
@@ -96,14 +100,19 @@ struct Workspace<B: Backend> {
 
 pub struct Glm4MoeLite<B: Backend> {
     info: ModelInfo,
+    /// The parsed config, kept so that a layerwise model can load layers later.
+    config: MlaMoeConfig,
+    router: RouterSpec,
     hidden: usize,
     eps: f32,
     mla: MlaSpec,
     embed: B::Embedding,
     rope: B::Rope,
+    /// Every decoder layer; a layerwise model holds only the one it has loaded.
     layers: Vec<Layer<B>>,
     final_norm: B::Vector,
-    lm_head: B::Linear,
+    /// `None` in a layerwise model, which never computes logits.
+    lm_head: Option<B::Linear>,
     options: LoadOptions,
     ws: Workspace<B>,
 }
@@ -184,6 +193,269 @@ fn router_spec(cfg: &MlaMoeConfig) -> RouterSpec {
     }
 }
 
+impl<B: Backend> Layer<B> {
+    /// Load decoder layer `l`; also returns the bytes one decode step reads from it.
+    fn load(
+        b: &B,
+        store: &TensorStore,
+        cfg: &MlaMoeConfig,
+        mla: &MlaSpec,
+        router: &RouterSpec,
+        l: usize,
+    ) -> Result<(Self, u64)> {
+        let hidden = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
+        let p = format!("model.layers.{l}");
+        let mut layer_bytes = 0u64;
+        let input_norm = norm_weight(b, store, &format!("{p}.input_layernorm.weight"), hidden)?;
+        let post_attention_norm = norm_weight(
+            b,
+            store,
+            &format!("{p}.post_attention_layernorm.weight"),
+            hidden,
+        )?;
+        let query = match cfg.q_lora_rank {
+            Some(rank) => {
+                let a = linear(store, &format!("{p}.self_attn.q_a_proj"), hidden, rank)?;
+                let bw = linear(store, &format!("{p}.self_attn.q_b_proj"), rank, heads * qk)?;
+                QueryProjection::LowRank {
+                    a: upload(b, &a, &format!("{p}.self_attn.q_a_proj"), &mut layer_bytes)?,
+                    norm: norm_weight(
+                        b,
+                        store,
+                        &format!("{p}.self_attn.q_a_layernorm.weight"),
+                        rank,
+                    )?,
+                    b: upload(b, &bw, &format!("{p}.self_attn.q_b_proj"), &mut layer_bytes)?,
+                }
+            }
+            None => {
+                let q = linear(store, &format!("{p}.self_attn.q_proj"), hidden, heads * qk)?;
+                QueryProjection::Direct(upload(
+                    b,
+                    &q,
+                    &format!("{p}.self_attn.q_proj"),
+                    &mut layer_bytes,
+                )?)
+            }
+        };
+        let kv_a = linear(
+            store,
+            &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+            hidden,
+            mla.cache_width(),
+        )?;
+        let kv_b = linear(
+            store,
+            &format!("{p}.self_attn.kv_b_proj"),
+            cfg.kv_lora_rank,
+            heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+        )?;
+        layer_bytes += kv_b.storage_bytes() as u64;
+        let o = linear(
+            store,
+            &format!("{p}.self_attn.o_proj"),
+            heads * cfg.v_head_dim,
+            hidden,
+        )?;
+        let attention = Attention {
+            query,
+            kv_a: upload(
+                b,
+                &kv_a,
+                &format!("{p}.self_attn.kv_a_proj_with_mqa"),
+                &mut layer_bytes,
+            )?,
+            kv_norm: norm_weight(
+                b,
+                store,
+                &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                cfg.kv_lora_rank,
+            )?,
+            kv_b: b.upload_mla_kv_b(&kv_b, mla)?,
+            o: upload(b, &o, &format!("{p}.self_attn.o_proj"), &mut layer_bytes)?,
+        };
+        let ffn = if cfg.is_moe_layer(l) {
+            let gate = linear(
+                store,
+                &format!("{p}.mlp.gate"),
+                hidden,
+                cfg.n_routed_experts,
+            )?;
+            layer_bytes += gate.storage_bytes() as u64;
+            let bias = match store.try_get(&format!("{p}.mlp.gate.e_score_correction_bias")) {
+                Some(t) => {
+                    t.check(&FLOATS, &[cfg.n_routed_experts])?;
+                    Some(t.to_f32()?)
+                }
+                None if cfg.topk_method == TopkMethod::NoauxTc => {
+                    return Err(ModelError::Invalid(format!(
+                        "{}: tensor {p}.mlp.gate.e_score_correction_bias is missing (topk_method noaux_tc selects experts with it)",
+                        store.dir().display()
+                    )));
+                }
+                None => None,
+            };
+            let mut experts = Vec::with_capacity(cfg.n_routed_experts);
+            let mut expert_bytes = 0u64;
+            for e in 0..cfg.n_routed_experts {
+                let m = load_mlp(
+                    b,
+                    store,
+                    &format!("{p}.mlp.experts.{e}"),
+                    hidden,
+                    cfg.moe_intermediate_size,
+                    &mut expert_bytes,
+                )?;
+                experts.push((m.gate, m.up, m.down));
+            }
+            layer_bytes +=
+                expert_bytes * cfg.num_experts_per_tok as u64 / cfg.n_routed_experts as u64;
+            let shared = if cfg.n_shared_experts > 0 {
+                Some(load_mlp(
+                    b,
+                    store,
+                    &format!("{p}.mlp.shared_experts"),
+                    hidden,
+                    cfg.moe_intermediate_size * cfg.n_shared_experts,
+                    &mut layer_bytes,
+                )?)
+            } else {
+                None
+            };
+            FeedForward::Moe(Moe {
+                router: b.upload_router(&gate, bias.as_deref(), router)?,
+                experts: b.upload_experts(experts)?,
+                shared,
+            })
+        } else {
+            FeedForward::Dense(load_mlp(
+                b,
+                store,
+                &format!("{p}.mlp"),
+                hidden,
+                cfg.intermediate_size,
+                &mut layer_bytes,
+            )?)
+        };
+        Ok((
+            Layer {
+                input_norm,
+                post_attention_norm,
+                attention,
+                ffn,
+            },
+            layer_bytes,
+        ))
+    }
+
+    /// `ws.x ← layer(ws.x)` for the tokens of `batch`, with the latent cache in layer
+    /// `cache_layer`; the expert choices of an MoE layer are left in `ws.routing`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        b: &B,
+        ws: &mut Workspace<B>,
+        rope: &B::Rope,
+        mla: &MlaSpec,
+        (hidden, eps): (usize, f32),
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+        cache_layer: usize,
+    ) {
+        let n = batch.rows();
+        // Attention block: h = RMSNorm(x) feeds the query and latent projections.
+        let attn = &self.attention;
+        match &attn.query {
+            QueryProjection::LowRank {
+                a, norm, b: q_b, ..
+            } => {
+                b.rms_norm_linears(
+                    &ws.x,
+                    &self.input_norm,
+                    eps,
+                    n,
+                    &mut ws.h,
+                    &mut [(a, &mut ws.q_latent), (&attn.kv_a, &mut ws.ckv)],
+                );
+                // q = q_b(RMSNorm(q_a(h))).
+                b.rms_norm_linears(
+                    &ws.q_latent,
+                    norm,
+                    LATENT_NORM_EPS,
+                    n,
+                    &mut ws.q_latent_normed,
+                    &mut [(q_b, &mut ws.q)],
+                );
+            }
+            QueryProjection::Direct(q) => b.rms_norm_linears(
+                &ws.x,
+                &self.input_norm,
+                eps,
+                n,
+                &mut ws.h,
+                &mut [(q, &mut ws.q), (&attn.kv_a, &mut ws.ckv)],
+            ),
+        }
+        b.mla_append(&ws.ckv, &attn.kv_norm, rope, mla, batch, cache, cache_layer);
+        b.mla_attention(
+            &mut ws.q,
+            &attn.kv_b,
+            rope,
+            mla,
+            batch,
+            cache,
+            cache_layer,
+            &mut ws.attn,
+        );
+        // x += o_proj(attention).
+        b.linear_add(&attn.o, &ws.attn, n, hidden, &mut ws.out, &mut ws.x);
+
+        // Feed-forward block on h = RMSNorm(x), added to x.
+        match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                b.rms_norm_linears(
+                    &ws.x,
+                    &self.post_attention_norm,
+                    eps,
+                    n,
+                    &mut ws.h,
+                    &mut [(&mlp.gate, &mut ws.gate), (&mlp.up, &mut ws.up)],
+                );
+                b.silu_mul(&mut ws.gate, &ws.up, n * mlp.intermediate);
+                b.linear_add(&mlp.down, &ws.gate, n, hidden, &mut ws.out, &mut ws.x);
+            }
+            FeedForward::Moe(moe) => {
+                let shared = moe.shared.as_ref().map(|m| GatedMlp {
+                    gate: &m.gate,
+                    up: &m.up,
+                    down: &m.down,
+                    intermediate: m.intermediate,
+                });
+                b.moe_block(
+                    &mut ws.x,
+                    &self.post_attention_norm,
+                    eps,
+                    n,
+                    hidden,
+                    &moe.router,
+                    &moe.experts,
+                    shared.as_ref(),
+                    &mut ws.routing,
+                    MoeScratch {
+                        h: &mut ws.h,
+                        out: &mut ws.out,
+                        shared_out: &mut ws.shared_out,
+                        gate: &mut ws.gate,
+                        up: &mut ws.up,
+                    },
+                );
+            }
+        }
+    }
+}
+
 impl<B: Backend> Glm4MoeLite<B> {
     pub fn load(
         dir: &ModelDir,
@@ -191,6 +463,28 @@ impl<B: Backend> Glm4MoeLite<B> {
         b: &B,
         options: &LoadOptions,
         progress: Progress<'_>,
+    ) -> Result<Self> {
+        Self::load_with(dir, cfg, b, options, progress, true)
+    }
+
+    /// A layerwise model (see [`Layerwise`]): everything but the decoder layers and the head.
+    pub fn load_layerwise(dir: &ModelDir, b: &B, options: &LoadOptions) -> Result<Self> {
+        let ModelConfig::MlaMoe(cfg) = &dir.config else {
+            return Err(ModelError::Invalid(format!(
+                "{}: not an MLA config",
+                dir.path.display()
+            )));
+        };
+        Self::load_with(dir, cfg, b, options, &mut |_, _, _| {}, false)
+    }
+
+    fn load_with(
+        dir: &ModelDir,
+        cfg: &MlaMoeConfig,
+        b: &B,
+        options: &LoadOptions,
+        progress: Progress<'_>,
+        all_layers: bool,
     ) -> Result<Self> {
         let store = &dir.tensors;
         let hidden = cfg.hidden_size;
@@ -217,7 +511,8 @@ impl<B: Backend> Glm4MoeLite<B> {
             softmax_scale: softmax_scale as f32,
             latent_norm_eps: LATENT_NORM_EPS,
         };
-        if cfg.tie_word_embeddings
+        if all_layers
+            && cfg.tie_word_embeddings
             && !store.contains("lm_head.weight")
             && !store.contains("lm_head.trellis")
         {
@@ -243,154 +538,21 @@ impl<B: Backend> Glm4MoeLite<B> {
         let router = router_spec(cfg);
 
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
+        for l in (0..cfg.num_hidden_layers).filter(|_| all_layers) {
             progress(l + 1, total, "decoder layers");
-            let p = format!("model.layers.{l}");
-            let mut layer_bytes = 0u64;
-            let input_norm = norm_weight(b, store, &format!("{p}.input_layernorm.weight"), hidden)?;
-            let post_attention_norm = norm_weight(
-                b,
-                store,
-                &format!("{p}.post_attention_layernorm.weight"),
-                hidden,
-            )?;
-            let query = match cfg.q_lora_rank {
-                Some(rank) => {
-                    let a = linear(store, &format!("{p}.self_attn.q_a_proj"), hidden, rank)?;
-                    let bw = linear(store, &format!("{p}.self_attn.q_b_proj"), rank, heads * qk)?;
-                    QueryProjection::LowRank {
-                        a: upload(b, &a, &format!("{p}.self_attn.q_a_proj"), &mut layer_bytes)?,
-                        norm: norm_weight(
-                            b,
-                            store,
-                            &format!("{p}.self_attn.q_a_layernorm.weight"),
-                            rank,
-                        )?,
-                        b: upload(b, &bw, &format!("{p}.self_attn.q_b_proj"), &mut layer_bytes)?,
-                    }
-                }
-                None => {
-                    let q = linear(store, &format!("{p}.self_attn.q_proj"), hidden, heads * qk)?;
-                    QueryProjection::Direct(upload(
-                        b,
-                        &q,
-                        &format!("{p}.self_attn.q_proj"),
-                        &mut layer_bytes,
-                    )?)
-                }
-            };
-            let kv_a = linear(
-                store,
-                &format!("{p}.self_attn.kv_a_proj_with_mqa"),
-                hidden,
-                mla.cache_width(),
-            )?;
-            let kv_b = linear(
-                store,
-                &format!("{p}.self_attn.kv_b_proj"),
-                cfg.kv_lora_rank,
-                heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            )?;
-            layer_bytes += kv_b.storage_bytes() as u64;
-            let o = linear(
-                store,
-                &format!("{p}.self_attn.o_proj"),
-                heads * cfg.v_head_dim,
-                hidden,
-            )?;
-            let attention = Attention {
-                query,
-                kv_a: upload(
-                    b,
-                    &kv_a,
-                    &format!("{p}.self_attn.kv_a_proj_with_mqa"),
-                    &mut layer_bytes,
-                )?,
-                kv_norm: norm_weight(
-                    b,
-                    store,
-                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
-                    cfg.kv_lora_rank,
-                )?,
-                kv_b: b.upload_mla_kv_b(&kv_b, &mla)?,
-                o: upload(b, &o, &format!("{p}.self_attn.o_proj"), &mut layer_bytes)?,
-            };
-            let ffn = if cfg.is_moe_layer(l) {
-                let gate = linear(
-                    store,
-                    &format!("{p}.mlp.gate"),
-                    hidden,
-                    cfg.n_routed_experts,
-                )?;
-                layer_bytes += gate.storage_bytes() as u64;
-                let bias = match store.try_get(&format!("{p}.mlp.gate.e_score_correction_bias")) {
-                    Some(t) => {
-                        t.check(&FLOATS, &[cfg.n_routed_experts])?;
-                        Some(t.to_f32()?)
-                    }
-                    None if cfg.topk_method == TopkMethod::NoauxTc => {
-                        return Err(ModelError::Invalid(format!(
-                            "{}: tensor {p}.mlp.gate.e_score_correction_bias is missing (topk_method noaux_tc selects experts with it)",
-                            store.dir().display()
-                        )));
-                    }
-                    None => None,
-                };
-                let mut experts = Vec::with_capacity(cfg.n_routed_experts);
-                let mut expert_bytes = 0u64;
-                for e in 0..cfg.n_routed_experts {
-                    let m = load_mlp(
-                        b,
-                        store,
-                        &format!("{p}.mlp.experts.{e}"),
-                        hidden,
-                        cfg.moe_intermediate_size,
-                        &mut expert_bytes,
-                    )?;
-                    experts.push((m.gate, m.up, m.down));
-                }
-                layer_bytes +=
-                    expert_bytes * cfg.num_experts_per_tok as u64 / cfg.n_routed_experts as u64;
-                let shared = if cfg.n_shared_experts > 0 {
-                    Some(load_mlp(
-                        b,
-                        store,
-                        &format!("{p}.mlp.shared_experts"),
-                        hidden,
-                        cfg.moe_intermediate_size * cfg.n_shared_experts,
-                        &mut layer_bytes,
-                    )?)
-                } else {
-                    None
-                };
-                FeedForward::Moe(Moe {
-                    router: b.upload_router(&gate, bias.as_deref(), &router)?,
-                    experts: b.upload_experts(experts)?,
-                    shared,
-                })
-            } else {
-                FeedForward::Dense(load_mlp(
-                    b,
-                    store,
-                    &format!("{p}.mlp"),
-                    hidden,
-                    cfg.intermediate_size,
-                    &mut layer_bytes,
-                )?)
-            };
+            let (layer, layer_bytes) = Layer::load(b, store, cfg, &mla, &router, l)?;
             bytes_per_token += layer_bytes;
             store.release_mapped_pages();
-            layers.push(Layer {
-                input_norm,
-                post_attention_norm,
-                attention,
-                ffn,
-            });
+            layers.push(layer);
         }
         progress(total - 1, total, "head");
         let final_norm = norm_weight(b, store, "model.norm.weight", hidden)?;
-        let head = linear(store, "lm_head", hidden, cfg.vocab_size)?;
-        let lm_head = upload(b, &head, "lm_head", &mut bytes_per_token)?;
+        let lm_head = if all_layers {
+            let head = linear(store, "lm_head", hidden, cfg.vocab_size)?;
+            Some(upload(b, &head, "lm_head", &mut bytes_per_token)?)
+        } else {
+            None
+        };
         progress(total, total, "done");
 
         let rows = options.max_rows.max(1);
@@ -427,6 +589,8 @@ impl<B: Backend> Glm4MoeLite<B> {
         };
         Ok(Glm4MoeLite {
             info,
+            config: cfg.clone(),
+            router,
             hidden,
             eps: cfg.rms_norm_eps as f32,
             mla,
@@ -486,104 +650,22 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
         b.begin_step(tokens, batch);
         b.embed(&self.embed, tokens, 1.0, &mut ws.x);
 
+        let Some(lm_head) = &self.lm_head else {
+            return Err(ModelError::Invalid(
+                "a layerwise model has no output head; run it layer by layer".into(),
+            ));
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention block: h = RMSNorm(x) feeds the query and latent projections.
-            let attn = &layer.attention;
-            match &attn.query {
-                QueryProjection::LowRank {
-                    a, norm, b: q_b, ..
-                } => {
-                    b.rms_norm_linears(
-                        &ws.x,
-                        &layer.input_norm,
-                        eps,
-                        n,
-                        &mut ws.h,
-                        &mut [(a, &mut ws.q_latent), (&attn.kv_a, &mut ws.ckv)],
-                    );
-                    // q = q_b(RMSNorm(q_a(h))).
-                    b.rms_norm_linears(
-                        &ws.q_latent,
-                        norm,
-                        LATENT_NORM_EPS,
-                        n,
-                        &mut ws.q_latent_normed,
-                        &mut [(q_b, &mut ws.q)],
-                    );
-                }
-                QueryProjection::Direct(q) => b.rms_norm_linears(
-                    &ws.x,
-                    &layer.input_norm,
-                    eps,
-                    n,
-                    &mut ws.h,
-                    &mut [(q, &mut ws.q), (&attn.kv_a, &mut ws.ckv)],
-                ),
-            }
-            b.mla_append(&ws.ckv, &attn.kv_norm, &self.rope, mla, batch, cache, l);
-            b.mla_attention(
-                &mut ws.q,
-                &attn.kv_b,
-                &self.rope,
-                mla,
-                batch,
-                cache,
-                l,
-                &mut ws.attn,
-            );
-            // x += o_proj(attention).
-            b.linear_add(&attn.o, &ws.attn, n, hidden, &mut ws.out, &mut ws.x);
-
-            // Feed-forward block on h = RMSNorm(x), added to x.
-            match &layer.ffn {
-                FeedForward::Dense(mlp) => {
-                    b.rms_norm_linears(
-                        &ws.x,
-                        &layer.post_attention_norm,
-                        eps,
-                        n,
-                        &mut ws.h,
-                        &mut [(&mlp.gate, &mut ws.gate), (&mlp.up, &mut ws.up)],
-                    );
-                    b.silu_mul(&mut ws.gate, &ws.up, n * mlp.intermediate);
-                    b.linear_add(&mlp.down, &ws.gate, n, hidden, &mut ws.out, &mut ws.x);
-                }
-                FeedForward::Moe(moe) => {
-                    let shared = moe.shared.as_ref().map(|m| GatedMlp {
-                        gate: &m.gate,
-                        up: &m.up,
-                        down: &m.down,
-                        intermediate: m.intermediate,
-                    });
-                    b.moe_block(
-                        &mut ws.x,
-                        &layer.post_attention_norm,
-                        eps,
-                        n,
-                        hidden,
-                        &moe.router,
-                        &moe.experts,
-                        shared.as_ref(),
-                        &mut ws.routing,
-                        MoeScratch {
-                            h: &mut ws.h,
-                            out: &mut ws.out,
-                            shared_out: &mut ws.shared_out,
-                            gate: &mut ws.gate,
-                            up: &mut ws.up,
-                        },
-                    );
-                    if let Some(obs) = observer.as_mut() {
-                        let (ids, weights) = b.read_routing(&ws.routing, n);
-                        obs(Tap::Routing {
-                            layer: l,
-                            ids: &ids,
-                            weights: &weights,
-                        });
-                    }
-                }
-            }
+            layer.forward(b, ws, &self.rope, mla, (hidden, eps), batch, cache, l);
             if let Some(obs) = observer.as_mut() {
+                if let FeedForward::Moe(_) = layer.ffn {
+                    let (ids, weights) = b.read_routing(&ws.routing, n);
+                    obs(Tap::Routing {
+                        layer: l,
+                        ids: &ids,
+                        weights: &weights,
+                    });
+                }
                 obs(Tap::Hidden {
                     layer: l,
                     values: &host_copy(b, &ws.x, n * hidden),
@@ -600,7 +682,7 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
         b.copy_rows(&ws.h, hidden, logit_rows, &mut ws.head_in);
         ws.logit_rows = logit_rows.len();
         if !logit_rows.is_empty() {
-            b.linear(&self.lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
+            b.linear(lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
         }
         Ok(())
     }
@@ -608,5 +690,70 @@ impl<B: Backend> CausalLm<B> for Glm4MoeLite<B> {
     fn read_logits(&self, b: &B, dst: &mut [f32]) {
         let len = self.ws.logit_rows * self.info.vocab_size;
         b.read(&self.ws.logits, &mut dst[..len]);
+    }
+}
+
+impl<B: Backend> Layerwise<B> for Glm4MoeLite<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn embed(&mut self, b: &B, tokens: &[u32], hidden: &mut [f32]) -> Result<()> {
+        check_layerwise_rows(
+            tokens.len(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        b.embed(&self.embed, tokens, 1.0, &mut self.ws.x);
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn load_layer(&mut self, b: &B, store: &TensorStore, layer: usize) -> Result<()> {
+        check_layer_index(layer, self.config.num_hidden_layers)?;
+        self.layers.clear();
+        let (loaded, _) = Layer::load(b, store, &self.config, &self.mla, &self.router, layer)?;
+        self.layers.push(loaded);
+        Ok(())
+    }
+
+    fn forward_layer(
+        &mut self,
+        b: &B,
+        hidden: &mut [f32],
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+    ) -> Result<()> {
+        check_layerwise_rows(
+            batch.rows(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        let layer = self.layers.first().ok_or_else(no_layer_loaded)?;
+        b.write(&mut self.ws.x, hidden);
+        b.begin_step(&[], batch);
+        layer.forward(
+            b,
+            &mut self.ws,
+            &self.rope,
+            &self.mla,
+            (self.hidden, self.eps),
+            batch,
+            cache,
+            0,
+        );
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn final_norm(&mut self, b: &B, hidden: &[f32], out: &mut [f32]) -> Result<()> {
+        let rows = hidden.len() / self.hidden;
+        check_layerwise_rows(rows, hidden.len(), self.hidden, self.options.max_rows)?;
+        b.write(&mut self.ws.x, hidden);
+        b.rms_norm(&self.ws.x, &self.final_norm, self.eps, rows, &mut self.ws.h);
+        b.read(&self.ws.h, &mut out[..hidden.len()]);
+        Ok(())
     }
 }

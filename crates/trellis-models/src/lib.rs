@@ -12,7 +12,7 @@ pub mod rope;
 pub mod synth;
 
 use trellis_backend::{Backend, BackendError, Batch, KvCacheLayout, KvDtype};
-use trellis_format::{FormatError, ModelConfig, ModelDir};
+use trellis_format::{FormatError, ModelConfig, ModelDir, TensorStore};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -136,4 +136,96 @@ pub fn load<B: Backend + 'static>(
             dir, cfg, backend, options, progress,
         )?)),
     }
+}
+
+/// A model run one decoder layer at a time, for tools that stream activations through layers
+/// they load, replace and observe one by one (the quantizer runs its calibration set through
+/// the already-quantized prefix this way). It holds the embeddings, the final norm and a
+/// workspace for `max_rows` rows, and at most one decoder layer, which keeps its keys and
+/// values in layer 0 of the cache it is given (a one-layer layout from
+/// [`Layerwise::layer_kv_layout`]). Hidden states cross the interface on the host, `[rows, hidden]`.
+///
+/// The layer code is the one [`CausalLm::forward`] runs: each family has one `Layer::load`
+/// and one `Layer::forward`, shared by both.
+pub trait Layerwise<B: Backend> {
+    fn info(&self) -> &ModelInfo;
+
+    /// `hidden = embed(tokens)`, scaled as the model's forward pass scales it.
+    fn embed(&mut self, b: &B, tokens: &[u32], hidden: &mut [f32]) -> Result<()>;
+
+    /// Load decoder layer `layer` from `store` (dense or EXL3 tensors under the model's own
+    /// names), replacing the layer loaded before.
+    fn load_layer(&mut self, b: &B, store: &TensorStore, layer: usize) -> Result<()>;
+
+    /// `hidden ← layer(hidden)` for the tokens of `batch`, writing their keys and values into
+    /// layer 0 of `cache`.
+    fn forward_layer(
+        &mut self,
+        b: &B,
+        hidden: &mut [f32],
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+    ) -> Result<()>;
+
+    /// `out = final_norm(hidden)`: the input of the output head.
+    fn final_norm(&mut self, b: &B, hidden: &[f32], out: &mut [f32]) -> Result<()>;
+
+    /// A one-layer cache layout for `token_slots` tokens.
+    fn layer_kv_layout(&self, token_slots: usize, block_size: usize) -> KvCacheLayout {
+        KvCacheLayout {
+            layers: 1,
+            values_per_token: self.info().kv_values_per_token,
+            block_size,
+            num_blocks: token_slots.div_ceil(block_size),
+            dtype: KvDtype::F32,
+        }
+    }
+}
+
+/// A layerwise model of the architecture the directory's config names, with no layer loaded.
+pub fn load_layerwise<B: Backend + 'static>(
+    dir: &ModelDir,
+    backend: &B,
+    options: &LoadOptions,
+) -> Result<Box<dyn Layerwise<B>>> {
+    match &dir.config {
+        ModelConfig::MlaMoe(_) => Ok(Box::new(glm4_moe_lite::Glm4MoeLite::load_layerwise(
+            dir, backend, options,
+        )?)),
+        ModelConfig::Llama(_) | ModelConfig::Qwen3Moe(_) => Ok(Box::new(
+            llama::Llama::load_layerwise(dir, backend, options)?,
+        )),
+        ModelConfig::Gemma3(_) => Ok(Box::new(gemma3::Gemma3::load_layerwise(
+            dir, backend, options,
+        )?)),
+    }
+}
+
+pub(crate) fn check_layer_index(layer: usize, layers: usize) -> Result<()> {
+    if layer >= layers {
+        return Err(ModelError::Invalid(format!(
+            "layer {layer} does not exist (the model has {layers})"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn no_layer_loaded() -> ModelError {
+    ModelError::Invalid("no decoder layer is loaded (call load_layer first)".into())
+}
+
+/// Check a layerwise call's row count and host buffer against the workspace.
+pub(crate) fn check_layerwise_rows(
+    rows: usize,
+    values: usize,
+    hidden: usize,
+    max_rows: usize,
+) -> Result<()> {
+    if rows == 0 || rows > max_rows || values != rows * hidden {
+        return Err(ModelError::Invalid(format!(
+            "layerwise call with {rows} rows and {values} values (width {hidden}, at most \
+             {max_rows} rows)"
+        )));
+    }
+    Ok(())
 }

@@ -27,9 +27,14 @@ use crate::blocks::{
     check_forward, host_copy,
 };
 use crate::rope::rope_spec;
-use crate::{CausalLm, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap};
+use crate::{
+    CausalLm, Layerwise, LoadOptions, ModelError, ModelInfo, Observer, Progress, Result, Tap,
+    check_layer_index, check_layerwise_rows, no_layer_loaded,
+};
 use trellis_backend::{AttentionSpec, Backend, Batch, GroupRanking, RouterSpec, ScoringFunction};
-use trellis_format::{LayerAttention, LlamaConfig, ModelDir, Qwen3MoeConfig, RopeConfig};
+use trellis_format::{
+    LayerAttention, LlamaConfig, ModelConfig, ModelDir, Qwen3MoeConfig, RopeConfig, TensorStore,
+};
 
 /// The routed experts of one sparse layer.
 struct Moe<B: Backend> {
@@ -67,13 +72,18 @@ struct Workspace<B: Backend> {
 /// A loaded Llama-family or Qwen3-MoE model.
 pub struct Llama<B: Backend> {
     info: ModelInfo,
+    /// The parsed config, kept so that a layerwise model can load layers later.
+    config: ModelConfig,
+    activation: Activation,
     hidden: usize,
     eps: f32,
     embed: B::Embedding,
     rope: B::Rope,
+    /// Every decoder layer; a layerwise model holds only the one it has loaded.
     layers: Vec<Layer<B>>,
     final_norm: B::Vector,
-    lm_head: B::Linear,
+    /// `None` in a layerwise model, which never computes logits.
+    lm_head: Option<B::Linear>,
     options: LoadOptions,
     ws: Workspace<B>,
 }
@@ -111,6 +121,15 @@ struct Shape<'c> {
 }
 
 impl<'c> Shape<'c> {
+    /// The shape of a Llama-family or Qwen3-MoE config.
+    fn of(config: &'c ModelConfig) -> Self {
+        match config {
+            ModelConfig::Llama(cfg) => Shape::of_llama(cfg),
+            ModelConfig::Qwen3Moe(cfg) => Shape::of_qwen3_moe(cfg),
+            _ => unreachable!("a Llama model is built from a Llama or Qwen3-MoE config"),
+        }
+    }
+
     fn of_llama(cfg: &'c LlamaConfig) -> Self {
         Shape {
             class_name: &cfg.class_name,
@@ -213,7 +232,8 @@ impl<B: Backend> Llama<B> {
         options: &LoadOptions,
         progress: Progress<'_>,
     ) -> Result<Self> {
-        Self::load_shape(dir, &Shape::of_llama(cfg), b, options, progress)
+        let config = ModelConfig::Llama(cfg.clone());
+        Self::load_config(dir, config, b, options, progress, LayerLoading::All)
     }
 
     /// Load a Qwen3-MoE model.
@@ -224,16 +244,31 @@ impl<B: Backend> Llama<B> {
         options: &LoadOptions,
         progress: Progress<'_>,
     ) -> Result<Self> {
-        Self::load_shape(dir, &Shape::of_qwen3_moe(cfg), b, options, progress)
+        let config = ModelConfig::Qwen3Moe(cfg.clone());
+        Self::load_config(dir, config, b, options, progress, LayerLoading::All)
     }
 
-    fn load_shape(
+    /// A layerwise model (see [`Layerwise`]): everything but the decoder layers and the head.
+    pub fn load_layerwise(dir: &ModelDir, b: &B, options: &LoadOptions) -> Result<Self> {
+        Self::load_config(
+            dir,
+            dir.config.clone(),
+            b,
+            options,
+            &mut |_, _, _| {},
+            LayerLoading::None,
+        )
+    }
+
+    fn load_config(
         dir: &ModelDir,
-        s: &Shape<'_>,
+        config: ModelConfig,
         b: &B,
         options: &LoadOptions,
         progress: Progress<'_>,
+        loading: LayerLoading,
     ) -> Result<Self> {
+        let s = &Shape::of(&config);
         let store = &dir.tensors;
         let what = format!("{} ({})", s.class_name, store.dir().display());
         let activation = Activation::from_config(s.activation, &what)?;
@@ -254,49 +289,20 @@ impl<B: Backend> Llama<B> {
             rotary_dim(s.head_dim, s.rope, &what)?,
             false,
         ))?;
-        let qk_norm = s.qk_norm.then_some(QkNormStyle {
-            eps,
-            plus_one: false,
-        });
-
         let mut layers = Vec::with_capacity(s.layers);
-        for l in 0..s.layers {
-            progress(l + 1, total, "decoder layers");
-            let p = format!("model.layers.{l}");
-            let attention = SelfAttention::load(
-                &mut w,
-                &format!("{p}.self_attn"),
-                l,
-                hidden,
-                s.attention_spec(l),
-                s.biases,
-                qk_norm,
-            )?;
-            let ffn = match &s.moe {
-                Some(moe) if s.is_moe_layer(l) => {
-                    FeedForward::Moe(load_moe(&mut w, &format!("{p}.mlp"), hidden, moe)?)
-                }
-                _ => FeedForward::Dense(Mlp::load(
-                    &mut w,
-                    &format!("{p}.mlp"),
-                    hidden,
-                    s.intermediate,
-                    s.mlp_bias,
-                    activation,
-                )?),
-            };
-            layers.push(Layer {
-                input_norm: w.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
-                attention,
-                post_attention_norm: w
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-                ffn,
-            });
-            store.release_mapped_pages();
+        if loading == LayerLoading::All {
+            for l in 0..s.layers {
+                progress(l + 1, total, "decoder layers");
+                layers.push(Layer::load(&mut w, s, activation, l, l)?);
+                store.release_mapped_pages();
+            }
         }
         progress(total - 1, total, "head");
         let final_norm = w.vector("model.norm.weight", hidden)?;
-        let lm_head = w.lm_head("lm_head", &embed_table, s.tied)?;
+        let lm_head = match loading {
+            LayerLoading::All => Some(w.lm_head("lm_head", &embed_table, s.tied)?),
+            LayerLoading::None => None,
+        };
         progress(total, total, "done");
 
         let rows = options.max_rows.max(1);
@@ -327,6 +333,8 @@ impl<B: Backend> Llama<B> {
         };
         Ok(Llama {
             info,
+            config: config.clone(),
+            activation,
             hidden,
             eps,
             embed,
@@ -340,6 +348,109 @@ impl<B: Backend> Llama<B> {
             },
             ws,
         })
+    }
+}
+
+/// Which decoder layers a load uploads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LayerLoading {
+    All,
+    /// None: a layerwise model loads them one at a time.
+    None,
+}
+
+impl<B: Backend> Layer<B> {
+    /// Load decoder layer `l`, whose keys and values go to cache layer `cache_layer`.
+    fn load(
+        w: &mut Weights<'_, B>,
+        s: &Shape<'_>,
+        activation: Activation,
+        l: usize,
+        cache_layer: usize,
+    ) -> Result<Self> {
+        let hidden = s.hidden;
+        let p = format!("model.layers.{l}");
+        let qk_norm = s.qk_norm.then_some(QkNormStyle {
+            eps: s.eps as f32,
+            plus_one: false,
+        });
+        let attention = SelfAttention::load(
+            w,
+            &format!("{p}.self_attn"),
+            cache_layer,
+            hidden,
+            s.attention_spec(l),
+            s.biases,
+            qk_norm,
+        )?;
+        let ffn = match &s.moe {
+            Some(moe) if s.is_moe_layer(l) => {
+                FeedForward::Moe(load_moe(w, &format!("{p}.mlp"), hidden, moe)?)
+            }
+            _ => FeedForward::Dense(Mlp::load(
+                w,
+                &format!("{p}.mlp"),
+                hidden,
+                s.intermediate,
+                s.mlp_bias,
+                activation,
+            )?),
+        };
+        Ok(Layer {
+            input_norm: w.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+            attention,
+            post_attention_norm: w
+                .vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+            ffn,
+        })
+    }
+
+    /// `ws.x ← layer(ws.x)` for the tokens of `batch`; `l` labels observer taps.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        b: &B,
+        ws: &mut Workspace<B>,
+        rope: &B::Rope,
+        (hidden, eps): (usize, f32),
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+        l: usize,
+        observer: &mut Observer<'_>,
+    ) {
+        let n = batch.rows();
+        // x = x + Attention(RMSNorm(x))
+        b.rms_norm(&ws.x, &self.input_norm, eps, n, &mut ws.h);
+        self.attention
+            .forward(b, &ws.h, rope, batch, cache, &mut ws.attention);
+        b.add(&mut ws.x, &ws.attention.out, n * hidden);
+
+        // x = x + FeedForward(RMSNorm(x))
+        b.rms_norm(&ws.x, &self.post_attention_norm, eps, n, &mut ws.h);
+        match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                mlp.forward(b, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.ffn_out)
+            }
+            FeedForward::Moe(moe) => {
+                b.moe_route(&moe.router, &ws.h, n, &mut ws.routing);
+                if let Some(obs) = observer.as_mut() {
+                    let (ids, weights) = b.read_routing(&ws.routing, n);
+                    obs(Tap::Routing {
+                        layer: l,
+                        ids: &ids,
+                        weights: &weights,
+                    });
+                }
+                b.moe_experts(&moe.experts, &ws.h, n, &ws.routing, &mut ws.ffn_out);
+            }
+        }
+        b.add(&mut ws.x, &ws.ffn_out, n * hidden);
+        if let Some(obs) = observer.as_mut() {
+            obs(Tap::Hidden {
+                layer: l,
+                values: &host_copy(b, &ws.x, n * hidden),
+            });
+        }
     }
 }
 
@@ -420,40 +531,22 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         b.begin_step(tokens, batch);
         b.embed(&self.embed, tokens, 1.0, &mut ws.x);
 
+        let Some(lm_head) = &self.lm_head else {
+            return Err(ModelError::Invalid(
+                "a layerwise model has no output head; run it layer by layer".into(),
+            ));
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            // x = x + Attention(RMSNorm(x))
-            b.rms_norm(&ws.x, &layer.input_norm, eps, n, &mut ws.h);
-            layer
-                .attention
-                .forward(b, &ws.h, &self.rope, batch, cache, &mut ws.attention);
-            b.add(&mut ws.x, &ws.attention.out, n * hidden);
-
-            // x = x + FeedForward(RMSNorm(x))
-            b.rms_norm(&ws.x, &layer.post_attention_norm, eps, n, &mut ws.h);
-            match &layer.ffn {
-                FeedForward::Dense(mlp) => {
-                    mlp.forward(b, &ws.h, n, &mut ws.gate, &mut ws.up, &mut ws.ffn_out)
-                }
-                FeedForward::Moe(moe) => {
-                    b.moe_route(&moe.router, &ws.h, n, &mut ws.routing);
-                    if let Some(obs) = observer.as_mut() {
-                        let (ids, weights) = b.read_routing(&ws.routing, n);
-                        obs(Tap::Routing {
-                            layer: l,
-                            ids: &ids,
-                            weights: &weights,
-                        });
-                    }
-                    b.moe_experts(&moe.experts, &ws.h, n, &ws.routing, &mut ws.ffn_out);
-                }
-            }
-            b.add(&mut ws.x, &ws.ffn_out, n * hidden);
-            if let Some(obs) = observer.as_mut() {
-                obs(Tap::Hidden {
-                    layer: l,
-                    values: &host_copy(b, &ws.x, n * hidden),
-                });
-            }
+            layer.forward(
+                b,
+                ws,
+                &self.rope,
+                (hidden, eps),
+                batch,
+                cache,
+                l,
+                &mut observer,
+            );
         }
 
         b.rms_norm(&ws.x, &self.final_norm, eps, n, &mut ws.h);
@@ -465,7 +558,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         b.copy_rows(&ws.h, hidden, logit_rows, &mut ws.head_in);
         ws.logit_rows = logit_rows.len();
         if !logit_rows.is_empty() {
-            b.linear(&self.lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
+            b.linear(lm_head, &ws.head_in, logit_rows.len(), &mut ws.logits);
         }
         Ok(())
     }
@@ -473,5 +566,72 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
     fn read_logits(&self, b: &B, dst: &mut [f32]) {
         let len = self.ws.logit_rows * self.info.vocab_size;
         b.read(&self.ws.logits, &mut dst[..len]);
+    }
+}
+
+impl<B: Backend> Layerwise<B> for Llama<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn embed(&mut self, b: &B, tokens: &[u32], hidden: &mut [f32]) -> Result<()> {
+        check_layerwise_rows(
+            tokens.len(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        b.embed(&self.embed, tokens, 1.0, &mut self.ws.x);
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn load_layer(&mut self, b: &B, store: &TensorStore, layer: usize) -> Result<()> {
+        let s = Shape::of(&self.config);
+        check_layer_index(layer, s.layers)?;
+        self.layers.clear();
+        let mut w = Weights::new(b, store);
+        self.layers
+            .push(Layer::load(&mut w, &s, self.activation, layer, 0)?);
+        Ok(())
+    }
+
+    fn forward_layer(
+        &mut self,
+        b: &B,
+        hidden: &mut [f32],
+        batch: &Batch<'_>,
+        cache: &mut B::KvCache,
+    ) -> Result<()> {
+        check_layerwise_rows(
+            batch.rows(),
+            hidden.len(),
+            self.hidden,
+            self.options.max_rows,
+        )?;
+        let layer = self.layers.first().ok_or_else(no_layer_loaded)?;
+        b.write(&mut self.ws.x, hidden);
+        b.begin_step(&[], batch);
+        layer.forward(
+            b,
+            &mut self.ws,
+            &self.rope,
+            (self.hidden, self.eps),
+            batch,
+            cache,
+            0,
+            &mut None,
+        );
+        b.read(&self.ws.x, hidden);
+        Ok(())
+    }
+
+    fn final_norm(&mut self, b: &B, hidden: &[f32], out: &mut [f32]) -> Result<()> {
+        let rows = hidden.len() / self.hidden;
+        check_layerwise_rows(rows, hidden.len(), self.hidden, self.options.max_rows)?;
+        b.write(&mut self.ws.x, hidden);
+        b.rms_norm(&self.ws.x, &self.final_norm, self.eps, rows, &mut self.ws.h);
+        b.read(&self.ws.h, &mut out[..hidden.len()]);
+        Ok(())
     }
 }

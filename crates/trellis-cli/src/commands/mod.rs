@@ -6,8 +6,10 @@ pub mod dequant;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod kld;
 pub mod logits;
 pub mod perplexity;
+pub mod quantize;
 pub mod serve;
 pub mod synth;
 pub mod template;
@@ -66,6 +68,18 @@ pub trait EngineTask {
     ) -> anyhow::Result<Self::Output>;
 }
 
+/// Size rayon's global pool once per process: commands that load two models (`kld`) or
+/// quantize and then run (`demo`) reach this more than once, and the pool cannot be rebuilt.
+pub fn init_threads(threads: usize) -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if DONE.get().is_some() {
+        return Ok(());
+    }
+    trellis_backend::cpu::set_threads(threads)?;
+    let _ = DONE.set(());
+    Ok(())
+}
+
 /// Load `dir` on the device `run` asks for, with a progress bar, and hand the engine to
 /// `task`. The load time counts from `opened` (when the directory was opened).
 pub fn with_engine<T: EngineTask>(
@@ -75,7 +89,7 @@ pub fn with_engine<T: EngineTask>(
     all_logits: bool,
     task: T,
 ) -> anyhow::Result<T::Output> {
-    trellis_backend::cpu::set_threads(run.threads)?;
+    init_threads(run.threads)?;
     let options = EngineOptions {
         ctx_size: run.ctx_size,
         prefill_chunk: run.prefill_chunk,

@@ -1,0 +1,269 @@
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use std::path::PathBuf;
+use std::time::Instant;
+use trellis_codec::Codebook;
+use trellis_quant::{
+    Calibration, Event, OutScales, Overwrite, QuantError, QuantizeOptions, quantize_model,
+};
+use trellis_runtime::tokenizer::Tokenizer;
+
+#[derive(clap::Args)]
+#[command(after_long_help = "\
+What is quantized: every linear of the decoder layers (attention, MLP, experts and shared \
+experts) at --bits on average, and lm_head at --head-bits (a tied head gets its own quantized \
+copy). The MoE router, the norms, the embeddings and MLA's kv_b_proj stay dense, as \
+ExLlamaV3 keeps them: the router and kv_b_proj in fp16, the rest as stored.
+
+How: calibration tokens run through the model one decoder layer at a time, through the \
+already-quantized layers before it; each linear's input Hessian (shared by linears with the \
+same input; every expert sees every token) drives LDLQ with the Viterbi trellis encoder \
+(ExLlamaV3's algorithm). Memory holds one layer, its Hessians and the calibration activations.
+
+Output: <out> is written as <out>.partial and renamed when complete; each finished layer is \
+checkpointed there, so an interrupted run continues with --resume.
+
+Quantization runs on the CPU, on all cores (--threads); --device cuda is accepted but the \
+quantizer has no GPU path yet.")]
+pub struct Args {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    model: PathBuf,
+    /// Output directory (must not exist unless --resume or --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Target bits per weight of the decoder's linears, e.g. 2.5 … 8; fractional targets mix
+    /// per-tensor widths (half-integer widths with mul1).
+    #[arg(long)]
+    bits: f64,
+    /// Bits of lm_head (16 keeps it dense).
+    #[arg(long, default_value_t = 6.0)]
+    head_bits: f64,
+    /// Trellis codebook.
+    #[arg(long, value_enum, default_value_t = CodebookArg::Mul1)]
+    codebook: CodebookArg,
+    /// Calibration text (UTF-8); default: the built-in mix of prose, code and other languages.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Calibration rows (sequences).
+    #[arg(long, default_value_t = 64)]
+    calibration_rows: usize,
+    /// Tokens per calibration row.
+    #[arg(long, default_value_t = 1024)]
+    calibration_cols: usize,
+    /// Fold output-channel scales into svh: auto (ExLlamaV3's rule), always or never.
+    #[arg(long, value_enum, default_value_t = OutScalesArg::Auto)]
+    out_scales: OutScalesArg,
+    /// Seed of the random sign flips.
+    #[arg(long, default_value_t = QuantizeOptions::default().seed)]
+    seed: u64,
+    /// Largest output shard in MiB.
+    #[arg(long, default_value_t = 8192)]
+    shard_size_mb: u64,
+    /// Continue an interrupted run from its checkpoint in <out>.partial.
+    #[arg(long, conflicts_with = "force")]
+    resume: bool,
+    /// Replace an existing output and discard any interrupted run.
+    #[arg(long)]
+    force: bool,
+    /// Where to run; the quantizer runs on the CPU either way (see below).
+    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
+    device: super::Device,
+    /// CPU threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CodebookArg {
+    Mul1,
+    Mcg,
+    #[value(name = "3inst")]
+    Inst3,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OutScalesArg {
+    Auto,
+    Always,
+    Never,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.device == super::Device::Cuda {
+        eprintln!("note: the quantizer has no GPU path yet; quantizing on the CPU");
+    }
+    super::init_threads(args.threads)?;
+    let text = match &args.calibration {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read calibration text {}", path.display()))?,
+        None => trellis_quant::calibration::DEFAULT_TEXT.to_string(),
+    };
+    let tokenizer = Tokenizer::from_model_dir(&args.model)
+        .with_context(|| format!("cannot load the tokenizer of {}", args.model.display()))?;
+    let tokens = tokenizer.encode(&text, false)?;
+    let source_name = args.calibration.as_ref().map_or_else(
+        || "the built-in calibration text".to_string(),
+        |p| p.display().to_string(),
+    );
+    let vocab = super::open_model(&args.model)?.config.common().vocab_size;
+    let calibration =
+        Calibration::mixed(&tokens, args.calibration_rows, args.calibration_cols, vocab)
+            .with_context(|| format!("calibration from {source_name}"))?;
+    let options = QuantizeOptions {
+        bits: args.bits,
+        head_bits: args.head_bits,
+        codebook: match args.codebook {
+            CodebookArg::Mul1 => Codebook::Mul1,
+            CodebookArg::Mcg => Codebook::Mcg,
+            CodebookArg::Inst3 => Codebook::Inst3,
+        },
+        out_scales: match args.out_scales {
+            OutScalesArg::Auto => OutScales::Auto,
+            OutScalesArg::Always => OutScales::Always,
+            OutScalesArg::Never => OutScales::Never,
+        },
+        seed: args.seed,
+        max_shard_bytes: args.shard_size_mb.max(1) << 20,
+    };
+    if !(args.bits.is_finite() && args.bits > 0.0) {
+        bail!(
+            "--bits {}: expected a positive number of bits per weight",
+            args.bits
+        );
+    }
+    let overwrite = if args.force {
+        Overwrite::Force
+    } else if args.resume {
+        Overwrite::Resume
+    } else {
+        Overwrite::Refuse
+    };
+
+    let started = Instant::now();
+    let mut bar: Option<ProgressBar> = None;
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Planned {
+            layers,
+            linears,
+            average_bits,
+            resumed_at,
+        } => {
+            eprintln!(
+                "quantizing {} → {}: {layers} layers, {linears} linears at {average_bits:.3} bpw \
+                 (head {}), {} calibration rows × {} tokens",
+                args.model.display(),
+                args.out.display(),
+                if args.head_bits >= 16.0 {
+                    "dense".to_string()
+                } else {
+                    format!("{} bits", args.head_bits)
+                },
+                args.calibration_rows,
+                args.calibration_cols,
+            );
+            if resumed_at > 0 {
+                eprintln!("resuming after layer {}", resumed_at - 1);
+            }
+        }
+        Event::LayerStart {
+            layer,
+            layers,
+            tiles,
+        } => {
+            let label = if layer == layers {
+                "head".to_string()
+            } else {
+                format!("layer {layer}/{layers}")
+            };
+            let b = crate::progress::bar(tiles as u64, &label);
+            bar = Some(b);
+        }
+        Event::Stage { what, .. } => {
+            if let Some(b) = &bar {
+                b.set_message(what.to_string());
+            }
+        }
+        Event::Tensor {
+            name,
+            bits,
+            tiles,
+            report,
+            ..
+        } => {
+            let proxy = report
+                .proxy_error
+                .map_or_else(|| "-".to_string(), |p| format!("{p:.5}"));
+            let line = format!(
+                "  {name:<56} K={bits:<3} proxy {proxy:<9} scale {:.3}{}{}",
+                report.global_scale,
+                if report.out_scales {
+                    ""
+                } else {
+                    " (no out scales)"
+                },
+                if report.fallback {
+                    " (no Hessian: tile by tile)"
+                } else {
+                    ""
+                },
+            );
+            match &bar {
+                Some(b) => {
+                    b.println(line);
+                    b.inc(tiles as u64);
+                    b.set_message("quantizing");
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+        Event::LayerDone { layer, seconds } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("layer {layer} done in {seconds:.1} s");
+        }
+        Event::Writing => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("writing {}", args.out.display());
+        }
+    };
+    let summary = match quantize_model(
+        &args.model,
+        &args.out,
+        &calibration,
+        &options,
+        overwrite,
+        &mut on_event,
+    ) {
+        Ok(s) => s,
+        Err(QuantError::AlreadyComplete(path)) => {
+            eprintln!("{} is already complete; nothing to resume", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("quantization failed"),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let proxies: Vec<f64> = summary
+            .tensors
+            .iter()
+            .filter_map(|t| t.proxy_error)
+            .collect();
+        let mean = proxies.iter().sum::<f64>() / proxies.len().max(1) as f64;
+        println!(
+            "wrote {}: {:.3} bpw (head {}), {} linears, mean proxy error {mean:.5}, {:.1} s",
+            summary.output.display(),
+            summary.average_bits,
+            summary.head_bits,
+            summary.tensors.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
