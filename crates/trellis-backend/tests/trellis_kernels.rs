@@ -171,3 +171,133 @@ fn levels_are_detected_consistently() {
         assert_eq!(Isa::from_name(isa.name()), Some(isa));
     }
 }
+
+/// A batch of products of different shapes and widths in one region equals each product alone
+/// (the reference forward), at every level.
+#[test]
+fn batched_products_match_the_reference() {
+    use trellis_backend::cpu::trellis_kernels::{MAX_BATCH, gemv_batch_with};
+    let mut rng = StdRng::seed_from_u64(19);
+    let shapes = [
+        (256, 384, 3, Codebook::Mul1),
+        (300, 200, 4, Codebook::Mcg),
+        (128, 128, 2, Codebook::Inst3),
+        (512, 576, 6, Codebook::Mul1),
+        (256, 384, 3, Codebook::Mul1),
+    ];
+    let linears: Vec<TrellisLinear<'static>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(in_f, out_f, k, cb))| {
+            random_trellis(
+                &mut rng,
+                in_f,
+                out_f,
+                BitWidth::integer(k).unwrap(),
+                cb,
+                i == 1,
+            )
+        })
+        .collect();
+    let packed: Vec<PackedTrellis> = linears.iter().map(PackedTrellis::new).collect();
+    let xs: Vec<Vec<f32>> = linears
+        .iter()
+        .map(|t| {
+            (0..t.in_features)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect()
+        })
+        .collect();
+    let want: Vec<f32> = linears
+        .iter()
+        .zip(&xs)
+        .flat_map(|(t, x)| t.apply(x, 1))
+        .collect();
+    assert!(linears.len() <= MAX_BATCH);
+    for isa in Isa::available() {
+        for jobs in [1, 2, linears.len()] {
+            let len: usize = linears[..jobs].iter().map(|t| t.out_features).sum();
+            let mut got = vec![f32::NAN; len + 5];
+            gemv_batch_with(isa, jobs, |j| (&packed[j], &xs[j][..]), &mut got);
+            let err = rel_l2(&got[..len], &want[..len]);
+            assert!(err < 2e-6, "{isa:?} {jobs} jobs: rel L2 {err:e}");
+            assert!(
+                got[len..].iter().all(|v| v.is_nan()),
+                "{isa:?} wrote past its output"
+            );
+        }
+    }
+    // Each job's results in its own buffer (the selected level).
+    let mut bufs: Vec<Vec<f32>> = linears
+        .iter()
+        .map(|t| vec![f32::NAN; t.out_features])
+        .collect();
+    let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    trellis_backend::cpu::trellis_kernels::gemv_batch_into(
+        linears.len(),
+        |j| (&packed[j], &xs[j][..]),
+        &mut outs,
+    );
+    let got: Vec<f32> = bufs.concat();
+    let err = rel_l2(&got, &want);
+    assert!(err < 2e-6, "separate outputs: rel L2 {err:e}");
+}
+
+/// A batch of GEMMs with different shapes and row counts (1 row, a partial row block, more
+/// than one block) equals each product alone, at every level.
+#[test]
+fn batched_gemms_match_the_reference() {
+    use trellis_backend::cpu::trellis_kernels::gemm_batch_with;
+    let mut rng = StdRng::seed_from_u64(29);
+    let cases = [
+        (256, 384, 3, Codebook::Mul1, 3),
+        (300, 200, 4, Codebook::Mcg, 1),
+        (128, 128, 2, Codebook::Inst3, 70),
+        (512, 576, 6, Codebook::Mul1, 9),
+    ];
+    let linears: Vec<TrellisLinear<'static>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, &(in_f, out_f, k, cb, _))| {
+            random_trellis(
+                &mut rng,
+                in_f,
+                out_f,
+                BitWidth::integer(k).unwrap(),
+                cb,
+                i == 1,
+            )
+        })
+        .collect();
+    let packed: Vec<PackedTrellis> = linears.iter().map(PackedTrellis::new).collect();
+    let xs: Vec<Vec<f32>> = linears
+        .iter()
+        .zip(&cases)
+        .map(|(t, c)| {
+            (0..c.4 * t.in_features)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect()
+        })
+        .collect();
+    let want: Vec<f32> = linears
+        .iter()
+        .zip(&xs)
+        .zip(&cases)
+        .flat_map(|((t, x), c)| t.apply(x, c.4))
+        .collect();
+    for isa in Isa::available() {
+        let mut got = vec![f32::NAN; want.len() + 5];
+        gemm_batch_with(
+            isa,
+            linears.len(),
+            |j| (&packed[j], &xs[j][..], cases[j].4),
+            &mut got,
+        );
+        let err = rel_l2(&got[..want.len()], &want);
+        assert!(err < 2e-6, "{isa:?}: rel L2 {err:e}");
+        assert!(
+            got[want.len()..].iter().all(|v| v.is_nan()),
+            "{isa:?} wrote past its output"
+        );
+    }
+}

@@ -5,6 +5,7 @@ use super::kv::CpuKvCache;
 use super::linear::{DenseData, dense_forward, dot};
 use super::ops::{rope_vector, softmax};
 use super::scratch::{with_layer_scratch, with_task_scratch};
+use super::simd::{self, Elem, Level};
 use crate::spec::{AttentionSpec, Batch, MlaSpec, RopeSpec};
 use rayon::prelude::*;
 
@@ -254,14 +255,35 @@ fn absorbed(
     layer: usize,
     out: &mut [f32],
 ) {
-    let (h, nope, vd, rank) = (
+    match &kv_b.weight {
+        DenseData::F32(w) => absorbed_with(w, q, spec, batch, cache, layer, out),
+        DenseData::F16(w) => absorbed_with(w, q, spec, batch, cache, layer, out),
+        DenseData::BF16(w) => absorbed_with(w, q, spec, batch, cache, layer, out),
+    }
+}
+
+/// Absorbed attention with `kv_b` stored as `T`: one task per (token, head). The query moves
+/// into latent space as one transposed product over the head's `W_UK` rows, meets each cached
+/// row `[c ‖ k_rope]` in a single 576-wide dot, and the latent output leaves through `W_UV`.
+fn absorbed_with<T: Elem>(
+    w: &[T],
+    q: &[f32],
+    spec: &MlaSpec,
+    batch: &Batch<'_>,
+    cache: &CpuKvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let (h, nope, vd, rank, rope) = (
         spec.heads,
         spec.qk_nope_dim,
         spec.v_head_dim,
         spec.kv_lora_rank,
+        spec.qk_rope_dim,
     );
     let qk = spec.qk_head_dim();
     let per_head_rows = nope + vd;
+    let level = Level::selected();
     out[..batch.rows() * h * vd]
         .par_chunks_mut(vd)
         .enumerate()
@@ -271,31 +293,25 @@ fn absorbed(
             let qh = &q[(i * h + head) * qk..(i * h + head + 1) * qk];
             let (q_nope, q_rope) = qh.split_at(nope);
             let n = pos as usize + 1;
-            with_task_scratch(3 * rank + n, |buf| {
-                let (q_lat, rest) = buf.split_at_mut(rank);
-                let (o_lat, rest) = rest.split_at_mut(rank);
-                let (w_row, scores) = rest.split_at_mut(rank);
-                // q_lat[c] = Σ_d q_nope[d] · W_UK[d][c]
-                q_lat.fill(0.0);
-                for (d, &qv) in q_nope.iter().enumerate() {
-                    kv_b.weight.row_into(head * per_head_rows + d, rank, w_row);
-                    for (l, &w) in q_lat.iter_mut().zip(w_row.iter()) {
-                        *l += qv * w;
-                    }
-                }
+            let first_row = head * per_head_rows;
+            let uk = &w[first_row * rank..(first_row + nope) * rank];
+            let uv = &w[(first_row + nope) * rank..(first_row + per_head_rows) * rank];
+            with_task_scratch(2 * rank + rope + n, |buf| {
+                let (q_full, rest) = buf.split_at_mut(rank + rope);
+                let (o_lat, scores) = rest.split_at_mut(rank);
+                // q_lat[c] = Σ_d q_nope[d] · W_UK[d][c], next to the rotated part.
+                simd::gemv_t_with(level, uk, q_nope, &mut q_full[..rank]);
+                q_full[rank..].copy_from_slice(q_rope);
                 for (s, p) in scores.iter_mut().zip(0..=pos) {
-                    let slot = batch.slot(seq, p);
-                    let lat = cache.dot_row(layer, slot, 0, q_lat);
-                    let rot = cache.dot_row(layer, slot, rank, q_rope);
-                    *s = (lat + rot) * spec.softmax_scale;
+                    *s = cache.dot_row(layer, batch.slot(seq, p), 0, q_full) * spec.softmax_scale;
                 }
                 softmax(scores);
                 o_lat.fill(0.0);
                 for (&s, p) in scores.iter().zip(0..=pos) {
                     cache.axpy_row(layer, batch.slot(seq, p), 0, s, o_lat);
                 }
-                for (v, ov) in o.iter_mut().enumerate() {
-                    *ov = kv_b.weight.row_dot(head * per_head_rows + nope + v, o_lat);
+                for (ov, row) in o.iter_mut().zip(uv.chunks_exact(rank)) {
+                    *ov = simd::dot_with(level, row, o_lat);
                 }
             });
         });
@@ -357,9 +373,7 @@ fn expanded(
                     for (s, &p) in scores.iter().enumerate() {
                         let v =
                             &kv[(s * h + head) * per_head + nope..(s * h + head + 1) * per_head];
-                        for (ov, &vv) in o.iter_mut().zip(v) {
-                            *ov += p * vv;
-                        }
+                        simd::axpy(o, p, v);
                     }
                 });
             });

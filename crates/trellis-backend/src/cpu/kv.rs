@@ -3,6 +3,7 @@
 
 use crate::spec::{KvCacheLayout, KvDtype};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 pub enum KvData {
     F32(Vec<f32>),
@@ -52,11 +53,7 @@ impl CpuKvCache {
         let end = o + dst.len();
         match &self.data {
             KvData::F32(d) => dst.copy_from_slice(&d[o..end]),
-            KvData::F16(d) => {
-                for (v, s) in dst.iter_mut().zip(&d[o..end]) {
-                    *v = s.to_f32();
-                }
-            }
+            KvData::F16(d) => d[o..end].convert_to_f32_slice(dst),
         }
     }
 
@@ -65,12 +62,8 @@ impl CpuKvCache {
     pub fn dot_row(&self, layer: usize, slot: usize, start: usize, q: &[f32]) -> f32 {
         let o = self.offset(layer, slot) + start;
         match &self.data {
-            KvData::F32(d) => super::linear::dot(&d[o..o + q.len()], q),
-            KvData::F16(d) => d[o..o + q.len()]
-                .iter()
-                .zip(q)
-                .map(|(a, b)| a.to_f32() * b)
-                .sum(),
+            KvData::F32(d) => super::simd::dot(&d[o..o + q.len()], q),
+            KvData::F16(d) => super::simd::dot(&d[o..o + q.len()], q),
         }
     }
 
@@ -80,16 +73,8 @@ impl CpuKvCache {
         let o = self.offset(layer, slot) + start;
         let end = o + acc.len();
         match &self.data {
-            KvData::F32(d) => {
-                for (a, &v) in acc.iter_mut().zip(&d[o..end]) {
-                    *a += p * v;
-                }
-            }
-            KvData::F16(d) => {
-                for (a, v) in acc.iter_mut().zip(&d[o..end]) {
-                    *a += p * v.to_f32();
-                }
-            }
+            KvData::F32(d) => super::simd::axpy(acc, p, &d[o..end]),
+            KvData::F16(d) => super::simd::axpy(acc, p, &d[o..end]),
         }
     }
 }

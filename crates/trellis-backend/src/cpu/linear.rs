@@ -1,8 +1,10 @@
 //! Linear layers on the CPU: EXL3 trellis weights repacked at upload and decoded inside the
 //! product by the SIMD kernels of `trellis_kernels`, and dense f32/f16/bf16 weights.
 
-use super::scratch::{with_op_scratch, with_task_scratch};
+use super::scratch::with_op_scratch;
+use super::simd;
 use super::trellis_kernels::{self, PackedTrellis};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use trellis_codec::TrellisLinear;
@@ -21,16 +23,8 @@ impl DenseData {
         let range = o * width..(o + 1) * width;
         match self {
             DenseData::F32(w) => dst.copy_from_slice(&w[range]),
-            DenseData::F16(w) => {
-                for (d, s) in dst.iter_mut().zip(&w[range]) {
-                    *d = s.to_f32();
-                }
-            }
-            DenseData::BF16(w) => {
-                for (d, s) in dst.iter_mut().zip(&w[range]) {
-                    *d = s.to_f32();
-                }
-            }
+            DenseData::F16(w) => w[range].convert_to_f32_slice(dst),
+            DenseData::BF16(w) => w[range].convert_to_f32_slice(dst),
         }
     }
 
@@ -40,9 +34,9 @@ impl DenseData {
         let width = x.len();
         let range = o * width..(o + 1) * width;
         match self {
-            DenseData::F32(w) => dot(&w[range], x),
-            DenseData::F16(w) => w[range].iter().zip(x).map(|(a, b)| a.to_f32() * b).sum(),
-            DenseData::BF16(w) => w[range].iter().zip(x).map(|(a, b)| a.to_f32() * b).sum(),
+            DenseData::F32(w) => simd::dot(&w[range], x),
+            DenseData::F16(w) => simd::dot(&w[range], x),
+            DenseData::BF16(w) => simd::dot(&w[range], x),
         }
     }
 
@@ -55,21 +49,11 @@ impl DenseData {
     }
 }
 
+/// `Σ_i a[i]·b[i]` (equal lengths) with the selected vector level.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorise and keep f32 error small.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[8 * c + l] * b[8 * c + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in 8 * chunks..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
+    debug_assert_eq!(a.len(), b.len());
+    simd::dot(a, b)
 }
 
 /// A linear layer uploaded to the CPU backend.
@@ -166,16 +150,29 @@ pub(crate) fn dense_forward(
             .for_each(|(b, block)| {
                 let o0 = b * OUT_BLOCK;
                 let o1 = (o0 + OUT_BLOCK).min(out_f);
-                with_task_scratch(in_f, |w_row| {
-                    for o in o0..o1 {
-                        weight.row_into(o, in_f, w_row);
-                        let bias_o = bias.map_or(0.0, |b| b[o]);
-                        for r in 0..rows {
-                            block[r * OUT_BLOCK + (o - o0)] =
-                                dot(w_row, &x[r * in_f..(r + 1) * in_f]) + bias_o;
+                let n = o1 - o0;
+                let range = o0 * in_f..o1 * in_f;
+                match weight {
+                    DenseData::F32(w) => {
+                        simd::gemm_nt(&w[range], n, x, rows, in_f, block, OUT_BLOCK)
+                    }
+                    DenseData::F16(w) => {
+                        simd::gemm_nt(&w[range], n, x, rows, in_f, block, OUT_BLOCK)
+                    }
+                    DenseData::BF16(w) => {
+                        simd::gemm_nt(&w[range], n, x, rows, in_f, block, OUT_BLOCK)
+                    }
+                }
+                if let Some(b) = bias {
+                    for r in 0..rows {
+                        for (v, &bo) in block[r * OUT_BLOCK..r * OUT_BLOCK + n]
+                            .iter_mut()
+                            .zip(&b[o0..o1])
+                        {
+                            *v += bo;
                         }
                     }
-                });
+                }
             });
         scatter_blocks(blocks, OUT_BLOCK, rows, out_f, out);
     });

@@ -9,7 +9,9 @@ mod kv;
 mod linear;
 mod moe;
 mod ops;
+pub mod profile;
 mod scratch;
+pub mod simd;
 pub mod trellis_kernels;
 
 pub use attention::{MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
@@ -18,7 +20,7 @@ pub use linear::{CpuLinear, DenseData};
 pub use moe::{CpuExperts, CpuRouter, CpuRouting};
 
 use crate::spec::{AttentionSpec, Batch, KvCacheLayout, MlaSpec, RopeSpec, RouterSpec};
-use crate::{Backend, BackendError, Result};
+use crate::{Backend, BackendError, GatedMlp, MoeScratch, Result};
 use half::bf16;
 use trellis_format::{DType, LinearWeights, TensorView};
 
@@ -63,6 +65,14 @@ impl CpuBackend {
         attention::mla_attention_with(
             mode, &mut q.0, kv_b, rope, spec, batch, cache, layer, &mut out.0,
         );
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        if profile::enabled() {
+            eprint!("{}", profile::report());
+        }
     }
 }
 
@@ -273,10 +283,11 @@ impl Backend for CpuBackend {
                 reason: format!("expected shape {expected:?}, got {:?}", weight.shape),
             });
         }
-        // Kept in f32: both absorbed products and the expansion read it every step, and
-        // widening it once costs ~2× its (small) storage instead of a conversion per use.
+        // Kept in its stored precision: the absorbed products read all of it every decode
+        // step (9 MB a layer in f16), so its width is memory traffic; the kernels widen it
+        // exactly in registers.
         Ok(CpuMlaKvB {
-            weight: DenseData::F32(weight.to_f32()?),
+            weight: dense_data(weight)?,
             rank: spec.kv_lora_rank,
         })
     }
@@ -313,13 +324,15 @@ impl Backend for CpuBackend {
     fn begin_step(&self, _tokens: &[u32], _batch: &Batch<'_>) {}
 
     fn embed(&self, table: &CpuEmbedding, tokens: &[u32], scale: f32, out: &mut CpuBuffer) {
-        ops::embed(
-            &table.table,
-            table.hidden,
-            tokens,
-            scale,
-            &mut out.0[..tokens.len() * table.hidden],
-        );
+        profile::timed(profile::EMBED, 0, 0, tokens.len(), || {
+            ops::embed(
+                &table.table,
+                table.hidden,
+                tokens,
+                scale,
+                &mut out.0[..tokens.len() * table.hidden],
+            )
+        });
     }
 
     fn rms_norm(
@@ -330,7 +343,9 @@ impl Backend for CpuBackend {
         rows: usize,
         out: &mut CpuBuffer,
     ) {
-        ops::rms_norm(&x.0, weight, eps, rows, &mut out.0);
+        profile::timed(profile::RMS_NORM, weight.len(), 0, rows, || {
+            ops::rms_norm(&x.0, weight, eps, rows, &mut out.0)
+        });
     }
 
     fn rms_norm_inplace(&self, x: &mut CpuBuffer, weight: &Vec<f32>, eps: f32, rows: usize) {
@@ -338,7 +353,13 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, w: &CpuLinear, x: &CpuBuffer, rows: usize, out: &mut CpuBuffer) {
-        w.forward(&x.0, rows, &mut out.0);
+        profile::timed(
+            profile::LINEAR,
+            w.in_features(),
+            w.out_features(),
+            rows,
+            || w.forward(&x.0, rows, &mut out.0),
+        );
     }
 
     fn copy_rows(&self, src: &CpuBuffer, width: usize, rows: &[u32], dst: &mut CpuBuffer) {
@@ -412,7 +433,9 @@ impl Backend for CpuBackend {
         cache: &mut CpuKvCache,
         layer: usize,
     ) {
-        attention::mla_append(&ckv.0, kv_norm, rope, spec, batch, cache, layer);
+        profile::timed(profile::MLA_APPEND, 0, 0, batch.rows(), || {
+            attention::mla_append(&ckv.0, kv_norm, rope, spec, batch, cache, layer)
+        });
     }
 
     fn mla_attention(
@@ -426,11 +449,106 @@ impl Backend for CpuBackend {
         layer: usize,
         out: &mut CpuBuffer,
     ) {
-        attention::mla_attention(&mut q.0, kv_b, rope, spec, batch, cache, layer, &mut out.0);
+        profile::timed(profile::MLA_ATTENTION, 0, 0, batch.rows(), || {
+            attention::mla_attention(&mut q.0, kv_b, rope, spec, batch, cache, layer, &mut out.0)
+        });
     }
 
     fn moe_route(&self, router: &CpuRouter, x: &CpuBuffer, rows: usize, routing: &mut CpuRouting) {
-        moe::route(router, &x.0, rows, routing);
+        profile::timed(profile::MOE_ROUTE, 0, 0, rows, || {
+            moe::route(router, &x.0, rows, routing)
+        });
+    }
+
+    fn rms_norm_linears(
+        &self,
+        x: &CpuBuffer,
+        norm: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+        h: &mut CpuBuffer,
+        linears: &mut [(&CpuLinear, &mut CpuBuffer)],
+    ) {
+        self.rms_norm(x, norm, eps, rows, h);
+        fn trellis(l: &CpuLinear) -> Option<&trellis_kernels::PackedTrellis> {
+            match l {
+                CpuLinear::Trellis(p) => Some(p),
+                CpuLinear::Dense { .. } => None,
+            }
+        }
+        // One token through several trellis linears: one parallel region for all of them.
+        if rows == 1
+            && linears.len() > 1
+            && linears.len() <= trellis_kernels::MAX_BATCH
+            && linears.iter().all(|(l, _)| trellis(l).is_some())
+        {
+            let (n, width) = (linears.len(), norm.len());
+            profile::timed(profile::LINEAR_BATCH, width, linears.len(), rows, || {
+                let mut outs: [&mut [f32]; trellis_kernels::MAX_BATCH] =
+                    std::array::from_fn(|_| Default::default());
+                let mut packed: [Option<&trellis_kernels::PackedTrellis>;
+                    trellis_kernels::MAX_BATCH] = [None; trellis_kernels::MAX_BATCH];
+                for ((o, p), (l, buf)) in outs.iter_mut().zip(&mut packed).zip(linears.iter_mut()) {
+                    *o = &mut buf.0[..];
+                    *p = trellis(l);
+                }
+                let h: &[f32] = &h.0[..width];
+                trellis_kernels::gemv_batch_into(
+                    n,
+                    |j| (packed[j].expect("all trellis"), h),
+                    &mut outs[..n],
+                );
+            });
+            return;
+        }
+        for (w, out) in linears.iter_mut() {
+            self.linear(w, h, rows, out);
+        }
+    }
+
+    fn moe_block(
+        &self,
+        x: &mut CpuBuffer,
+        norm: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        router: &CpuRouter,
+        experts: &CpuExperts,
+        shared: Option<&GatedMlp<'_, Self>>,
+        routing: &mut CpuRouting,
+        scratch: MoeScratch<'_, Self>,
+    ) {
+        let MoeScratch {
+            h,
+            out,
+            shared_out,
+            gate,
+            up,
+        } = scratch;
+        self.rms_norm(x, norm, eps, rows, h);
+        self.moe_route(router, h, rows, routing);
+        // All experts' products of a phase (gates and ups, then downs) in one parallel region:
+        // fused GEMVs for one token, per-expert GEMMs over their tokens for several.
+        let members = shared.map(|m| [m.gate, m.up, m.down]);
+        let fused = profile::timed(profile::MOE_BLOCK, 0, 0, rows, || {
+            if rows == 1 {
+                moe::block_decode(experts, members, &h.0, hidden, routing, &mut out.0)
+            } else {
+                moe::block_batched(experts, members, &h.0, rows, hidden, routing, &mut out.0)
+            }
+        });
+        if !fused {
+            self.moe_experts(experts, h, rows, routing, out);
+            if let Some(mlp) = shared {
+                self.linear(mlp.gate, h, rows, gate);
+                self.linear(mlp.up, h, rows, up);
+                self.silu_mul(gate, up, rows * mlp.intermediate);
+                self.linear(mlp.down, gate, rows, shared_out);
+                self.add(out, shared_out, rows * hidden);
+            }
+        }
+        self.add(x, out, rows * hidden);
     }
 
     fn moe_experts(
@@ -445,6 +563,8 @@ impl Backend for CpuBackend {
             .experts
             .first()
             .map_or(0, |(g, _, _)| g.in_features());
-        moe::experts(experts, &x.0, rows, hidden, routing, &mut out.0);
+        profile::timed(profile::MOE_EXPERTS, 0, 0, rows, || {
+            moe::experts(experts, &x.0, rows, hidden, routing, &mut out.0)
+        });
     }
 }

@@ -4,6 +4,7 @@
 use super::linear::CpuLinear;
 use super::ops::silu_mul;
 use super::scratch::with_layer_scratch;
+use super::trellis_kernels::{MAX_BATCH, MAX_GEMM_BATCH, PackedTrellis, gemm_batch, gemv_batch};
 use crate::spec::{GroupRanking, RouterSpec, ScoringFunction};
 
 pub struct CpuRouter {
@@ -175,4 +176,373 @@ pub fn experts(
             }
         }
     });
+}
+
+/// The packed trellis of a linear, if it is one.
+fn packed(l: &CpuLinear) -> Option<&PackedTrellis> {
+    match l {
+        CpuLinear::Trellis(p) => Some(p),
+        CpuLinear::Dense { .. } => None,
+    }
+}
+
+/// One token's routed experts and the shared expert (`[gate, up, down]`) with every product of
+/// a phase in one parallel region: all gates and ups, then all downs. `out` gets
+/// `Σ_j w_j·expert_j(h)` in ascending expert order, then the shared expert's output added.
+/// Returns false, touching nothing, when some linear is not trellis-quantized or the layer has
+/// too many experts per token for one batch; the caller then evaluates the experts one by one.
+pub fn block_decode(
+    experts: &CpuExperts,
+    shared: Option<[&CpuLinear; 3]>,
+    h: &[f32],
+    hidden: usize,
+    routing: &CpuRouting,
+    out: &mut [f32],
+) -> bool {
+    let k = routing.top_k;
+    let m = k + usize::from(shared.is_some());
+    if 2 * m > MAX_BATCH {
+        return false;
+    }
+    // Member j: the j-th routed expert, then the shared expert.
+    let member = |j: usize| -> [&CpuLinear; 3] {
+        if j < k {
+            let (g, u, d) = &experts.experts[routing.ids[j] as usize];
+            [g, u, d]
+        } else {
+            shared.expect("the shared expert is the last member")
+        }
+    };
+    let mut packed_members: [[Option<&PackedTrellis>; 3]; MAX_BATCH / 2] =
+        [[None; 3]; MAX_BATCH / 2];
+    let mut act_len = 0;
+    for (j, slot) in packed_members.iter_mut().enumerate().take(m) {
+        let linears = member(j);
+        for (s, l) in slot.iter_mut().zip(linears) {
+            *s = packed(l);
+            if s.is_none() {
+                return false;
+            }
+        }
+        act_len += 2 * linears[0].out_features();
+    }
+    let get = |j: usize, which: usize| -> &PackedTrellis {
+        packed_members[j][which].expect("checked above")
+    };
+    with_layer_scratch(act_len + m * hidden, |buf| {
+        let (act, down) = buf.split_at_mut(act_len);
+        // Gates and ups: [gate_0, up_0, gate_1, up_1, …].
+        gemv_batch(2 * m, |i| (get(i / 2, i % 2), h), act);
+        let mut at = 0;
+        let mut act_at = [0usize; MAX_BATCH / 2];
+        for (j, a) in act_at.iter_mut().enumerate().take(m) {
+            let inter = get(j, 0).out_features;
+            let (gate, up) = act[at..at + 2 * inter].split_at_mut(inter);
+            silu_mul(gate, up);
+            *a = at;
+            at += 2 * inter;
+        }
+        let act: &[f32] = act;
+        gemv_batch(
+            m,
+            |j| {
+                let inter = get(j, 0).out_features;
+                (get(j, 2), &act[act_at[j]..act_at[j] + inter])
+            },
+            down,
+        );
+        let out = &mut out[..hidden];
+        out.fill(0.0);
+        for (j, d) in down.chunks_exact(hidden).enumerate().take(m) {
+            let w = if j < k { routing.weights[j] } else { 1.0 };
+            if j < k {
+                for (o, &v) in out.iter_mut().zip(d) {
+                    *o += w * v;
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(d) {
+                    *o += v;
+                }
+            }
+        }
+    });
+    true
+}
+
+/// Several tokens' routed experts and the shared expert with every product of a phase in one
+/// parallel region: each active expert's tokens are gathered and run as one GEMM (each tile
+/// decoded once for all of them), all gates and ups together, then all downs. `out` gets, per
+/// token, `Σ_j w_j·expert_j(h)` in ascending expert order, then the shared expert's output
+/// added. Returns false, touching nothing, when some linear is not trellis-quantized.
+pub fn block_batched(
+    experts: &CpuExperts,
+    shared: Option<[&CpuLinear; 3]>,
+    x: &[f32],
+    rows: usize,
+    hidden: usize,
+    routing: &CpuRouting,
+    out: &mut [f32],
+) -> bool {
+    let k = routing.top_k;
+    let n_experts = experts.experts.len();
+    // Members: active routed experts in ascending order, then the shared expert.
+    let mut counts = [0usize; MAX_GEMM_BATCH / 2];
+    if n_experts + 1 > counts.len() {
+        return false;
+    }
+    for &id in &routing.ids[..rows * k] {
+        counts[id as usize] += 1;
+    }
+    let mut members = [0usize; MAX_GEMM_BATCH / 2];
+    let mut m = 0;
+    for (e, &count) in counts.iter().enumerate().take(n_experts) {
+        if count > 0 {
+            let (g, u, d) = &experts.experts[e];
+            if packed(g).is_none() || packed(u).is_none() || packed(d).is_none() {
+                return false;
+            }
+            members[m] = e;
+            m += 1;
+        }
+    }
+    if let Some(s) = shared {
+        if s.iter().any(|l| packed(l).is_none()) {
+            return false;
+        }
+        members[m] = usize::MAX;
+        m += 1;
+    }
+    let linears = |i: usize| -> [&PackedTrellis; 3] {
+        let ls: [&CpuLinear; 3] = if members[i] == usize::MAX {
+            shared.expect("the shared expert is the last member")
+        } else {
+            let (g, u, d) = &experts.experts[members[i]];
+            [g, u, d]
+        };
+        ls.map(|l| packed(l).expect("checked above"))
+    };
+    let member_rows = |i: usize| -> usize {
+        if members[i] == usize::MAX {
+            rows
+        } else {
+            counts[members[i]]
+        }
+    };
+    // Gathered rows, member by member: x rows, then gate|up, then down.
+    let mut row_at = [0usize; MAX_GEMM_BATCH / 2 + 1];
+    let mut act_at = [0usize; MAX_GEMM_BATCH / 2 + 1];
+    for i in 0..m {
+        row_at[i + 1] = row_at[i] + member_rows(i);
+        act_at[i + 1] = act_at[i] + 2 * member_rows(i) * linears(i)[0].out_features;
+    }
+    let gathered = row_at[m];
+    let len = 2 * gathered + gathered * hidden + act_at[m] + gathered * hidden;
+    with_layer_scratch(len, |buf| {
+        let (tokens, rest) = buf.split_at_mut(gathered);
+        let (token_weights, rest) = rest.split_at_mut(gathered);
+        let (xg, rest) = rest.split_at_mut(gathered * hidden);
+        let (act, down) = rest.split_at_mut(act_at[m]);
+        for i in 0..m {
+            let mut c = row_at[i];
+            for r in 0..rows {
+                let w = if members[i] == usize::MAX {
+                    Some(1.0)
+                } else {
+                    (0..k)
+                        .find(|&j| routing.ids[r * k + j] as usize == members[i])
+                        .map(|j| routing.weights[r * k + j])
+                };
+                if let Some(w) = w {
+                    // Token indices are small integers, exactly representable in f32.
+                    tokens[c] = r as f32;
+                    token_weights[c] = w;
+                    xg[c * hidden..(c + 1) * hidden]
+                        .copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
+                    c += 1;
+                }
+            }
+            debug_assert_eq!(c, row_at[i + 1]);
+        }
+        let xg: &[f32] = xg;
+        // Gates and ups: [gate_0 (rows_0 × inter), up_0, gate_1, up_1, …].
+        gemm_batch(
+            2 * m,
+            |j| {
+                let i = j / 2;
+                (
+                    linears(i)[j % 2],
+                    &xg[row_at[i] * hidden..row_at[i + 1] * hidden],
+                    member_rows(i),
+                )
+            },
+            act,
+        );
+        for i in 0..m {
+            let half = (act_at[i + 1] - act_at[i]) / 2;
+            let (gate, up) = act[act_at[i]..act_at[i + 1]].split_at_mut(half);
+            silu_mul(gate, up);
+        }
+        let act: &[f32] = act;
+        gemm_batch(
+            m,
+            |i| {
+                let half = (act_at[i + 1] - act_at[i]) / 2;
+                (
+                    linears(i)[2],
+                    &act[act_at[i]..act_at[i] + half],
+                    member_rows(i),
+                )
+            },
+            down,
+        );
+        out[..rows * hidden].fill(0.0);
+        // Routed experts in ascending order, then the shared expert, as the reference adds.
+        for i in 0..m {
+            for c in row_at[i]..row_at[i + 1] {
+                let r = tokens[c] as usize;
+                let w = token_weights[c];
+                let d = &down[c * hidden..(c + 1) * hidden];
+                for (o, &v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(d) {
+                    *o += w * v;
+                }
+            }
+        }
+    });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::borrow::Cow;
+    use trellis_codec::{BitWidth, Codebook, TrellisLinear};
+
+    fn random_linear(rng: &mut StdRng, in_f: usize, out_f: usize) -> CpuLinear {
+        let bits = BitWidth::integer(3).unwrap();
+        let words: Vec<u16> = (0..(in_f / 16) * (out_f / 16) * bits.tile_words())
+            .map(|_| rng.random())
+            .collect();
+        let scales = |rng: &mut StdRng, n: usize| -> Vec<f16> {
+            (0..n)
+                .map(|_| f16::from_f32(rng.random_range(-0.1f32..0.1)))
+                .collect()
+        };
+        let t = TrellisLinear::new(
+            Cow::Owned(words),
+            Cow::Owned(scales(rng, in_f)),
+            Cow::Owned(scales(rng, out_f)),
+            None,
+            bits,
+            Codebook::Mul1,
+            in_f,
+            out_f,
+        )
+        .unwrap();
+        CpuLinear::trellis(&t)
+    }
+
+    /// The reference: each routed expert alone over its gathered tokens ([`experts`]), then
+    /// the shared expert by plain linears, added.
+    fn reference(
+        e: &CpuExperts,
+        shared: [&CpuLinear; 3],
+        x: &[f32],
+        rows: usize,
+        hidden: usize,
+        routing: &CpuRouting,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; rows * hidden];
+        experts(e, x, rows, hidden, routing, &mut out);
+        let inter = shared[0].out_features();
+        let (mut g, mut u, mut d) = (
+            vec![0.0; rows * inter],
+            vec![0.0; rows * inter],
+            vec![0.0; rows * hidden],
+        );
+        shared[0].forward(x, rows, &mut g);
+        shared[1].forward(x, rows, &mut u);
+        for (a, b) in g.iter_mut().zip(&u) {
+            *a = *a / (1.0 + (-*a).exp()) * b;
+        }
+        shared[2].forward(&g, rows, &mut d);
+        for (o, v) in out.iter_mut().zip(&d) {
+            *o += v;
+        }
+        out
+    }
+
+    #[test]
+    fn fused_expert_blocks_match_one_expert_at_a_time() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let (hidden, inter, n, k) = (256, 128, 8, 3);
+        let e = CpuExperts {
+            experts: (0..n)
+                .map(|_| {
+                    (
+                        random_linear(&mut rng, hidden, inter),
+                        random_linear(&mut rng, hidden, inter),
+                        random_linear(&mut rng, inter, hidden),
+                    )
+                })
+                .collect(),
+        };
+        let s = [
+            random_linear(&mut rng, hidden, 2 * inter),
+            random_linear(&mut rng, hidden, 2 * inter),
+            random_linear(&mut rng, 2 * inter, hidden),
+        ];
+        let shared = [&s[0], &s[1], &s[2]];
+        for rows in [1usize, 2, 5, 17] {
+            let x: Vec<f32> = (0..rows * hidden)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let mut routing = CpuRouting {
+                top_k: k,
+                ids: vec![0; rows * k],
+                weights: vec![0.0; rows * k],
+            };
+            for r in 0..rows {
+                let mut ids: Vec<u32> = Vec::new();
+                while ids.len() < k {
+                    let id = rng.random_range(0..n as u32);
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                ids.sort_unstable();
+                routing.ids[r * k..(r + 1) * k].copy_from_slice(&ids);
+                for w in &mut routing.weights[r * k..(r + 1) * k] {
+                    *w = rng.random_range(0.1f32..1.0);
+                }
+            }
+            let want = reference(&e, shared, &x, rows, hidden, &routing);
+            let mut got = vec![f32::NAN; rows * hidden];
+            assert!(block_batched(
+                &e,
+                Some(shared),
+                &x,
+                rows,
+                hidden,
+                &routing,
+                &mut got
+            ));
+            let err = trellis_testutil::rel_l2(&got, &want);
+            assert!(err < 1e-5, "batched, {rows} rows: rel L2 {err:e}");
+            if rows == 1 {
+                let mut got = vec![f32::NAN; hidden];
+                assert!(block_decode(
+                    &e,
+                    Some(shared),
+                    &x,
+                    hidden,
+                    &routing,
+                    &mut got
+                ));
+                let err = trellis_testutil::rel_l2(&got, &want);
+                assert!(err < 1e-5, "decode: rel L2 {err:e}");
+            }
+        }
+    }
 }

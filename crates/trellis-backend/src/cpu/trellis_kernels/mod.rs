@@ -214,10 +214,11 @@ fn aligned(buf: &mut [f32]) -> &mut [f32] {
     &mut buf[skip..]
 }
 
-/// Strips per parallel task: a few tasks per thread so that a busy core does not hold up
-/// the op, but not so many that task overhead shows.
+/// Strips per parallel task: several tasks per thread so that a thread that loses its core
+/// (another process, the machine's other work) holds up little of the op, but not so many that
+/// task overhead shows (a task is ≥ a few µs of decoding).
 fn strips_per_task(strips: usize) -> usize {
-    let tasks = (2 * rayon::current_num_threads()).max(1);
+    let tasks = (8 * rayon::current_num_threads()).max(1);
     strips.div_ceil(tasks).max(1)
 }
 
@@ -274,6 +275,122 @@ fn gemv_forward(p: &PackedTrellis, isa: Isa, x: &[f32], out: &mut [f32]) {
                 gemv_strips(p, isa, input, range, z);
             });
         output_transform(p, z, STRIP, &mut out[..p.out_features]);
+    });
+}
+
+/// Most products one [`gemv_batch`] call runs.
+pub const MAX_BATCH: usize = 16;
+
+/// Several one-row products in one parallel region: job `j` is `(linear, x)` from `job(j)`,
+/// and its `out_features` results follow the previous job's in `out`. The strips of all jobs
+/// are shared out together, so small linears (a MoE layer's experts) keep every thread busy
+/// without a fork and join per linear.
+pub fn gemv_batch<'a>(
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
+    out: &mut [f32],
+) {
+    gemv_batch_with(Isa::selected(), jobs, job, out)
+}
+
+/// [`gemv_batch`] with each job's results in its own slice (`outs[j]`).
+pub fn gemv_batch_into<'a>(
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
+    outs: &mut [&mut [f32]],
+) {
+    gemv_batch_impl(Isa::selected(), jobs, job, |j, f| f(&mut *outs[j]))
+}
+
+/// [`gemv_batch`] with an explicit instruction-set level (which must be supported).
+pub fn gemv_batch_with<'a>(
+    isa: Isa,
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
+    out: &mut [f32],
+) {
+    let mut rest = out;
+    gemv_batch_impl(isa, jobs, &job, |j, f| {
+        let n = job(j).0.out_features;
+        let (o, r) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = r;
+        f(o)
+    });
+}
+
+/// The batch: `output(j, f)` hands job j's output slice to `f` (called once per job, in
+/// order, after all products are done).
+fn gemv_batch_impl<'a>(
+    isa: Isa,
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
+    mut output: impl FnMut(usize, &mut dyn FnMut(&mut [f32])),
+) {
+    assert!(isa.is_supported(), "{isa:?} kernels on a CPU without them");
+    assert!(jobs <= MAX_BATCH, "at most {MAX_BATCH} products per batch");
+    // Offsets (in floats) of each job's prepared input and first strip, and of its outputs.
+    let mut input_at = [0usize; MAX_BATCH + 1];
+    let mut strip_at = [0usize; MAX_BATCH + 1];
+    let mut k_max = 0;
+    for j in 0..jobs {
+        let (p, x) = job(j);
+        assert!(x.len() >= p.in_features);
+        // Inputs start on a cache line (16 floats) each.
+        input_at[j + 1] = input_at[j] + (p.tiles_k() * isa.input_per_tile()).next_multiple_of(16);
+        strip_at[j + 1] = strip_at[j] + p.strips();
+        k_max = k_max.max(p.k_padded);
+    }
+    let strips = strip_at[jobs];
+    with_op_scratch(ALIGN_SLACK + input_at[jobs] + strips * STRIP, |scratch| {
+        let (inputs, z) = aligned(scratch).split_at_mut(input_at[jobs]);
+        let z = &mut z[..strips * STRIP];
+        with_task_scratch(k_max, |xh| {
+            for j in 0..jobs {
+                let (p, x) = job(j);
+                let xh = &mut xh[..p.k_padded];
+                input_transform(p, x, xh);
+                let len = p.tiles_k() * isa.input_per_tile();
+                prepare_input(isa, xh, &mut inputs[input_at[j]..input_at[j] + len]);
+            }
+        });
+        let inputs: &[f32] = inputs;
+        // Several tasks per thread: a thread that loses its core to another process then
+        // holds up little of the batch.
+        let per_task = strips
+            .div_ceil(8 * rayon::current_num_threads().max(1))
+            .max(1);
+        z.par_chunks_mut(per_task * STRIP)
+            .enumerate()
+            .for_each(|(task, z)| {
+                let first = task * per_task;
+                let last = first + z.len() / STRIP;
+                for j in 0..jobs {
+                    let (a, b) = (first.max(strip_at[j]), last.min(strip_at[j + 1]));
+                    if a >= b {
+                        continue;
+                    }
+                    let (p, _) = job(j);
+                    let local = a - strip_at[j]..b - strip_at[j];
+                    gemv_strips(
+                        p,
+                        isa,
+                        &inputs[input_at[j]..input_at[j + 1]],
+                        local,
+                        &mut z[(a - first) * STRIP..(b - first) * STRIP],
+                    );
+                }
+            });
+        for j in 0..jobs {
+            let (p, _) = job(j);
+            output(j, &mut |o: &mut [f32]| {
+                output_transform(
+                    p,
+                    &z[strip_at[j] * STRIP..strip_at[j + 1] * STRIP],
+                    STRIP,
+                    &mut o[..p.out_features],
+                )
+            });
+        }
     });
 }
 
@@ -391,48 +508,8 @@ fn gemm_forward(p: &PackedTrellis, isa: Isa, x: &[f32], rows: usize, out: &mut [
                 .enumerate()
                 .for_each(|(task, z)| {
                     let first = task * per_task;
-                    let wt_len = GEMM_TILES_PER_CHUNK * TILE_WEIGHTS;
-                    let block_rows = rows.min(GEMM_ROW_BLOCK);
-                    let len = ALIGN_SLACK + wt_len + block_rows * ACC_PER_ROW;
-                    with_task_scratch(len, |task_scratch| {
-                        let (wt, acc) = aligned(task_scratch).split_at_mut(wt_len);
-                        // Row blocks outside strips: a block's inputs stay in L2 while the task's
-                        // strips pass over them; each block decodes the weights again.
-                        for row0 in (0..rows).step_by(GEMM_ROW_BLOCK) {
-                            let block = GEMM_ROW_BLOCK.min(rows - row0);
-                            let acc = &mut acc[..block * ACC_PER_ROW];
-                            let inputs = &inputs[row0 * input_len..];
-                            for (s, zs) in z.chunks_exact_mut(rows * STRIP).enumerate() {
-                                let strip = first + s;
-                                acc.fill(0.0);
-                                for kt0 in (0..tiles_k).step_by(GEMM_TILES_PER_CHUNK) {
-                                    let tiles = GEMM_TILES_PER_CHUNK.min(tiles_k - kt0);
-                                    decode_tiles(
-                                        p,
-                                        isa,
-                                        strip,
-                                        kt0,
-                                        &mut wt[..tiles * TILE_WEIGHTS],
-                                    );
-                                    accumulate_rows(
-                                        isa,
-                                        wt,
-                                        tiles,
-                                        &inputs[kt0 * per_tile..],
-                                        input_len,
-                                        acc,
-                                    );
-                                }
-                                let zs = &mut zs[row0 * STRIP..(row0 + block) * STRIP];
-                                for (a, zr) in acc
-                                    .chunks_exact(ACC_PER_ROW)
-                                    .zip(zs.chunks_exact_mut(STRIP))
-                                {
-                                    finish_strip(isa, a, zr);
-                                }
-                            }
-                        }
-                    });
+                    let range = first..first + z.len() / (rows * STRIP);
+                    gemm_strips(p, isa, inputs, rows, range, z);
                 });
             let z: &[f32] = z;
             let transform_row = |(row, o): (usize, &mut [f32])| {
@@ -451,4 +528,199 @@ fn gemm_forward(p: &PackedTrellis, isa: Isa, x: &[f32], rows: usize, out: &mut [
             }
         },
     );
+}
+
+/// The GEMM over a range of strips: `inputs` holds each row's prepared input
+/// (`tiles_k · input_per_tile` floats a row), `z` gets `[strip][rows][16]`. Decodes each chunk
+/// of tiles once per block of rows into task scratch and multiplies it into the block.
+fn gemm_strips(
+    p: &PackedTrellis,
+    isa: Isa,
+    inputs: &[f32],
+    rows: usize,
+    strips: std::ops::Range<usize>,
+    z: &mut [f32],
+) {
+    let tiles_k = p.tiles_k();
+    let per_tile = isa.input_per_tile();
+    let input_len = tiles_k * per_tile;
+    debug_assert_eq!(z.len(), strips.len() * rows * STRIP);
+    if rows == 1 {
+        // One row (an expert with one token of a prefill chunk): the fused GEMV keeps its
+        // tiles in registers, and its z layout ([strip][16]) is the GEMM's for one row.
+        gemv_strips(p, isa, &inputs[..input_len], strips, z);
+        return;
+    }
+    let wt_len = GEMM_TILES_PER_CHUNK * TILE_WEIGHTS;
+    let block_rows = rows.min(GEMM_ROW_BLOCK);
+    let len = ALIGN_SLACK + wt_len + block_rows * ACC_PER_ROW;
+    with_task_scratch(len, |task_scratch| {
+        let (wt, acc) = aligned(task_scratch).split_at_mut(wt_len);
+        // Row blocks outside strips: a block's inputs stay in L2 while the task's strips pass
+        // over them; each block decodes the weights again.
+        for row0 in (0..rows).step_by(GEMM_ROW_BLOCK) {
+            let block = GEMM_ROW_BLOCK.min(rows - row0);
+            let acc = &mut acc[..block * ACC_PER_ROW];
+            let inputs = &inputs[row0 * input_len..];
+            for (strip, zs) in strips.clone().zip(z.chunks_exact_mut(rows * STRIP)) {
+                acc.fill(0.0);
+                for kt0 in (0..tiles_k).step_by(GEMM_TILES_PER_CHUNK) {
+                    let tiles = GEMM_TILES_PER_CHUNK.min(tiles_k - kt0);
+                    decode_tiles(p, isa, strip, kt0, &mut wt[..tiles * TILE_WEIGHTS]);
+                    accumulate_rows(isa, wt, tiles, &inputs[kt0 * per_tile..], input_len, acc);
+                }
+                let zs = &mut zs[row0 * STRIP..(row0 + block) * STRIP];
+                for (a, zr) in acc
+                    .chunks_exact(ACC_PER_ROW)
+                    .zip(zs.chunks_exact_mut(STRIP))
+                {
+                    finish_strip(isa, a, zr);
+                }
+            }
+        }
+    });
+}
+
+/// Most products one [`gemm_batch`] call runs.
+pub const MAX_GEMM_BATCH: usize = 256;
+
+/// Several products of any row counts in one parallel region (a prefill chunk's MoE experts,
+/// each over its own tokens): job `j` is `(linear, x, rows)` from `job(j)` with `x` holding
+/// `rows × in_features` values, and its `rows × out_features` results follow the previous
+/// job's in `out`. Strips of all jobs are shared out together; each tile is decoded once per
+/// block of a job's rows.
+pub fn gemm_batch<'a>(
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32], usize) + Sync,
+    out: &mut [f32],
+) {
+    gemm_batch_with(Isa::selected(), jobs, job, out)
+}
+
+/// [`gemm_batch`] with an explicit instruction-set level (which must be supported).
+pub fn gemm_batch_with<'a>(
+    isa: Isa,
+    jobs: usize,
+    job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32], usize) + Sync,
+    out: &mut [f32],
+) {
+    assert!(isa.is_supported(), "{isa:?} kernels on a CPU without them");
+    assert!(
+        jobs <= MAX_GEMM_BATCH,
+        "at most {MAX_GEMM_BATCH} products per batch"
+    );
+    // Per job: offsets of its prepared inputs, of its z (and its first strip), of its outputs.
+    let mut input_at = [0usize; MAX_GEMM_BATCH + 1];
+    let mut z_at = [0usize; MAX_GEMM_BATCH + 1];
+    let mut strip_at = [0usize; MAX_GEMM_BATCH + 1];
+    let mut out_at = [0usize; MAX_GEMM_BATCH + 1];
+    for j in 0..jobs {
+        let (p, x, rows) = job(j);
+        assert!(x.len() >= rows * p.in_features);
+        let input_len = p.tiles_k() * isa.input_per_tile();
+        input_at[j + 1] = input_at[j] + (rows * input_len).next_multiple_of(16);
+        z_at[j + 1] = z_at[j] + p.strips() * rows * STRIP;
+        strip_at[j + 1] = strip_at[j] + p.strips();
+        out_at[j + 1] = out_at[j] + rows * p.out_features;
+    }
+    assert!(out.len() >= out_at[jobs]);
+    let (total_inputs, total_z, strips) = (input_at[jobs], z_at[jobs], strip_at[jobs]);
+    if strips == 0 {
+        return;
+    }
+    with_op_scratch(ALIGN_SLACK + total_inputs + total_z, |scratch| {
+        let (inputs, z) = aligned(scratch).split_at_mut(total_inputs);
+        let z = &mut z[..total_z];
+        // Input transforms: one task per job (a few rows each).
+        {
+            let mut parts: [&mut [f32]; MAX_GEMM_BATCH] =
+                std::array::from_fn(|_| Default::default());
+            let mut rest = &mut inputs[..];
+            for (j, part) in parts.iter_mut().enumerate().take(jobs) {
+                let (a, b) = rest.split_at_mut(input_at[j + 1] - input_at[j]);
+                *part = a;
+                rest = b;
+            }
+            parts[..jobs]
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(j, part)| {
+                    let (p, x, rows) = job(j);
+                    let input_len = p.tiles_k() * isa.input_per_tile();
+                    with_task_scratch(p.k_padded, |xh| {
+                        for r in 0..rows {
+                            input_transform(p, &x[r * p.in_features..], xh);
+                            prepare_input(isa, xh, &mut part[r * input_len..(r + 1) * input_len]);
+                        }
+                    });
+                });
+        }
+        let inputs: &[f32] = inputs;
+        // Tasks are runs of strips of one job (a task never spans two jobs, whose row
+        // counts differ); split z accordingly without allocating: each job's z is cut into
+        // chunks of at most `per_task` strips.
+        let per_task = strips
+            .div_ceil(8 * rayon::current_num_threads().max(1))
+            .max(1);
+        let task_at = |j: usize| -> usize {
+            // Tasks before job j.
+            (0..j)
+                .map(|i| (strip_at[i + 1] - strip_at[i]).div_ceil(per_task))
+                .sum()
+        };
+        let tasks = task_at(jobs);
+        let z_ptr = SharedMut(z.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|t| {
+            // Find the job of task t (jobs are few; a linear scan is cheap next to a task).
+            let mut j = 0;
+            let mut before = 0;
+            loop {
+                let n = (strip_at[j + 1] - strip_at[j]).div_ceil(per_task);
+                if t < before + n {
+                    break;
+                }
+                before += n;
+                j += 1;
+            }
+            let (p, _, rows) = job(j);
+            let first = (t - before) * per_task;
+            let last = (first + per_task).min(p.strips());
+            let start = z_at[j] + first * rows * STRIP;
+            let len = (last - first) * rows * STRIP;
+            // SAFETY: tasks cover disjoint strip runs, so these ranges of z are disjoint and
+            // inside it (z_at[j] + strips_j·rows·16 ≤ z.len()); z outlives the region.
+            let zt = unsafe { std::slice::from_raw_parts_mut(z_ptr.get().add(start), len) };
+            gemm_strips(
+                p,
+                isa,
+                &inputs[input_at[j]..input_at[j + 1]],
+                rows,
+                first..last,
+                zt,
+            );
+        });
+        let z: &[f32] = z;
+        let mut rest = &mut out[..out_at[jobs]];
+        for j in 0..jobs {
+            let (p, _, rows) = job(j);
+            let (o, r) = rest.split_at_mut(rows * p.out_features);
+            rest = r;
+            for (row, orow) in o.chunks_exact_mut(p.out_features).enumerate() {
+                output_transform(p, &z[z_at[j] + row * STRIP..], rows * STRIP, orow);
+            }
+        }
+    });
+}
+
+/// A raw pointer handed to parallel tasks that write disjoint parts of its buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for disjoint writes from tasks of one parallel region (see its uses).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }

@@ -1,0 +1,696 @@
+//! Vector kernels for the dense parts of the CPU backend (dot products, `axpy`, small
+//! matrix–vector products over f32/f16/bf16 weights and f16 caches), chosen at run time like
+//! the trellis kernels: a plain reference, AVX2 + FMA + F16C, and AVX-512F. The crate is built
+//! for generic x86-64, so without these the compiler sees only SSE2 and widens f16 one value at
+//! a time.
+//!
+//! Every level widens f16/bf16 exactly and accumulates in f32; they differ from the reference
+//! only in the order of the additions.
+
+use super::trellis_kernels::Isa;
+use half::{bf16, f16};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// A vector level of these kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    /// The level matching an instruction-set level of the trellis kernels (so that
+    /// `TRELLIS_CPU_ISA` forces both).
+    pub fn of(isa: Isa) -> Level {
+        match isa {
+            Isa::Scalar => Level::Scalar,
+            Isa::Avx2 => Level::Avx2,
+            Isa::Avx512 | Isa::Avx512Fp16 => Level::Avx512,
+        }
+    }
+
+    /// The level in use.
+    #[inline]
+    pub fn selected() -> Level {
+        Level::of(Isa::selected())
+    }
+
+    /// Levels this CPU runs, lowest first (tests run each).
+    pub fn available() -> Vec<Level> {
+        let mut levels: Vec<Level> = Isa::available().into_iter().map(Level::of).collect();
+        levels.dedup();
+        levels
+    }
+}
+
+/// A stored element type widened exactly to f32.
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+
+    /// 16 values from `p` widened.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and `p … p+16` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> __m512;
+
+    /// 8 values from `p` widened.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available and `p … p+8` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees the features and 16 readable values.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees the features and 8 readable values.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> __m512 {
+        // SAFETY: the caller guarantees the features and 16 readable values (32 bytes).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: the caller guarantees the features and 8 readable values (16 bytes).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> __m512 {
+        // SAFETY: the caller guarantees the features and 16 readable values (32 bytes).
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: the caller guarantees the features and 8 readable values (16 bytes).
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+}
+
+// ---- reference ------------------------------------------------------------------------------
+
+mod reference {
+    use super::Elem;
+
+    pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(&a, &b)| a.widen() * b).sum()
+    }
+
+    pub fn axpy<T: Elem>(acc: &mut [f32], a: f32, w: &[T]) {
+        for (y, &v) in acc.iter_mut().zip(w) {
+            *y += a * v.widen();
+        }
+    }
+
+    pub fn gemv_t<T: Elem>(w: &[T], x: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        out.fill(0.0);
+        for (r, &xv) in x.iter().enumerate() {
+            axpy(out, xv, &w[r * width..(r + 1) * width]);
+        }
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt<T: Elem>(
+        w: &[T],
+        n: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        for r in 0..m {
+            for o in 0..n {
+                out[r * ld + o] = dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+            }
+        }
+    }
+}
+
+// ---- AVX-512 --------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Elem;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads below `n`, within both slices; AVX-512F is enabled here.
+        unsafe {
+            while i + 64 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * j;
+                    *a = _mm512_fmadd_ps(T::load16(wp.add(o)), _mm512_loadu_ps(xp.add(o)), *a);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps(T::load16(wp.add(i)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+                i += 16;
+            }
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut s = _mm512_reduce_add_ps(sum);
+        for j in i..n {
+            s += w[j].widen() * x[j];
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn axpy<T: Elem>(acc: &mut [f32], a: f32, w: &[T]) {
+        let n = acc.len().min(w.len());
+        let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: every access is below `n`, within both slices.
+        unsafe {
+            while i + 16 <= n {
+                let y = _mm512_fmadd_ps(av, T::load16(wp.add(i)), _mm512_loadu_ps(ap.add(i)));
+                _mm512_storeu_ps(ap.add(i), y);
+                i += 16;
+            }
+        }
+        for j in i..n {
+            acc[j] += a * w[j].widen();
+        }
+    }
+
+    /// `out[c] = Σ_r x[r]·w[r][c]`, 128 columns at a time in registers.
+    #[target_feature(enable = "avx512f")]
+    pub fn gemv_t<T: Elem>(w: &[T], x: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        let rows = x.len();
+        assert!(w.len() >= rows * width);
+        let wp = w.as_ptr();
+        let mut c0 = 0;
+        // SAFETY: column blocks end at or before `width`; row r's block lies inside w.
+        unsafe {
+            while c0 + 128 <= width {
+                let mut acc = [_mm512_setzero_ps(); 8];
+                for (r, &xv) in x.iter().enumerate() {
+                    let xb = _mm512_set1_ps(xv);
+                    let row = wp.add(r * width + c0);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(xb, T::load16(row.add(16 * j)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(c0 + 16 * j), *a);
+                }
+                c0 += 128;
+            }
+            while c0 + 16 <= width {
+                let mut acc = _mm512_setzero_ps();
+                for (r, &xv) in x.iter().enumerate() {
+                    acc =
+                        _mm512_fmadd_ps(_mm512_set1_ps(xv), T::load16(wp.add(r * width + c0)), acc);
+                }
+                _mm512_storeu_ps(out.as_mut_ptr().add(c0), acc);
+                c0 += 16;
+            }
+        }
+        for c in c0..width {
+            out[c] = x
+                .iter()
+                .enumerate()
+                .map(|(r, &xv)| xv * w[r * width + c].widen())
+                .sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_gemm {
+    use super::Elem;
+    use std::arch::x86_64::*;
+
+    /// `out[r·ld + o] = Σ_i x[r·k + i]·w[o·k + i]`: blocks of 4 weight rows × 4 input rows
+    /// with their 16 sums in registers; edges by single dots.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt<T: Elem>(
+        w: &[T],
+        n: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        assert!(w.len() >= n * k && x.len() >= m * k);
+        assert!(m == 0 || n == 0 || out.len() >= (m - 1) * ld + n);
+        let k16 = k - k % 16;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut o0 = 0;
+        while o0 + 4 <= n {
+            let mut r0 = 0;
+            while r0 + 4 <= m {
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                let mut i = 0;
+                // SAFETY: i + 16 ≤ k16 ≤ k, rows o0+3 < n and r0+3 < m (asserted sizes).
+                unsafe {
+                    while i < k16 {
+                        let wv = [
+                            T::load16(wp.add(o0 * k + i)),
+                            T::load16(wp.add((o0 + 1) * k + i)),
+                            T::load16(wp.add((o0 + 2) * k + i)),
+                            T::load16(wp.add((o0 + 3) * k + i)),
+                        ];
+                        for (rr, acc_r) in acc.iter_mut().enumerate() {
+                            let xv = _mm512_loadu_ps(xp.add((r0 + rr) * k + i));
+                            for (a, &wq) in acc_r.iter_mut().zip(&wv) {
+                                *a = _mm512_fmadd_ps(wq, xv, *a);
+                            }
+                        }
+                        i += 16;
+                    }
+                }
+                for (rr, acc_r) in acc.iter().enumerate() {
+                    for (oo, a) in acc_r.iter().enumerate() {
+                        let (r, o) = (r0 + rr, o0 + oo);
+                        let mut s = _mm512_reduce_add_ps(*a);
+                        for j in k16..k {
+                            s += w[o * k + j].widen() * x[r * k + j];
+                        }
+                        out[r * ld + o] = s;
+                    }
+                }
+                r0 += 4;
+            }
+            for r in r0..m {
+                for o in o0..o0 + 4 {
+                    out[r * ld + o] =
+                        super::avx512::dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+                }
+            }
+            o0 += 4;
+        }
+        for o in o0..n {
+            for r in 0..m {
+                out[r * ld + o] =
+                    super::avx512::dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+            }
+        }
+    }
+}
+
+// ---- AVX2 -----------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Elem;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads below `n`, within both slices.
+        unsafe {
+            while i + 32 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * j;
+                    *a = _mm256_fmadd_ps(T::load8(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum(sum);
+        for j in i..n {
+            s += w[j].widen() * x[j];
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn axpy<T: Elem>(acc: &mut [f32], a: f32, w: &[T]) {
+        let n = acc.len().min(w.len());
+        let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: every access is below `n`, within both slices.
+        unsafe {
+            while i + 8 <= n {
+                let y = _mm256_fmadd_ps(av, T::load8(wp.add(i)), _mm256_loadu_ps(ap.add(i)));
+                _mm256_storeu_ps(ap.add(i), y);
+                i += 8;
+            }
+        }
+        for j in i..n {
+            acc[j] += a * w[j].widen();
+        }
+    }
+
+    /// `out[c] = Σ_r x[r]·w[r][c]`, 64 columns at a time in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn gemv_t<T: Elem>(w: &[T], x: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        let rows = x.len();
+        assert!(w.len() >= rows * width);
+        let wp = w.as_ptr();
+        let mut c0 = 0;
+        // SAFETY: column blocks end at or before `width`; row r's block lies inside w.
+        unsafe {
+            while c0 + 64 <= width {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (r, &xv) in x.iter().enumerate() {
+                    let xb = _mm256_set1_ps(xv);
+                    let row = wp.add(r * width + c0);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xb, T::load8(row.add(8 * j)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * j), *a);
+                }
+                c0 += 64;
+            }
+            while c0 + 8 <= width {
+                let mut acc = _mm256_setzero_ps();
+                for (r, &xv) in x.iter().enumerate() {
+                    acc =
+                        _mm256_fmadd_ps(_mm256_set1_ps(xv), T::load8(wp.add(r * width + c0)), acc);
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(c0), acc);
+                c0 += 8;
+            }
+        }
+        for c in c0..width {
+            out[c] = x
+                .iter()
+                .enumerate()
+                .map(|(r, &xv)| xv * w[r * width + c].widen())
+                .sum();
+        }
+    }
+}
+
+// ---- dispatch -------------------------------------------------------------------------------
+
+/// `Σ_i w[i]·x[i]` over the common length, at `level` (which must be supported).
+#[inline]
+pub fn dot_with<T: Elem>(level: Level, w: &[T], x: &[f32]) -> f32 {
+    match level {
+        Level::Scalar => reference::dot(w, x),
+        // SAFETY: callers pass only levels this CPU supports (`Level::selected`/`available`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::dot(w, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::dot(w, x) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::dot(w, x),
+    }
+}
+
+/// `acc[i] += a·w[i]` over the common length, at `level`.
+#[inline]
+pub fn axpy_with<T: Elem>(level: Level, acc: &mut [f32], a: f32, w: &[T]) {
+    match level {
+        Level::Scalar => reference::axpy(acc, a, w),
+        // SAFETY: callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::axpy(acc, a, w) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::axpy(acc, a, w) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::axpy(acc, a, w),
+    }
+}
+
+/// `out[c] = Σ_r x[r]·w[r·out.len() + c]`: the transposed product of a row-major
+/// `[x.len(), out.len()]` matrix, at `level`.
+#[inline]
+pub fn gemv_t_with<T: Elem>(level: Level, w: &[T], x: &[f32], out: &mut [f32]) {
+    match level {
+        Level::Scalar => reference::gemv_t(w, x, out),
+        // SAFETY: callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::gemv_t(w, x, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::gemv_t(w, x, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::gemv_t(w, x, out),
+    }
+}
+
+/// `out[r·ld + o] = Σ_i x[r·k + i]·w[o·k + i]` for `r < m`, `o < n`: `m` rows of `x` against
+/// `n` weight rows in `[out, in]` orientation, at `level`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn gemm_nt_with<T: Elem>(
+    level: Level,
+    w: &[T],
+    n: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    match level {
+        // SAFETY: callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512_gemm::gemm_nt(w, n, x, m, k, out, ld) },
+        // AVX2 (and other levels): one vector dot per output.
+        _ => {
+            for r in 0..m {
+                for o in 0..n {
+                    out[r * ld + o] =
+                        dot_with(level, &w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+                }
+            }
+        }
+    }
+}
+
+/// [`gemm_nt_with`] at the selected level.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn gemm_nt<T: Elem>(
+    w: &[T],
+    n: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    gemm_nt_with(Level::selected(), w, n, x, m, k, out, ld)
+}
+
+/// [`dot_with`] at the selected level.
+#[inline]
+pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+    dot_with(Level::selected(), w, x)
+}
+
+/// [`axpy_with`] at the selected level.
+#[inline]
+pub fn axpy<T: Elem>(acc: &mut [f32], a: f32, w: &[T]) {
+    axpy_with(Level::selected(), acc, a, w)
+}
+
+/// [`gemv_t_with`] at the selected level.
+#[inline]
+pub fn gemv_t<T: Elem>(w: &[T], x: &[f32], out: &mut [f32]) {
+    gemv_t_with(Level::selected(), w, x, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    /// Relative L2 error of `got` against `want`; NaN (never below a bound) if any is NaN.
+    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        if got.iter().chain(want).any(|v| !v.is_finite()) {
+            return f64::NAN;
+        }
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|&b| f64::from(b).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    fn check<T: Elem>(convert: impl Fn(f32) -> T) {
+        let mut rng = Lcg(7);
+        for level in Level::available() {
+            for n in [1usize, 7, 16, 31, 64, 100, 512, 576, 1000] {
+                let w: Vec<T> = rng.vec(n).into_iter().map(&convert).collect();
+                let x = rng.vec(n);
+                let want = reference::dot(&w, &x);
+                let got = dot_with(level, &w, &x);
+                let err = rel_err(&[got], &[want]);
+                // A dot's sum may cancel: compare against the sum of magnitudes.
+                let mag: f32 = w.iter().zip(&x).map(|(a, b)| (a.widen() * b).abs()).sum();
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag && !err.is_nan(),
+                    "dot {level:?} n {n}: {got} vs {want}"
+                );
+
+                let mut acc = rng.vec(n);
+                let mut want_acc = acc.clone();
+                reference::axpy(&mut want_acc, 0.37, &w);
+                axpy_with(level, &mut acc, 0.37, &w);
+                assert!(rel_err(&acc, &want_acc) < 1e-6, "axpy {level:?} n {n}");
+            }
+            for (rows, width) in [(1usize, 1usize), (3, 17), (192, 512), (7, 200), (5, 136)] {
+                let w: Vec<T> = rng.vec(rows * width).into_iter().map(&convert).collect();
+                let x = rng.vec(rows);
+                let mut want = vec![0.0; width];
+                reference::gemv_t(&w, &x, &mut want);
+                let mut got = vec![f32::NAN; width];
+                gemv_t_with(level, &w, &x, &mut got);
+                let err = rel_err(&got, &want);
+                assert!(err < 1e-5, "gemv_t {level:?} {rows}x{width}: {err}");
+            }
+        }
+    }
+
+    fn check_gemm<T: Elem>(convert: impl Fn(f32) -> T) {
+        let mut rng = Lcg(11);
+        for level in Level::available() {
+            for (n, m, k) in [
+                (1usize, 1usize, 1usize),
+                (4, 4, 16),
+                (9, 7, 40),
+                (16, 13, 512),
+                (5, 3, 3),
+            ] {
+                let w: Vec<T> = rng.vec(n * k).into_iter().map(&convert).collect();
+                let x = rng.vec(m * k);
+                let ld = n + 3;
+                let mut want = vec![f32::NAN; m * ld];
+                let mut got = want.clone();
+                reference::gemm_nt(&w, n, &x, m, k, &mut want, ld);
+                gemm_nt_with(level, &w, n, &x, m, k, &mut got, ld);
+                let pick = |v: &[f32]| -> Vec<f32> {
+                    (0..m)
+                        .flat_map(|r| v[r * ld..r * ld + n].to_vec())
+                        .collect()
+                };
+                let err = rel_err(&pick(&got), &pick(&want));
+                assert!(err < 1e-5, "gemm_nt {level:?} {n}x{m}x{k}: {err}");
+                // The gaps between rows are left alone.
+                for r in 0..m.saturating_sub(1) {
+                    assert!(got[r * ld + n..(r + 1) * ld].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_the_reference() {
+        check_gemm(|v| v);
+        check_gemm(f16::from_f32);
+        check_gemm(bf16::from_f32);
+    }
+
+    #[test]
+    fn kernels_match_the_reference_f32() {
+        check(|v| v);
+    }
+
+    #[test]
+    fn kernels_match_the_reference_f16() {
+        check(f16::from_f32);
+    }
+
+    #[test]
+    fn kernels_match_the_reference_bf16() {
+        check(bf16::from_f32);
+    }
+
+    #[test]
+    fn nan_is_never_hidden() {
+        for level in Level::available() {
+            let mut w = vec![f16::from_f32(1.0); 64];
+            w[37] = f16::NAN;
+            assert!(dot_with(level, &w, &[1.0; 64]).is_nan(), "{level:?}");
+        }
+    }
+}
