@@ -15,9 +15,6 @@ bits=${BITS:-3}
 t=.device-carry/trellis
 m=/tmp/glm-synth-${bits}bpw
 [ -d "$m" ] || $t synth glm4_moe_lite --preset "${PRESET:-full}" --bits "$bits" --out "$m" >/dev/null 2>&1
-# Synthetic models ship no chat template; a GLM-style one for the chat endpoint.
-printf '%s' '[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}' \
-    >"$m/chat_template.jinja"
 port=18090
 $t serve "$m" --device "${DEVICE:-cuda}" --port $port --ctx-size 4096 --max-batch 64 --max-queue 512 \
     >"$OUT/serve.log" 2>&1 &

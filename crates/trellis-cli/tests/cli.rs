@@ -273,6 +273,11 @@ fn synth_tiny_model_loads_and_generates() {
         "6",
     ]);
     assert!(!text.trim().is_empty(), "synthetic model generated nothing");
+    // It ships a chat template, so chat front ends work on it.
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(&messages, r#"[{"role": "user", "content": "hi"}]"#).unwrap();
+    let prompt = ok(&["template", path(&out), "--messages", path(&messages)]);
+    assert_eq!(prompt, "[gMASK]<sop><|user|>\nhi<|assistant|>\n");
 }
 
 #[test]

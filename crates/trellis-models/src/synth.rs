@@ -111,6 +111,11 @@ const GLM_SPECIAL_TOKENS: [&str; 20] = [
     "</arg_value>",
 ];
 
+/// GLM's turn format without its tool and reasoning machinery, so that `trellis chat` and the
+/// server's chat endpoint work on synthetic models (whose answers are noise either way).
+const SYNTH_CHAT_TEMPLATE: &str = "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n\
+{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+
 /// GPT-2's byte-to-character map of byte-level BPE: printable bytes stand for themselves,
 /// the others are shifted above U+0100.
 fn byte_level_char(byte: u8) -> char {
@@ -468,7 +473,8 @@ pub fn synthesize(
     write_json(
         &out.join("tokenizer_config.json"),
         &json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>", "model_max_length": config["max_position_embeddings"]}),
+                "pad_token": "<|endoftext|>", "model_max_length": config["max_position_embeddings"],
+                "chat_template": SYNTH_CHAT_TEMPLATE}),
     )?;
     Ok(())
 }
