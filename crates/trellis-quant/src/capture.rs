@@ -17,6 +17,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use trellis_backend::cpu::{
     CpuBackend, CpuBuffer, CpuEmbedding, CpuKvCache, CpuLinear, CpuMlaKvB, CpuRouter, CpuRouting,
+    silu_mul,
 };
 use trellis_backend::{
     AttentionSpec, Backend, Batch, KvCacheLayout, MlaSpec, Result, RopeSpec, RouterSpec,
@@ -101,13 +102,6 @@ impl CaptureBackend {
             let width = acc.dim();
             acc.add(&x[..rows * width], rows);
         }
-    }
-}
-
-/// `gate = silu(gate) ⊙ up`.
-fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 

@@ -18,6 +18,7 @@ pub use attention::{MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
 pub use kv::{CpuKvCache, KvData};
 pub use linear::{CpuLinear, DenseData};
 pub use moe::{CpuExperts, CpuRouter, CpuRouting};
+pub use ops::silu_mul;
 
 use crate::spec::{AttentionSpec, Batch, KvCacheLayout, MlaSpec, RopeSpec, RouterSpec};
 use crate::{Backend, BackendError, GatedMlp, MoeScratch, Result};
