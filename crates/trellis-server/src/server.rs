@@ -11,15 +11,15 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// Every route, with the middleware.
@@ -37,6 +37,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            refuse_oversized_body,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), track))
         .layer(DefaultBodyLimit::max(app.options.max_body_bytes))
         .with_state(app)
@@ -100,6 +104,46 @@ async fn require_api_key(
         }
     }
     next.run(request).await
+}
+
+/// The most of a too-large body that is read and thrown away before the 413 goes out, and
+/// how long that may take.
+const OVERSIZED_BODY_DRAIN_BYTES: u64 = 256 * 1024 * 1024;
+const OVERSIZED_BODY_DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// A body whose declared length is over the limit gets its 413 only after the body has been
+/// read (and dropped), with `Connection: close`. Answering first and closing over unread bytes
+/// makes the kernel reset the connection, and a client still sending loses the answer: it
+/// sees "server disconnected" instead of the error.
+async fn refuse_oversized_body(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = app.options.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&n| n > limit as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= OVERSIZED_BODY_DRAIN_BYTES {
+        let mut chunks = request.into_body().into_data_stream();
+        let drain = async { while let Some(Ok(_)) = chunks.next().await {} };
+        if tokio::time::timeout(OVERSIZED_BODY_DRAIN_TIME, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(declared, "gave up reading an oversized request body");
+        }
+    }
+    let mut response = ApiError::payload_too_large(limit).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Equality whose time does not depend on where the inputs differ.

@@ -658,6 +658,21 @@ async fn errors_have_openai_bodies_and_statuses() {
     let big = json!({"messages": user(&"x".repeat(100 * 1024))});
     let (status, error) = server.post(chat, &big).await;
     check(status, &error, 413, None);
+    // Far larger than the socket buffers: the 413 must still arrive (not a reset connection).
+    for _ in 0..3 {
+        let huge = json!({"messages": user(&"x".repeat(8 * 1024 * 1024))});
+        let response = server
+            .client
+            .post(server.url(chat))
+            .json(&huge)
+            .send()
+            .await;
+        let response = response.unwrap();
+        // The connection cannot be used again, and the client is told so.
+        assert_eq!(response.headers()["connection"], "close");
+        let status = response.status().as_u16();
+        check(status, &response.json().await.unwrap(), 413, None);
+    }
     // The server is fine after all that.
     let (status, _) = server
         .post(chat, &json!({"messages": user("x"), "max_tokens": 2}))
