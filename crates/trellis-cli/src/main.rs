@@ -21,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Download Gemma 3 270M, quantize it to EXL3 and generate with it (cached after the
+    /// first run).
+    Demo(commands::demo::Args),
     /// Show a model's architecture, parameters, bits per weight and tensors.
     Inspect(commands::inspect::Args),
     /// Write the dense reconstructed weight of one linear layer to a safetensors file.
@@ -59,6 +62,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => commands::demo::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Dequant(a) => commands::dequant::run(a),
         Command::Logits(a) => commands::logits::run(a),

@@ -11,35 +11,38 @@ use trellis_runtime::tokenizer::Tokenizer;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory.
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// The prompt text (with --chat: the user message).
     #[arg(long)]
-    prompt: String,
+    pub(crate) prompt: String,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
+    pub(crate) max_tokens: usize,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    pub(crate) sampling: SamplingArgs,
     /// Stop when this string appears (repeatable; the string is not printed).
     #[arg(long)]
-    stop: Vec<String>,
+    pub(crate) stop: Vec<String>,
     /// Keep generating through end-of-sequence tokens.
     #[arg(long)]
-    ignore_eos: bool,
+    pub(crate) ignore_eos: bool,
     /// Apply the model's chat template to the prompt (as one user message).
     #[arg(long)]
-    chat: bool,
+    pub(crate) chat: bool,
     /// System message (with --chat).
     #[arg(long, requires = "chat")]
-    system: Option<String>,
+    pub(crate) system: Option<String>,
     /// Ask a thinking model to answer without reasoning first (template kwarg enable_thinking=false).
     #[arg(long, requires = "chat")]
-    no_think: bool,
+    pub(crate) no_think: bool,
     /// Leave special tokens (e.g. `<think>`) out of the printed text.
     #[arg(long)]
-    skip_special: bool,
+    pub(crate) skip_special: bool,
+    /// Print the prompt before the generated text (without --chat).
+    #[arg(long, conflicts_with = "chat")]
+    pub(crate) echo_prompt: bool,
     #[command(flatten)]
-    run: super::RunOptions,
+    pub(crate) run: super::RunOptions,
 }
 
 /// Sampling flags; anything not given comes from the model's generation_config.json.
@@ -78,6 +81,16 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// These flags, with `temperature`, `top_p` and `repeat_penalty` filled in where unset.
+    pub fn or_defaults(self, temperature: f32, top_p: f32, repeat_penalty: f32) -> SamplingArgs {
+        SamplingArgs {
+            temperature: self.temperature.or(Some(temperature)),
+            top_p: self.top_p.or(Some(top_p)),
+            repeat_penalty: self.repeat_penalty.or(Some(repeat_penalty)),
+            ..self
+        }
+    }
+
     /// The user's flags over the model's defaults.
     pub fn resolve(&self, model: &trellis_format::GenerationDefaults) -> SamplingParams {
         SamplingParams::resolve(&model_sampling_options(model), &self.options())
@@ -151,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokenizer,
         prompt,
         request,
+        echo: args.echo_prompt.then(|| args.prompt.clone()),
     };
     super::with_engine(&dir, opened, &args.run, false, task)
 }
@@ -159,6 +173,8 @@ struct GenerateTask {
     tokenizer: Tokenizer,
     prompt: Vec<u32>,
     request: GenerationRequest,
+    /// Printed before the generated text.
+    echo: Option<String>,
 }
 
 impl super::EngineTask for GenerateTask {
@@ -170,6 +186,10 @@ impl super::EngineTask for GenerateTask {
         load_seconds: f64,
     ) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
+        if let Some(prompt) = &self.echo {
+            write!(stdout, "{prompt}")?;
+            stdout.flush()?;
+        }
         let mut write_error = None;
         let completion = generate(
             &mut engine,

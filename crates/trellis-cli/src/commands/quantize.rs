@@ -1,10 +1,10 @@
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trellis_codec::Codebook;
 use trellis_quant::{
-    Calibration, Event, OutScales, Overwrite, QuantError, QuantizeOptions, quantize_model,
+    Calibration, Event, OutScales, Overwrite, QuantError, QuantizeOptions, Summary, quantize_model,
 };
 use trellis_runtime::tokenizer::Tokenizer;
 
@@ -45,10 +45,10 @@ pub struct Args {
     #[arg(long)]
     calibration: Option<PathBuf>,
     /// Calibration rows (sequences).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_CALIBRATION_ROWS)]
     calibration_rows: usize,
     /// Tokens per calibration row.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_CALIBRATION_COLS)]
     calibration_cols: usize,
     /// Fold output-channel scales into svh: auto (ExLlamaV3's rule), always or never.
     #[arg(long, value_enum, default_value_t = OutScalesArg::Auto)]
@@ -91,27 +91,21 @@ enum OutScalesArg {
     Never,
 }
 
+/// The default calibration set: 64 sequences of 1024 tokens.
+pub const DEFAULT_CALIBRATION_ROWS: usize = 64;
+pub const DEFAULT_CALIBRATION_COLS: usize = 1024;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.device == super::Device::Cuda {
         eprintln!("note: the quantizer has no GPU path yet; quantizing on the CPU");
     }
     super::init_threads(args.threads)?;
-    let text = match &args.calibration {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read calibration text {}", path.display()))?,
-        None => trellis_quant::calibration::DEFAULT_TEXT.to_string(),
-    };
-    let tokenizer = Tokenizer::from_model_dir(&args.model)
-        .with_context(|| format!("cannot load the tokenizer of {}", args.model.display()))?;
-    let tokens = tokenizer.encode(&text, false)?;
-    let source_name = args.calibration.as_ref().map_or_else(
-        || "the built-in calibration text".to_string(),
-        |p| p.display().to_string(),
-    );
-    let vocab = super::open_model(&args.model)?.config.common().vocab_size;
-    let calibration =
-        Calibration::mixed(&tokens, args.calibration_rows, args.calibration_cols, vocab)
-            .with_context(|| format!("calibration from {source_name}"))?;
+    if !(args.bits.is_finite() && args.bits > 0.0) {
+        bail!(
+            "--bits {}: expected a positive number of bits per weight",
+            args.bits
+        );
+    }
     let options = QuantizeOptions {
         bits: args.bits,
         head_bits: args.head_bits,
@@ -128,12 +122,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         max_shard_bytes: args.shard_size_mb.max(1) << 20,
     };
-    if !(args.bits.is_finite() && args.bits > 0.0) {
-        bail!(
-            "--bits {}: expected a positive number of bits per weight",
-            args.bits
-        );
-    }
     let overwrite = if args.force {
         Overwrite::Force
     } else if args.resume {
@@ -141,8 +129,84 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Overwrite::Refuse
     };
-
+    let job = Job {
+        model: &args.model,
+        out: &args.out,
+        calibration: args.calibration.as_deref(),
+        calibration_rows: args.calibration_rows,
+        calibration_cols: args.calibration_cols,
+        options,
+        overwrite,
+    };
     let started = Instant::now();
+    let Some(summary) = quantize_with_progress(&job)? else {
+        eprintln!(
+            "{} is already complete; nothing to resume",
+            args.out.display()
+        );
+        return Ok(());
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{}",
+            summary_line(&summary, started.elapsed().as_secs_f64())
+        );
+    }
+    Ok(())
+}
+
+/// One quantization run, as `trellis quantize` and `trellis demo` describe it.
+pub struct Job<'a> {
+    pub model: &'a Path,
+    pub out: &'a Path,
+    /// Calibration text file; `None` is the built-in text.
+    pub calibration: Option<&'a Path>,
+    pub calibration_rows: usize,
+    pub calibration_cols: usize,
+    pub options: QuantizeOptions,
+    pub overwrite: Overwrite,
+}
+
+/// One line on what was written.
+pub fn summary_line(summary: &Summary, seconds: f64) -> String {
+    let proxies: Vec<f64> = summary
+        .tensors
+        .iter()
+        .filter_map(|t| t.proxy_error)
+        .collect();
+    let mean = proxies.iter().sum::<f64>() / proxies.len().max(1) as f64;
+    format!(
+        "wrote {}: {:.3} bpw (head {}), {} linears, mean proxy error {mean:.5}, {seconds:.1} s",
+        summary.output.display(),
+        summary.average_bits,
+        summary.head_bits,
+        summary.tensors.len(),
+    )
+}
+
+/// Run `job` with a progress bar per layer and a line per tensor on stderr. `None`: resuming
+/// found the output already complete.
+pub fn quantize_with_progress(job: &Job<'_>) -> anyhow::Result<Option<Summary>> {
+    let text = match job.calibration {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read calibration text {}", path.display()))?,
+        None => trellis_quant::calibration::DEFAULT_TEXT.to_string(),
+    };
+    let tokenizer = Tokenizer::from_model_dir(job.model)
+        .with_context(|| format!("cannot load the tokenizer of {}", job.model.display()))?;
+    let tokens = tokenizer.encode(&text, false)?;
+    let source_name = job.calibration.map_or_else(
+        || "the built-in calibration text".to_string(),
+        |p| p.display().to_string(),
+    );
+    let vocab = super::open_model(job.model)?.config.common().vocab_size;
+    let calibration =
+        Calibration::mixed(&tokens, job.calibration_rows, job.calibration_cols, vocab)
+            .with_context(|| format!("calibration from {source_name}"))?;
+    let head_bits = job.options.head_bits;
+
     let mut bar: Option<ProgressBar> = None;
     let mut on_event = |event: Event<'_>| match event {
         Event::Planned {
@@ -154,15 +218,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!(
                 "quantizing {} → {}: {layers} layers, {linears} linears at {average_bits:.3} bpw \
                  (head {}), {} calibration rows × {} tokens",
-                args.model.display(),
-                args.out.display(),
-                if args.head_bits >= 16.0 {
+                job.model.display(),
+                job.out.display(),
+                if head_bits >= 16.0 {
                     "dense".to_string()
                 } else {
-                    format!("{} bits", args.head_bits)
+                    format!("{head_bits} bits")
                 },
-                args.calibration_rows,
-                args.calibration_cols,
+                job.calibration_rows,
+                job.calibration_cols,
             );
             if resumed_at > 0 {
                 eprintln!("resuming after layer {}", resumed_at - 1);
@@ -211,10 +275,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 },
             );
             match &bar {
-                Some(b) => {
+                // A hidden bar (stderr not a terminal) would swallow the line.
+                Some(b) if !b.is_hidden() => {
                     b.println(line);
                     b.inc(tiles as u64);
                     b.set_message("quantizing");
+                }
+                Some(b) => {
+                    eprintln!("{line}");
+                    b.inc(tiles as u64);
                 }
                 None => eprintln!("{line}"),
             }
@@ -229,41 +298,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
             }
-            eprintln!("writing {}", args.out.display());
+            eprintln!("writing {}", job.out.display());
         }
     };
-    let summary = match quantize_model(
-        &args.model,
-        &args.out,
+    match quantize_model(
+        job.model,
+        job.out,
         &calibration,
-        &options,
-        overwrite,
+        &job.options,
+        job.overwrite,
         &mut on_event,
     ) {
-        Ok(s) => s,
-        Err(QuantError::AlreadyComplete(path)) => {
-            eprintln!("{} is already complete; nothing to resume", path.display());
-            return Ok(());
-        }
-        Err(e) => return Err(e).context("quantization failed"),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        let proxies: Vec<f64> = summary
-            .tensors
-            .iter()
-            .filter_map(|t| t.proxy_error)
-            .collect();
-        let mean = proxies.iter().sum::<f64>() / proxies.len().max(1) as f64;
-        println!(
-            "wrote {}: {:.3} bpw (head {}), {} linears, mean proxy error {mean:.5}, {:.1} s",
-            summary.output.display(),
-            summary.average_bits,
-            summary.head_bits,
-            summary.tensors.len(),
-            started.elapsed().as_secs_f64()
-        );
+        Ok(summary) => Ok(Some(summary)),
+        Err(QuantError::AlreadyComplete(_)) => Ok(None),
+        Err(e) => Err(e).context("quantization failed"),
     }
-    Ok(())
 }
