@@ -7,16 +7,28 @@ use super::trellis_kernels::{self, PackedTrellis};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::Arc;
 use trellis_codec::TrellisLinear;
 
-/// Dense weights in HF orientation `[out, in]`, kept in their stored precision.
+/// Dense weights in HF orientation `[out, in]`, kept in their stored precision. Shared, so
+/// that one table can serve as both the embedding and a tied output head.
+#[derive(Clone)]
 pub enum DenseData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(Arc<[f32]>),
+    F16(Arc<[f16]>),
+    BF16(Arc<[bf16]>),
 }
 
 impl DenseData {
+    /// The values as little-endian bytes, as a safetensors file stores them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            DenseData::F32(w) => bytemuck::cast_slice(w),
+            DenseData::F16(w) => bytemuck::cast_slice(w),
+            DenseData::BF16(w) => bytemuck::cast_slice(w),
+        }
+    }
+
     /// Row `o` (one output channel) widened into `dst`.
     #[inline]
     pub fn row_into(&self, o: usize, width: usize, dst: &mut [f32]) {

