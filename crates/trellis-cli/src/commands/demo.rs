@@ -25,6 +25,9 @@ The model is Google's Gemma 3 270M base model (not instruction-tuned), so the pr
 to continue. Its lm_head stays dense: with a 262,144-token vocabulary it holds 168M of the \
 model's 268M weights, and quantizing it would take longer than all the layers together.
 
+Unless given: --temperature 0.7, --top-p 0.95, --repeat-penalty 1.1 (a base model loops when
+greedy) and --ctx-size 4096.
+
 Use of the model is subject to the Gemma terms of use (GEMMA_TERMS.html in the package).")]
 pub struct Args {
     /// Text for the model to continue (a chat message if the model has a chat template).
