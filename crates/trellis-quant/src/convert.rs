@@ -234,15 +234,11 @@ impl Calibration {
         })
     }
 
-    /// The reference's mix: most rows cut from `tokens` (the calibration text), and about one
-    /// row in seven of uniformly random ids below `vocab` (seeded), so that the Hessians also
-    /// cover tokens the text never uses (ExLlamaV3 weighs "uniform random tokens" 20 of 135).
+    /// The reference's mix: most rows cut from `tokens` (the calibration text), and the rest
+    /// uniformly random ids below `vocab` (seeded), so that the Hessians also cover tokens the
+    /// text never uses. How many are random: see [`random_row_count`].
     pub fn mixed(tokens: &[u32], rows: usize, cols: usize, vocab: usize) -> Result<Calibration> {
-        let random_rows = if rows >= 4 {
-            ((rows * 20) as f64 / 135.0).round().max(1.0) as usize
-        } else {
-            0
-        };
+        let random_rows = random_row_count(rows);
         let mut cal = Calibration::from_tokens(tokens, rows - random_rows, cols)?;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0xCA11B);
         for _ in 0..random_rows {
@@ -270,6 +266,23 @@ impl Calibration {
         }
         format!("{h:016x}")
     }
+}
+
+/// Weights of the reference's text sources (web, code, multilingual, technical, wiki,
+/// stories) out of a total of 135; the remaining 20 are uniform random tokens.
+const TEXT_SOURCE_WEIGHTS: [usize; 6] = [20, 20, 10, 10, 50, 5];
+
+/// Random rows of a calibration set of `rows` rows, as ExLlamaV3 ends up with them: each text
+/// source gets `max(1, ⌊weight/135 · rows⌋)` rows and the random source everything left, so
+/// the rounding-down of six sources lands on the random rows (13 of 64, not 20/135 · 64 ≈ 9).
+/// The layer-0 Hessians are built from these rows' embeddings: the random share decides how
+/// well rare tokens' embedding directions are covered. Sets of fewer than 8 rows get none.
+pub fn random_row_count(rows: usize) -> usize {
+    let text: usize = TEXT_SOURCE_WEIGHTS
+        .iter()
+        .map(|&w| (w * rows / 135).max(1))
+        .sum();
+    rows.saturating_sub(text)
 }
 
 /// Seed of a tensor's sign flips: the run's seed mixed with the tensor name.
@@ -962,4 +975,48 @@ fn assemble(
         std::fs::copy(&path, &dst).map_err(io_err(&dst))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The random share follows the reference's per-source rounding: 13 of the default 64 rows
+    /// (not round(64·20/135) = 9), 8 of 32, 39 of ExLlamaV3's own default of 250.
+    #[test]
+    fn random_rows_match_the_reference_mix() {
+        assert_eq!(random_row_count(64), 13);
+        assert_eq!(random_row_count(32), 8);
+        assert_eq!(random_row_count(250), 39);
+        assert_eq!(random_row_count(135), 20);
+        for rows in 0..=7 {
+            assert_eq!(random_row_count(rows), 0, "{rows} rows");
+        }
+        for rows in 8..400 {
+            let r = random_row_count(rows);
+            assert!(
+                r >= 1 && 10 * r <= 31 * rows / 10,
+                "{rows} rows: {r} random"
+            );
+        }
+    }
+
+    /// `mixed` cuts the text rows first, then appends the random rows: ids below `vocab`,
+    /// spread over the vocabulary the text never reaches.
+    #[test]
+    fn mixed_calibration_layout() {
+        let vocab = 4096;
+        let text: Vec<u32> = (0..64 * 128).map(|i| (i % 50) as u32).collect();
+        let cal = Calibration::mixed(&text, 64, 128, vocab).unwrap();
+        assert_eq!(cal.rows.len(), 64);
+        assert!(cal.rows.iter().all(|r| r.len() == 128));
+        let (text_rows, random_rows) = cal.rows.split_at(64 - 13);
+        assert!(text_rows.iter().flatten().all(|&t| t < 50));
+        assert!(random_rows.iter().flatten().all(|&t| (t as usize) < vocab));
+        let distinct: HashSet<u32> = random_rows.iter().flatten().copied().collect();
+        // 13 × 128 uniform draws from 4096 ids hit about 1395 distinct ones.
+        assert!(distinct.len() > 1200, "{} distinct", distinct.len());
+        // The text must still supply its rows.
+        assert!(Calibration::mixed(&text[..40 * 128], 64, 128, vocab).is_err());
+    }
 }
