@@ -2,10 +2,12 @@
 //! activations (Hessian capture) and the row-times-matrix products of LDLQ's error feedback.
 //!
 //! Both are written as plain loops over fixed-width register tiles that the compiler
-//! vectorises; on x86-64 the same code is also compiled for AVX2 + FMA and chosen at run time,
-//! since the workspace builds for the baseline CPU.
+//! vectorises; on x86-64 the same code is also compiled for AVX2 + FMA (and full Gram tiles
+//! written for AVX-512), chosen at run time by the CPU backend's vector `Level`, since the
+//! workspace builds for the baseline CPU.
 
 use rayon::prelude::*;
+use trellis_backend::cpu::simd::Level;
 
 /// Output rows and columns of one register tile of the Gram kernel (16 AVX-512 registers).
 const GRAM_TILE_ROWS: usize = 8;
@@ -26,7 +28,7 @@ pub fn gram_upper_accumulate(x: &[f32], rows: usize, dim: usize, acc: &mut [f64]
     if dim == 0 {
         return;
     }
-    let kernel = GramKernel::detect();
+    let level = Level::selected();
     let chunk_rows = (GRAM_CHUNK_BYTES / (4 * dim)).clamp(16, 512);
     acc.par_chunks_mut(GRAM_TASK_ROWS * dim)
         .enumerate()
@@ -46,7 +48,7 @@ pub fn gram_upper_accumulate(x: &[f32], rows: usize, dim: usize, acc: &mut [f64]
                         if j0 + nj <= i0 {
                             continue; // wholly below the diagonal
                         }
-                        let tile = kernel.tile(chunk, dim, i0, ni, j0, nj);
+                        let tile = gram_tile(level, chunk, dim, i0, ni, j0, nj);
                         for (i, tile_row) in tile.iter().enumerate().take(ni) {
                             let out = &mut acc_rows[(ti + i) * dim..(ti + i + 1) * dim];
                             for (j, &v) in tile_row.iter().enumerate().take(nj) {
@@ -64,51 +66,32 @@ pub fn gram_upper_accumulate(x: &[f32], rows: usize, dim: usize, acc: &mut [f64]
 
 type GramTile = [[f32; GRAM_TILE_COLS]; GRAM_TILE_ROWS];
 
-/// Which Gram tile implementation this CPU runs.
-#[derive(Clone, Copy)]
-enum GramKernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl GramKernel {
-    fn detect() -> GramKernel {
+/// `tile[i][j] = Σ_r x[r][i0+i] · x[r][j0+j]` over the rows of `x`, for `i < ni ≤ 8` and
+/// `j < nj ≤ 32` (the rest of the tile is zero), at the backend's vector `level` (so that
+/// `TRELLIS_CPU_ISA` forces this kernel too).
+fn gram_tile(
+    level: Level,
+    x: &[f32],
+    dim: usize,
+    i0: usize,
+    ni: usize,
+    j0: usize,
+    nj: usize,
+) -> GramTile {
+    assert!(i0 + ni <= dim && j0 + nj <= dim && x.len().is_multiple_of(dim));
+    match level {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return GramKernel::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return GramKernel::Avx2;
-            }
+        Level::Avx512 if ni == GRAM_TILE_ROWS && nj == GRAM_TILE_COLS => {
+            // SAFETY: a selected or available level is supported by this CPU (AVX-512F
+            // included), and the tile lies inside every row (asserted), all the kernel reads.
+            unsafe { gram_tile_avx512(x, dim, i0, j0) }
         }
-        GramKernel::Portable
-    }
-
-    /// `tile[i][j] = Σ_r x[r][i0+i] · x[r][j0+j]` over the rows of `x`, for `i < ni ≤ 8` and
-    /// `j < nj ≤ 32` (the rest of the tile is zero or unspecified).
-    fn tile(self, x: &[f32], dim: usize, i0: usize, ni: usize, j0: usize, nj: usize) -> GramTile {
-        assert!(i0 + ni <= dim && j0 + nj <= dim && x.len().is_multiple_of(dim));
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            GramKernel::Avx512 if ni == GRAM_TILE_ROWS && nj == GRAM_TILE_COLS => {
-                // SAFETY: the CPU has AVX-512F (detected), and the tile lies inside every row
-                // (asserted above), which is all the kernel reads.
-                unsafe { gram_tile_avx512(x, dim, i0, j0) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            GramKernel::Avx2 | GramKernel::Avx512 => {
-                // SAFETY: the CPU has AVX2 and FMA (AVX-512F implies both), the only
-                // requirement of a function compiled with those target features.
-                unsafe { gram_tile_avx2(x, dim, i0, ni, j0, nj) }
-            }
-            GramKernel::Portable => gram_tile_portable(x, dim, i0, ni, j0, nj),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => {
+            // SAFETY: either level implies AVX2 and FMA, all the function was compiled for.
+            unsafe { gram_tile_avx2(x, dim, i0, ni, j0, nj) }
         }
+        _ => gram_tile_portable(x, dim, i0, ni, j0, nj),
     }
 }
 
@@ -248,8 +231,8 @@ fn coef_t_times_columns(
     out_rows: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked), all the function was compiled for.
+    if Level::selected() != Level::Scalar {
+        // SAFETY: every vector level implies AVX2 and FMA, all the function was compiled for.
         return unsafe {
             coef_t_times_columns_avx2(coef, coef_stride, m, width, c0, nc, local, out_rows)
         };
@@ -335,30 +318,18 @@ mod tests {
     /// Every tile kernel this CPU runs, on shapes with full and partial tiles, against f64.
     #[test]
     fn gram_tile_kernels_match_the_definition() {
-        let mut kernels = vec![GramKernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                kernels.push(GramKernel::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                kernels.push(GramKernel::Avx512);
-            }
-        }
         let (rows, dim) = (77, 70);
         let x: Vec<f32> = (0..rows * dim)
             .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 300.0)
             .collect();
-        for kernel in kernels {
+        for level in Level::available() {
             for (i0, ni, j0, nj) in [
                 (0, 8, 0, 32),
                 (8, 8, 32, 32),
                 (64, 6, 64, 6),
                 (3, 5, 40, 17),
             ] {
-                let tile = kernel.tile(&x, dim, i0, ni, j0, nj);
+                let tile = gram_tile(level, &x, dim, i0, ni, j0, nj);
                 for i in 0..ni {
                     for j in 0..nj {
                         let want: f64 = (0..rows)

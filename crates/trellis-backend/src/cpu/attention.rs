@@ -26,6 +26,16 @@ pub fn kv_append(k: &[f32], v: &[f32], batch: &Batch<'_>, cache: &mut CpuKvCache
     }
 }
 
+/// The attention logit of a query–key dot product: scaled, then soft-capped if the model caps.
+#[inline]
+fn score(spec: &AttentionSpec, dot: f32) -> f32 {
+    let x = dot * spec.softmax_scale;
+    match spec.logit_softcap {
+        Some(cap) => (x / cap).tanh() * cap,
+        None => x,
+    }
+}
+
 /// Batches with at least this many rows (prefill) take [`attention_blocked`].
 const BLOCKED_MIN_ROWS: usize = 8;
 /// Rows of one blocked task, and keys per step of its online softmax.
@@ -76,11 +86,7 @@ pub fn attention_per_token(
             with_task_scratch(n, |scores| {
                 for (s, p) in scores.iter_mut().zip(first..=pos) {
                     let slot = batch.slot(seq, p);
-                    let mut x = cache.dot_row(layer, slot, kv_head * d, qh) * spec.softmax_scale;
-                    if let Some(cap) = spec.logit_softcap {
-                        x = (x / cap).tanh() * cap;
-                    }
-                    *s = x;
+                    *s = score(spec, cache.dot_row(layer, slot, kv_head * d, qh));
                 }
                 softmax(scores);
                 o.fill(0.0);
@@ -196,12 +202,8 @@ fn attend_run(
                             *s = f32::NEG_INFINITY;
                             continue;
                         }
-                        let mut x = *s * spec.softmax_scale;
-                        if let Some(cap) = spec.logit_softcap {
-                            x = (x / cap).tanh() * cap;
-                        }
-                        *s = x;
-                        row_max = row_max.max(x);
+                        *s = score(spec, *s);
+                        row_max = row_max.max(*s);
                     }
                     let new_max = max[qi].max(row_max);
                     if new_max == f32::NEG_INFINITY {

@@ -179,16 +179,18 @@ fn gelu_tanh_mul_avx2(gate: &mut [f32], up: &[f32]) {
     gelu_tanh_mul_body(gate, up)
 }
 
+/// Whether the AVX2 + FMA builds may run: every vector level of the backend implies both (and
+/// `TRELLIS_CPU_ISA=scalar` turns them off with the rest).
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    super::simd::Level::selected() != super::simd::Level::Scalar
 }
 
 /// `gate[i] = silu(gate[i]) · up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), all the function was compiled for.
+        // SAFETY: the CPU has AVX2 and FMA (`has_avx2`), all the function was compiled for.
         return unsafe { silu_mul_avx2(gate, up) };
     }
     silu_mul_body(gate, up)

