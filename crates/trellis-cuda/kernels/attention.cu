@@ -375,15 +375,60 @@ __device__ __forceinline__ void mla_unabsorb_impl(const float* o_lat, const W* k
 
 // mla_unabsorb for decode (few tokens, rank a multiple of 8), with wide loads all in flight; a
 // kernel of its own for the same reason as mla_absorb_q_wide.
+//
+// With `splits` > 0 the latent comes straight from mla_decode's split partials (the combine of
+// mla_combine, done by every block of the head for itself): one launch fewer per decode step
+// at contexts short enough for few splits (at most 32).
+#define MLA_FUSED_COMBINE_MAX_SPLITS 32
+__device__ __forceinline__ void mla_stage_combined(const float* part_ml, const float* part_acc,
+                                                   int splits, int heads, int rank,
+                                                   float* latent) {
+    __shared__ float split_weight[MLA_FUSED_COMBINE_MAX_SPLITS];
+    __shared__ float inv_total;
+    const int h = blockIdx.y, r = blockIdx.z, lane = threadIdx.x & 31;
+    const u64 first = (u64)r * splits * heads + h;  // (split 0, head h) of token r
+    if (threadIdx.x < 32) {
+        const bool in = lane < splits;
+        const float m = in ? __ldcg(part_ml + (first + (u64)lane * heads) * 2) : NEG_INF;
+        const float l = in ? __ldcg(part_ml + (first + (u64)lane * heads) * 2 + 1) : 0.f;
+        const float big = warp_max(m);
+        const float wgt = m == NEG_INF ? 0.f : expf(m - big);
+        const float total = warp_sum(l * wgt);
+        if (in) split_weight[lane] = wgt;
+        if (lane == 0) inv_total = 1.f / total;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < rank; c += blockDim.x) {
+        float o = 0.f;
+        for (int s0 = 0; s0 < splits; s0 += 8) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int s = s0 + u;
+                v[u] = s < splits ? __ldcg(part_acc + (first + (u64)s * heads) * rank + c) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (s0 + u < splits) o += v[u] * split_weight[s0 + u];
+        }
+        latent[c] = o * inv_total;
+    }
+}
+
 template <typename W>
 __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const W* kv_b,
                                                        float* out, int heads, int nope, int v_dim,
-                                                       int rank) {
+                                                       int rank, const float* part_ml,
+                                                       const float* part_acc, int splits) {
     __shared__ __align__(16) float latent[MLA_MAX_RANK];
     const int h = blockIdx.y, r = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const float* src = o_lat + ((u64)r * heads + h) * rank;
-    for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
+    if (splits > 0) {
+        mla_stage_combined(part_ml, part_acc, splits, heads, rank, latent);
+    } else {
+        const float* src = o_lat + ((u64)r * heads + h) * rank;
+        for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
+    }
     __syncthreads();
     const int per_warp = MLA_VALUES_PER_BLOCK / warps;  // 4 with 8 warps
     const int v0 = blockIdx.x * MLA_VALUES_PER_BLOCK + warp * per_warp;
@@ -445,11 +490,12 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
         mla_absorb_q_wide_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half,     \
                                scaling, interleaved, positions);                                 \
     }                                                                                            \
-    extern "C" __global__ void mla_unabsorb_wide_##SUFFIX(const float* o_lat, const W* kv_b,     \
-                                                          float* out, int heads, int nope,       \
-                                                          int v_dim, int rank) {                 \
+    extern "C" __global__ void mla_unabsorb_wide_##SUFFIX(                                      \
+        const float* o_lat, const W* kv_b, float* out, int heads, int nope, int v_dim, int rank, \
+        const float* part_ml, const float* part_acc, int splits) {                              \
         pdl_entry();                                                                             \
-        mla_unabsorb_wide_impl(o_lat, kv_b, out, heads, nope, v_dim, rank);                      \
+        mla_unabsorb_wide_impl(o_lat, kv_b, out, heads, nope, v_dim, rank, part_ml, part_acc,    \
+                               splits);                                                          \
     }
 MLA_KV_B_KERNELS(f32, float)
 MLA_KV_B_KERNELS(f16, f16_t)

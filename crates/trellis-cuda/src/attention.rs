@@ -285,19 +285,24 @@ pub(crate) fn mla_attention(
         &mut args,
     );
 
-    if mla_decode_mma(
+    if let Some(partials) = mla_decode_mma(
         dev,
         scratch,
         max_position,
         q,
         q_lat,
-        o_lat,
         spec,
         step,
         cache,
         layer,
     ) {
-        mla_unabsorb(dev, kv_b, o_lat, out, spec, rows);
+        // The decode form of the unabsorb combines few splits itself (one launch fewer).
+        if kv_b_wide_form(rows, rank) && partials.splits <= FUSED_COMBINE_MAX_SPLITS {
+            mla_unabsorb(dev, kv_b, o_lat, out, spec, rows, Some(partials));
+        } else {
+            mla_combine(dev, &partials, heads, rank, rows, o_lat);
+            mla_unabsorb(dev, kv_b, o_lat, out, spec, rows, None);
+        }
         return;
     }
     let shared_bytes = |tile: usize| {
@@ -344,13 +349,31 @@ pub(crate) fn mla_attention(
             Grid::new((splits, rows, 1), 256).shared(shared_bytes(tile)),
             &mut args,
         );
-        mla_combine(dev, part_ml, part_acc, splits, heads, rank, rows, o_lat);
+        let partials = SplitPartials {
+            ml: part_ml,
+            acc: part_acc,
+            splits,
+        };
+        mla_combine(dev, &partials, heads, rank, rows, o_lat);
     } else {
         mla_attend_per_head(dev, q, q_lat, o_lat, spec, step, cache, layer);
     }
 
-    mla_unabsorb(dev, kv_b, o_lat, out, spec, rows);
+    mla_unabsorb(dev, kv_b, o_lat, out, spec, rows, None);
 }
+
+/// Split-context MLA decode outputs not yet combined: per (token, split, head) the running max
+/// and sum (`ml`) and the unnormalised latent accumulator (`acc`).
+struct SplitPartials {
+    ml: u64,
+    acc: u64,
+    splits: usize,
+}
+
+/// Most splits the decode form of `mla_unabsorb` combines itself (`MLA_FUSED_COMBINE_MAX_SPLITS`
+/// in `kernels/attention.cu`); every one of its blocks re-reads its head's partials, so long
+/// contexts (many splits) keep the separate combine.
+const FUSED_COMBINE_MAX_SPLITS: usize = 32;
 
 /// Tokens per launch up to which the `kv_b` products use their decode form (`…_wide`: 16-byte
 /// loads, all in flight; the whole weight is requested at once). Taller launches (prefill)
@@ -362,7 +385,8 @@ fn kv_b_wide_form(rows: usize, rank: usize) -> bool {
     rows <= KV_B_WIDE_MAX_ROWS && rank.is_multiple_of(8)
 }
 
-/// `out[r, h] = W_UV[h] · o_lat[r, h]`.
+/// `out[r, h] = W_UV[h] · o_lat[r, h]`; with `partials` (decode form only) `o_lat` is formed
+/// from them instead of read.
 fn mla_unabsorb(
     dev: &Device,
     kv_b: &CudaMlaKvB,
@@ -370,9 +394,15 @@ fn mla_unabsorb(
     out: u64,
     spec: &MlaSpec,
     rows: usize,
+    partials: Option<SplitPartials>,
 ) {
+    let wide = kv_b_wide_form(rows, spec.kv_lora_rank);
+    assert!(
+        wide || partials.is_none(),
+        "only the decode form combines splits"
+    );
     let k = &dev.kernels;
-    let unabsorb = match (kv_b.weight.dtype, kv_b_wide_form(rows, spec.kv_lora_rank)) {
+    let unabsorb = match (kv_b.weight.dtype, wide) {
         (DenseType::F32, false) => &k.mla_unabsorb_f32,
         (DenseType::F16, false) => &k.mla_unabsorb_f16,
         (DenseType::BF16, false) => &k.mla_unabsorb_bf16,
@@ -388,6 +418,10 @@ fn mla_unabsorb(
         .arg(to_i32(spec.qk_nope_dim))
         .arg(to_i32(spec.v_head_dim))
         .arg(to_i32(spec.kv_lora_rank));
+    if wide {
+        let (ml, acc, splits) = partials.map_or((0, 0, 0), |p| (p.ml, p.acc, p.splits));
+        args.arg(ml).arg(acc).arg(to_i32(splits));
+    }
     dev.launch(
         unabsorb,
         Grid::new((spec.v_head_dim.div_ceil(32), spec.heads, rows), 256),
@@ -400,8 +434,8 @@ const MLAM_TILE: usize = 32;
 const MLAM_HEADS: usize = 32;
 const MLAM_RANK: usize = 512;
 
-/// The tensor-core MLA decode and its combine, when the shapes and the cache allow; false
-/// (nothing enqueued) otherwise.
+/// The tensor-core MLA decode when the shapes and the cache allow, leaving its split partials
+/// to be combined; `None` (nothing enqueued) otherwise.
 #[allow(clippy::too_many_arguments)]
 fn mla_decode_mma(
     dev: &Device,
@@ -409,12 +443,11 @@ fn mla_decode_mma(
     max_position: usize,
     q: u64,
     q_lat: u64,
-    o_lat: u64,
     spec: &MlaSpec,
     step: &StepView,
     cache: &CudaKvCache,
     layer: usize,
-) -> bool {
+) -> Option<SplitPartials> {
     let (heads, rank, rope_dim) = (spec.heads, spec.kv_lora_rank, spec.qk_rope_dim);
     let width = rank + rope_dim;
     let xs = width + 8;
@@ -433,7 +466,7 @@ fn mla_decode_mma(
         || !cache.layout.values_per_token.is_multiple_of(8)
         || shared > dev.max_shared_bytes
     {
-        return false;
+        return None;
     }
     let rows = step.rows;
     // One wave of blocks, sized for the whole position bucket; chunks of at least two tiles
@@ -466,24 +499,25 @@ fn mla_decode_mma(
         Grid::new((splits, rows, 1), 256).shared(shared),
         &mut args,
     );
-    mla_combine(dev, part_ml, part_acc, splits, heads, rank, rows, o_lat);
-    true
+    Some(SplitPartials {
+        ml: part_ml,
+        acc: part_acc,
+        splits,
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn mla_combine(
     dev: &Device,
-    part_ml: u64,
-    part_acc: u64,
-    splits: usize,
+    partials: &SplitPartials,
     heads: usize,
     rank: usize,
     rows: usize,
     o_lat: u64,
 ) {
+    let splits = partials.splits;
     let mut args = Args::new();
-    args.arg(part_ml)
-        .arg(part_acc)
+    args.arg(partials.ml)
+        .arg(partials.acc)
         .arg(to_i32(splits))
         .arg(to_i32(heads))
         .arg(to_i32(rank))
