@@ -74,6 +74,8 @@ run() {
     # Graph recording is off while synchronising after each launch: the replay test again, with it.
     run_bin ops ops 120 --ignored --test-threads 1 --nocapture run_step
     TRELLIS_CUDA_MMA=0 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe mla fused
+    # The SIMT kernels for tiles of up to 16 rows (decode uses the 16-row tensor-core kernel).
+    TRELLIS_CUDA_MMA16=0 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe fused
     TRELLIS_CUDA_UNFUSED_LINEAR=1 TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe_experts fused
     local filters=()
     for f in $fixtures; do
@@ -85,6 +87,7 @@ run() {
     done
     [ ${#filters[@]} -gt 0 ] && run_bin glm glm_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
     run_bin bench bench 400 --ignored --test-threads 1 --nocapture
+    TRELLIS_CUDA_MMA16=0 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
     [ -n "${SWEEP_WAVES:-}" ] && for w in $SWEEP_WAVES; do
         TRELLIS_CUDA_SPLIT_WAVES=$w run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
     done

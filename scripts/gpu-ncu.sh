@@ -11,7 +11,7 @@ export TRELLIS_KERNEL_CACHE=/tmp/trellis-kernels
 OUT=${OUT:-/tmp/gpu-ncu}
 mkdir -p "$OUT"
 bits=${1:-3}
-regex=${2:-"trellis_linear_tm1|moe_route|mla_decode_mma|mla_absorb_q_f16|mla_unabsorb_f16|moe_combine|mla_append_f16|mla_combine"}
+regex=${2:-"trellis_linear_tm1|trellis_mma_tm16|moe_route|mla_decode_mma|mla_absorb_q_wide_f16|mla_unabsorb_wide_f16|moe_combine|mla_append_f16|mla_combine"}
 t=.device-carry/trellis
 m=/tmp/glm-synth-${bits}bpw
 [ -d "$m" ] || /usr/bin/time -f "synth %e s" $t synth glm4_moe_lite --preset full --bits "$bits" --out "$m" >>"$OUT/log.txt" 2>&1

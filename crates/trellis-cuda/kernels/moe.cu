@@ -26,7 +26,8 @@ __device__ __forceinline__ float exp_rounded(float x) { return (float)exp((doubl
 //   3. takes the token's ticket: the token's last block applies the scoring and the selection
 //      (the reference's serial algorithm; exponentials in double, rounded once);
 //   4. with `plan` set, takes the launch's ticket: the last token's finisher groups the
-//      (token, expert) pairs by expert for the expert launches (moe_plan_body).
+//      (token, expert) pairs by expert for the expert launches (moe_plan_body); a single
+//      token's finisher writes its plan directly.
 // Tickets are zero between launches (each finisher resets its own).
 //
 // Shared memory (dynamic): gate rows [per_block][hidden + 8] (the padding spreads the experts
@@ -255,6 +256,24 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         a.tickets[r] = 0u;
     }
     if (!a.tiles) return;  // block-uniform
+    if (gridDim.y == 1) {
+        // One token (decode): its experts, ascending, are already the sorted pairs and the
+        // shared expert comes last, so the plan needs neither the launch's ticket nor a scan.
+        const int pairs = top_k + (a.shared_id >= 0 ? 1 : 0);
+        for (int p = tid; p < a.max_tiles; p += ROUTE_THREADS) {
+            const bool used = p < pairs;
+            const int e = p < top_k ? picked[p] : a.shared_id;
+            if (used) {
+                a.pair_src[p] = 0;
+                a.pair_desc[p] = e;
+                a.pair_of[p] = p;
+            }
+            a.tiles[3 * p] = used ? e : -1;
+            a.tiles[3 * p + 1] = used ? p : 0;
+            a.tiles[3 * p + 2] = used ? 1 : 0;
+        }
+        return;
+    }
     __threadfence();
     __syncthreads();
     if (tid == 0) is_last = atomicAdd(&a.tickets[gridDim.y], 1u) == gridDim.y - 1;

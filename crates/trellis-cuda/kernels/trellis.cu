@@ -355,6 +355,18 @@ struct LinearOut {
     int n_pad, out_features, out_stride, col_blocks;
 };
 
+// The MoE combine folded into the experts' down launch when it covers one token (each row tile
+// then holds one pair): the launch's last finisher of each column block adds
+// Σ_j weight_j · down[pair_of[j]] (+ the shared expert's row) to `out` for its columns, in
+// moe_combine's order and arithmetic.
+struct MoeCombineArgs {
+    const int* pair_of;
+    const float* weights;
+    float* out;       // null: no combine
+    u32* tickets;     // [column blocks], zero between launches
+    int top_k, has_shared, residual, reserved;
+};
+
 struct LinearArgs {
     const int* tiles;
     const int* src_rows;
@@ -366,6 +378,7 @@ struct LinearArgs {
     int rows, in_stride, in_features, k_pad, ktiles_per_split, splits, residual, outputs;
     float eps;
     int max_nw;  // most u32 words per tile among the weights (sizes the shared word area)
+    MoeCombineArgs combine;
 };
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f + expf(-g)) * u; }
@@ -525,6 +538,33 @@ __device__ __forceinline__ void tile_inv_rms(const LinearArgs& a, int row0, int 
     __syncthreads();
 }
 
+// After a row tile's outputs of column block nb are written: the last row tile to finish the
+// column block adds the experts' weighted outputs to the combine's destination (see
+// MoeCombineArgs). `flag` is a block-shared int for the ticket's answer.
+__device__ __forceinline__ void moe_combine_last(const MoeCombineArgs& m, const LinearOut& o,
+                                                 int nb, int& flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) flag = atomicAdd(m.tickets + nb, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!flag) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+        const int c = nb * 128 + i;
+        if (c >= o.out_features) continue;
+        float acc = 0.f;
+        for (int j = 0; j < m.top_k; j++) {
+            const float v = __ldcg(o.out + (u64)m.pair_of[j] * o.out_stride + c);
+            acc = __fadd_rn(acc, __fmul_rn(m.weights[j], v));
+        }
+        if (m.has_shared)
+            acc = __fadd_rn(acc, __ldcg(o.out + (u64)m.pair_of[m.top_k] * o.out_stride + c));
+        float* dst = m.out + c;
+        *dst = m.residual ? __fadd_rn(*dst, acc) : acc;
+    }
+    if (threadIdx.x == 0) m.tickets[nb] = 0u;
+}
+
 template <int TM, int CB>
 __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const TrellisDesc& d,
                                                     const LinearOut& o, int nb, int tile_slot,
@@ -651,6 +691,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
             }
         }
     }
+    if (a.combine.out) moe_combine_last(a.combine, o, nb, is_last);  // launch-uniform
 }
 
 template <int TM>
@@ -706,18 +747,22 @@ TRELLIS_LINEAR(4, 2)
 TRELLIS_LINEAR(8, 2)
 TRELLIS_LINEAR(16, 1)
 
-// ---- tensor-core linear for tall row tiles (prefill) ---------------------------------------
+// ---- tensor-core linear ---------------------------------------------------------------------
 //
-// trellis_mma_tm64: the single-launch linear above for row tiles of up to 64 rows, with the
-// products on the tensor cores. The decoded weights of lane L (positions 8L..8L+7 of a tile) are
-// exactly its B fragments of `mma.m16n8k16` (k = 2·(L mod 4) + {0, 1, 8, 9}, n = L/4 and L/4 + 8)
-// and are fp16 values already (every codebook rounds to fp16 once), so they feed the MMA as
-// they are. The transformed inputs are split into fp16 hi + lo halves (x ≈ hi + lo to about
-// 2^-22 relative) and both are multiplied, so the products keep f32-level accuracy; fp32
-// accumulation. Warp w computes n-tile w (16 columns) of the block for all 64 rows: four m16
-// tiles × two n8 halves × (hi, lo) = 16 MMAs per 16×16 weight tile.
+// trellis_mma_tm{16,64}: the single-launch linear above for row tiles of up to 16 or 64 rows,
+// with the products on the tensor cores. The decoded weights of lane L (positions 8L..8L+7 of a
+// tile) are exactly its B fragments of `mma.m16n8k16` (k = 2·(L mod 4) + {0, 1, 8, 9},
+// n = L/4 and L/4 + 8) and are fp16 values already (every codebook rounds to fp16 once), so
+// they feed the MMA as they are. The transformed inputs are split into fp16 hi + lo halves
+// (x ≈ hi + lo to about 2^-22 relative) and both are multiplied, so the products keep f32-level
+// accuracy; fp32 accumulation. Warp w computes n-tile w (16 columns) of the block for all rows
+// of the tile: MT m16 tiles × two n8 halves × (hi, lo) MMAs per 16×16 weight tile, the A
+// fragments loaded with one `ldmatrix` each.
+//
+// The 16-row form serves decode: one row wastes 15 of the MMA's 16, but the tensor cores are
+// otherwise idle and each weight then costs its decode only (no fp16 → f32 widening, no FMAs);
+// a batch of up to 16 rows costs the same as one.
 
-#define MMA_TM 64
 #define MMA_XS 136  // fp16 values per staged input row (128 + 8: conflict-free fragment loads)
 
 __device__ __forceinline__ void mma_f16_f32(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
@@ -729,8 +774,21 @@ __device__ __forceinline__ void mma_f16_f32(float c[4], u32 a0, u32 a1, u32 a2, 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void mma_stage(const LinearStage<MMA_TM>& st, u32* sw, u16* xhi,
-                                          u16* xlo, int nw, int nrows, bool gated, bool normed,
+// The A fragment of one m16 × k16 block of fp16 values in shared memory: lane L supplies the
+// address of row L mod 8 (+ 8 for matrices 1 and 3) at column 8·(L / 16).
+__device__ __forceinline__ void ldmatrix_a(u32 a[4], const u16* base) {
+    const int lane = threadIdx.x & 31;
+    const int mi = lane >> 3;
+    const u16* row = base + ((lane & 7) + 8 * (mi & 1)) * MMA_XS + 8 * (mi >> 1);
+    const u32 addr = (u32)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(addr));
+}
+
+template <int TM>
+__device__ __forceinline__ void mma_stage(const LinearStage<TM>& st, u32* sw, u16* xhi, u16* xlo,
+                                          int nw, int nrows, bool gated, bool normed,
                                           const float* inv_rms) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int batch4 = MM_KTILES * 2 * nw;
@@ -740,7 +798,7 @@ __device__ __forceinline__ void mma_stage(const LinearStage<MMA_TM>& st, u32* sw
         if (idx < batch4) ((uint4*)sw)[idx] = st.words[i];
     }
 #pragma unroll
-    for (int k = 0; k < MMA_TM / 8; k++) {
+    for (int k = 0; k < TM / 8; k++) {
         const int m = warp + 8 * k;
         float v[4];
         if (m < nrows) {  // warp-uniform
@@ -765,77 +823,88 @@ __device__ __forceinline__ void mma_stage(const LinearStage<MMA_TM>& st, u32* sw
     }
 }
 
-template <int CB>
+template <int MT, int CB>
 __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const TrellisDesc& d,
                                                  const LinearOut& o, int nb, int tile_slot,
                                                  int row0, int nrows, int kt0, int kt1) {
+    constexpr int TM = 16 * MT;
     extern __shared__ u32 smem[];
     __shared__ int is_last;
-    __shared__ float inv_rms[MMA_TM];
+    __shared__ float inv_rms[TM];
     const int bits_x2 = d.bits_x2;
     const int nw = 4 * bits_x2;
     u32* sw = smem;
     u16* xhi = (u16*)(smem + MM_KTILES * 8 * a.max_nw);
-    u16* xlo = xhi + MMA_TM * MMA_XS;
-    float* sz = (float*)xhi;  // [64][128] products, after the main loop (aliases the inputs)
+    u16* xlo = xhi + TM * MMA_XS;
+    float* sz = (float*)xhi;  // [TM][128] products, after the main loop (aliases the inputs)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int tiles_n = o.n_pad >> 4;
     const int n_pad = o.n_pad;
     const int g = lane >> 2, t = lane & 3;
 
-    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
-
     LanePlan lp;
     lane_plan_init(lp, bits_x2, nw);
 
-    float acc[4][2][4];
+    // The 16-row form accumulates the hi and lo products separately: two independent MMA
+    // chains per n8 half instead of one twice as long (its warps have little else to issue).
+    constexpr int NACC = MT == 1 ? 2 : 1;
+    float acc[MT][NACC][2][4];
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+        for (int s = 0; s < NACC; s++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][h][e] = 0.f;
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[mt][s][h][e] = 0.f;
 
-    LinearStage<MMA_TM> st;
-    if (kt0 < kt1) linear_load<MMA_TM>(st, d, kt0, tiles_n, nb, nw, row0, nrows, a);
+    // As in the SIMT form: the first weights are requested before waiting for the kernel that
+    // writes the inputs (row tiles from the router were waited for: descriptors depend on them).
+    LinearStage<TM> st;
+    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
+    if (!a.tiles) pdl_entry();
+
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+    if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {
-        mma_stage(st, sw, xhi, xlo, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr, inv_rms);
+        mma_stage<TM>(st, sw, xhi, xlo, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
+                      inv_rms);
         __syncthreads();
         if (kb + MM_KTILES < kt1)
-            linear_load<MMA_TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
+            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
 #pragma unroll 1
         for (int c = 0; c < MM_KTILES; c++) {
             const u32* tw = sw + (c * 8 + warp) * nw;
             u32 w2[4];
             decode_tile8<CB>(tw, lp, w2);
-            const u32 b00 = w2[0], b01 = w2[1], b10 = w2[2], b11 = w2[3];
-            const int kk = c * 16 + 2 * t;
 #pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                const int ra = (mt * 16 + g) * MMA_XS + kk, rb = ra + 8 * MMA_XS;
-                const u32 h0 = *(const u32*)(xhi + ra), h1 = *(const u32*)(xhi + rb);
-                const u32 h2 = *(const u32*)(xhi + ra + 8), h3 = *(const u32*)(xhi + rb + 8);
-                const u32 l0 = *(const u32*)(xlo + ra), l1 = *(const u32*)(xlo + rb);
-                const u32 l2 = *(const u32*)(xlo + ra + 8), l3 = *(const u32*)(xlo + rb + 8);
-                mma_f16_f32(acc[mt][0], h0, h1, h2, h3, b00, b01);
-                mma_f16_f32(acc[mt][0], l0, l1, l2, l3, b00, b01);
-                mma_f16_f32(acc[mt][1], h0, h1, h2, h3, b10, b11);
-                mma_f16_f32(acc[mt][1], l0, l1, l2, l3, b10, b11);
+            for (int mt = 0; mt < MT; mt++) {
+                u32 h[4], l[4];
+                ldmatrix_a(h, xhi + mt * 16 * MMA_XS + c * 16);
+                ldmatrix_a(l, xlo + mt * 16 * MMA_XS + c * 16);
+                mma_f16_f32(acc[mt][0][0], h[0], h[1], h[2], h[3], w2[0], w2[1]);
+                mma_f16_f32(acc[mt][NACC - 1][0], l[0], l[1], l[2], l[3], w2[0], w2[1]);
+                mma_f16_f32(acc[mt][0][1], h[0], h[1], h[2], h[3], w2[2], w2[3]);
+                mma_f16_f32(acc[mt][NACC - 1][1], l[0], l[1], l[2], l[3], w2[2], w2[3]);
             }
         }
         __syncthreads();
     }
     // Products into shared memory (the input staging area is free now).
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int col = warp * 16 + h * 8 + 2 * t;
             const int row = mt * 16 + g;
-            sz[row * 128 + col] = acc[mt][h][0];
-            sz[row * 128 + col + 1] = acc[mt][h][1];
-            sz[(row + 8) * 128 + col] = acc[mt][h][2];
-            sz[(row + 8) * 128 + col + 1] = acc[mt][h][3];
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                v[e] = NACC == 1 ? acc[mt][0][h][e] : acc[mt][0][h][e] + acc[mt][NACC - 1][h][e];
+            sz[row * 128 + col] = v[0];
+            sz[row * 128 + col + 1] = v[1];
+            sz[(row + 8) * 128 + col] = v[2];
+            sz[(row + 8) * 128 + col + 1] = v[3];
         }
     }
     __syncthreads();
@@ -873,19 +942,23 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
             }
         }
     }
+    if (a.combine.out) moe_combine_last(a.combine, o, nb, is_last);  // launch-uniform
 }
 
-extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) trellis_mma_tm64(const LinearArgs a) {
-    pdl_entry();
+template <int MT>
+__device__ __forceinline__ void trellis_mma_impl(const LinearArgs& a) {
+    constexpr int TM = 16 * MT;
     int desc_index = 0, row0, nrows;
+    // Without row tiles the body waits for the previous kernel itself, after its first loads.
+    if (a.tiles) pdl_entry();
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];
         if (desc_index < 0) return;  // block-uniform, before any barrier
         row0 = a.tiles[3 * blockIdx.y + 1];
         nrows = a.tiles[3 * blockIdx.y + 2];
     } else {
-        row0 = blockIdx.y * MMA_TM;
-        nrows = min(MMA_TM, a.rows - row0);
+        row0 = blockIdx.y * TM;
+        nrows = min(TM, a.rows - row0);
     }
     const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
     LinearOut o;
@@ -902,8 +975,17 @@ extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) trellis_mma_tm64(con
     const int kt0 = blockIdx.z * a.ktiles_per_split;
     const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
     switch (d.codebook) {
-        case 0: trellis_mma_body<0>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
-        case 1: trellis_mma_body<1>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
-        default: trellis_mma_body<2>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+        case 0: trellis_mma_body<MT, 0>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+        case 1: trellis_mma_body<MT, 1>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
+        default: trellis_mma_body<MT, 2>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
     }
+}
+
+// The 16-row form keeps the SIMT one-row kernel's three blocks per SM.
+extern "C" __global__ void __launch_bounds__(MM_THREADS, 3) trellis_mma_tm16(const LinearArgs a) {
+    trellis_mma_impl<1>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) trellis_mma_tm64(const LinearArgs a) {
+    trellis_mma_impl<4>(a);
 }

@@ -52,12 +52,16 @@ pub const GRAPH_ENV: &str = "TRELLIS_CUDA_GRAPH";
 /// Env var: `0` turns off the tensor-core kernels (trellis GEMM for tall row tiles, MLA
 /// decode), leaving the SIMT kernels.
 pub const MMA_ENV: &str = "TRELLIS_CUDA_MMA";
+/// Env var: `0` keeps the SIMT trellis kernels for row tiles of up to 16 rows (decode) instead
+/// of the 16-row tensor-core kernel (for comparison).
+pub const MMA16_ENV: &str = "TRELLIS_CUDA_MMA16";
 /// Env var: `0` turns off programmatic dependent launch (each kernel then starts only after
 /// its predecessor has completed; see `pdl_entry` in `kernels/common.cu`).
 pub const PDL_ENV: &str = "TRELLIS_CUDA_PDL";
-/// Waves of blocks a split-k trellis launch aims for by default (measured on the H200: 4 beats
-/// 2 for the decode GEMVs, whose blocks are ALU-bound).
-const DEFAULT_SPLIT_WAVES: usize = 4;
+/// Waves of blocks a split-k trellis launch aims for by default. Measured on the H200 (full GLM,
+/// 3.0 bpw, one call, waves 2 / 3 / 4 / 6 / 8): decode after 512 tokens 153.1 / 152.4 / 152.0 /
+/// 151.0 / 147.0 tok/s, prefill of 512 tokens 1,802 / 1,755 / 1,698 / 1,651 / 1,592 tok/s.
+const DEFAULT_SPLIT_WAVES: usize = 2;
 /// Env var: where compiled kernels are cached (default `$XDG_CACHE_HOME` or `~/.cache`,
 /// `/trellis/kernels`); `TRELLIS_HOME` moves it to `$TRELLIS_HOME/kernels`.
 pub const KERNEL_CACHE_ENV: &str = "TRELLIS_KERNEL_CACHE";
@@ -253,6 +257,7 @@ kernel_table!(
     mla_decode_f16,
     mla_decode_mma,
     mla_combine,
+    trellis_mma_tm16,
     trellis_mma_tm64,
     moe_route,
     moe_plan,
@@ -449,6 +454,8 @@ pub(crate) struct Device {
     pub graphs: bool,
     /// Tensor-core kernels may be used (see [`MMA_ENV`]; needs compute capability 8.0+).
     pub mma: bool,
+    /// Trellis row tiles of up to 16 rows use the 16-row tensor-core kernel (see [`MMA16_ENV`]).
+    pub mma16: bool,
     /// Kernels are launched with programmatic stream serialization (see [`PDL_ENV`]; needs
     /// compute capability 9.0+, where every kernel waits for its predecessors on entry).
     pdl: bool,
@@ -534,6 +541,7 @@ impl Device {
         let profile = std::env::var_os(PROFILE_ENV)
             .is_some_and(|v| v != "0")
             .then(|| Mutex::new(HashMap::new()));
+        let mma = compute_capability.0 >= 8 && std::env::var_os(MMA_ENV).is_none_or(|v| v != "0");
         let graphs = !sync_each_launch
             && profile.is_none()
             && std::env::var_os(GRAPH_ENV).is_none_or(|v| v != "0");
@@ -556,7 +564,8 @@ impl Device {
             profile,
             capture: CaptureState::default(),
             graphs,
-            mma: compute_capability.0 >= 8 && std::env::var_os(MMA_ENV).is_none_or(|v| v != "0"),
+            mma,
+            mma16: mma && std::env::var_os(MMA16_ENV).is_none_or(|v| v != "0"),
             pdl: compute_capability.0 >= 9
                 && !sync_each_launch
                 && std::env::var_os(PDL_ENV).is_none_or(|v| v != "0"),

@@ -767,6 +767,7 @@ impl Backend for CudaBackend {
                         norm: Some((norm.mem.ptr, eps)),
                         residual: false,
                         targets: &targets[..n],
+                        combine: None,
                     },
                 );
             }
@@ -803,6 +804,7 @@ impl Backend for CudaBackend {
                         norm: None,
                         residual: true,
                         targets: &[TrellisTarget::of(t, residual.ptr())],
+                        combine: None,
                     },
                 );
             }
@@ -904,6 +906,7 @@ impl CudaBackend {
                         norm: None,
                         residual: false,
                         targets: &targets[..n],
+                        combine: None,
                     },
                 );
             }

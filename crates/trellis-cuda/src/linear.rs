@@ -267,14 +267,27 @@ impl RowMap {
 
 /// Row tile height of the tensor-core trellis kernel (`trellis_mma_tm64`).
 pub(crate) const MMA_TILE_ROWS: usize = 64;
-/// Row groups at least this tall use the tensor-core kernel (its cost per weight tile is the
-/// decode, whatever the rows; below this the SIMT tiles of up to 8 rows keep more blocks per SM).
+/// Most rows of a tile of the 16-row tensor-core trellis kernel (`trellis_mma_tm16`).
+const MMA16_TILE_ROWS: usize = 16;
+/// Tiles of fewer rows keep the SIMT kernels. On the H200 (4096 × 14336, K=4, µs, SIMT / MMA):
+/// 1 row 42.3 / 53.4 (whole decode 149 / 134 tok/s), 2 rows 46.4 / 57.8, 4 rows 58.7 / 59.4,
+/// 8 rows 80.4 / 63.5; 16 rows took 143.8 in the 64-row kernel.
+const MMA16_MIN_ROWS: usize = 8;
+/// Without the 16-row kernel, row groups at least this tall use the 64-row tensor-core kernel
+/// (its cost per weight tile is the decode, whatever the rows; below this the SIMT tiles of up
+/// to 8 rows keep more blocks per SM).
 const MMA_MIN_ROWS: usize = 9;
 
 /// The tile height of trellis launches over row groups of about `rows` rows: the tensor-core
 /// kernel's 64 for tall groups (prefill), else one of `TILE_ROWS`.
 pub(crate) fn trellis_tile_rows(dev: &Device, rows: usize) -> usize {
-    if dev.mma && !dev.unfused_linear && rows >= MMA_MIN_ROWS {
+    // With the 16-row tensor-core kernel, groups of up to 16 rows take one of its tiles.
+    let min_rows = if dev.mma16 {
+        MMA16_TILE_ROWS + 1
+    } else {
+        MMA_MIN_ROWS
+    };
+    if dev.mma && !dev.unfused_linear && rows >= min_rows {
         MMA_TILE_ROWS
     } else {
         tile_rows_for(rows)
@@ -352,6 +365,21 @@ struct LinearArgs {
     outputs: i32,
     eps: f32,
     max_nw: i32,
+    combine: MoeCombineArgs,
+}
+
+/// Mirrors `MoeCombineArgs` in `kernels/trellis.cu` (all zero: no combine).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct MoeCombineArgs {
+    pair_of: u64,
+    weights: u64,
+    out: u64,
+    tickets: u64,
+    top_k: i32,
+    has_shared: i32,
+    residual: i32,
+    reserved: i32,
 }
 // SAFETY: plain `repr(C)` data whose layout matches the kernel's struct (8-byte pointers
 // first, then 4-byte fields, as both compilers lay them out).
@@ -393,6 +421,20 @@ pub(crate) struct TrellisJob<'a> {
     /// `out += y` instead of `out = y`.
     pub residual: bool,
     pub targets: &'a [TrellisTarget],
+    /// The MoE combine to fold into this launch (the experts' down projection of one token).
+    pub combine: Option<MoeCombine>,
+}
+
+/// `out (+)= Σ_j weights[j] · y[pair_of[j]] (+ y[pair_of[top_k]], the shared expert)` over the
+/// launch's output rows `y`, for one token whose pairs each fill one row tile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MoeCombine {
+    pub pair_of: u64,
+    pub weights: u64,
+    pub top_k: usize,
+    pub has_shared: bool,
+    pub residual: bool,
+    pub out: u64,
 }
 
 /// `out = x · W` for trellis weights described by the device table `table`. With `x_up`
@@ -439,6 +481,7 @@ pub(crate) fn trellis_forward(
                 out: io.out,
                 out_stride: io.out_stride,
             }],
+            combine: None,
         },
     );
 }
@@ -454,10 +497,13 @@ pub(crate) fn can_share_launch(targets: &[TrellisTarget]) -> bool {
 }
 
 /// The single-launch trellis linear (see `trellis_linear_tm*` in `kernels/trellis.cu`).
-pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJob<'_>) {
+///
+/// Returns whether the job's `combine` was folded in; it is only when the launch has one weight
+/// and every row tile holds one row (then each is one (token, expert) pair and all are used).
+pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJob<'_>) -> bool {
     let map = job.map;
     if map.rows == 0 {
-        return;
+        return false;
     }
     assert!(
         can_share_launch(job.targets),
@@ -489,7 +535,15 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
     } else {
         0
     };
-    let tickets = scratch.tickets.ensure(dev, map.num_tiles * column_blocks);
+    let combine = job
+        .combine
+        .filter(|_| job.targets.len() == 1 && map.tile_rows == 1 && map.num_tiles == map.rows);
+    // The combine's per-column-block tickets follow the split tickets.
+    let split_tickets = map.num_tiles * column_blocks;
+    let tickets = scratch.tickets.ensure(
+        dev,
+        split_tickets + if combine.is_some() { column_blocks } else { 0 },
+    );
     let max_bits_x2 = job.targets.iter().map(|t| t.max_bits_x2).max().unwrap_or(2);
 
     let mut args = LinearArgs {
@@ -509,6 +563,16 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         outputs: to_i32(job.targets.len()),
         eps: job.norm.map_or(0.0, |(_, eps)| eps),
         max_nw: 4 * max_bits_x2,
+        combine: combine.map_or_else(MoeCombineArgs::default, |c| MoeCombineArgs {
+            pair_of: c.pair_of,
+            weights: c.weights,
+            out: c.out,
+            tickets: tickets + 4 * split_tickets as u64,
+            top_k: to_i32(c.top_k),
+            has_shared: i32::from(c.has_shared),
+            residual: i32::from(c.residual),
+            reserved: 0,
+        }),
         ..LinearArgs::default()
     };
     let mut partial_offset = 0usize;
@@ -541,7 +605,18 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
                 .shared(words_bytes + x_bytes),
             &mut launch,
         );
-        return;
+        return combine.is_some();
+    }
+    if dev.mma16 && (MMA16_MIN_ROWS..=MMA16_TILE_ROWS).contains(&map.tile_rows) {
+        // As above with 16-row fp16 hi + lo inputs (decode: one row and up to 15 idle ones).
+        let x_bytes = (2 * MMA16_TILE_ROWS * 136 * 2).max(MMA16_TILE_ROWS * 128 * 4);
+        dev.launch(
+            &dev.kernels.trellis_mma_tm16,
+            Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS)
+                .shared(words_bytes + x_bytes),
+            &mut launch,
+        );
+        return combine.is_some();
     }
     let x_bytes = 2 * map.tile_rows * 128 * 4;
     dev.launch(
@@ -549,6 +624,7 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS).shared(words_bytes + x_bytes),
         &mut launch,
     );
+    combine.is_some()
 }
 
 /// The three-launch form: input transform, split products, output transform.

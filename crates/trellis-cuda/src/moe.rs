@@ -3,8 +3,8 @@
 
 use crate::device::{Args, Device, Grid, ROUTE_SHARED_BYTES};
 use crate::linear::{
-    CudaLinear, DenseDesc, DenseType, Io, RowMap, TrellisDesc, TrellisJob, TrellisShape,
-    TrellisTarget, dense_forward, tile_rows_for, trellis_forward, trellis_launch,
+    CudaLinear, DenseDesc, DenseType, Io, MoeCombine, RowMap, TrellisDesc, TrellisJob,
+    TrellisShape, TrellisTarget, dense_forward, tile_rows_for, trellis_forward, trellis_launch,
     trellis_tile_rows, unsupported,
 };
 use crate::memory::{DeviceMem, Scratch};
@@ -484,7 +484,13 @@ pub(crate) fn moe_block(
     let pairs = rows * (top_k + groups_used);
     let used_experts = experts.count.min(rows * top_k) + groups_used;
     let tile_rows = trellis_tile_rows(dev, pairs.div_ceil(used_experts));
-    let max_tiles = pairs.div_ceil(tile_rows) + used_experts;
+    // One token has one pair per expert, so exactly one tile each (no idle blocks in the
+    // expert launches); more tokens may split an expert's pairs over partial tiles.
+    let max_tiles = if rows == 1 {
+        pairs
+    } else {
+        pairs.div_ceil(tile_rows) + used_experts
+    };
     let pair_src = scratch.pair_src.ensure(dev, pairs);
     let pair_desc = scratch.pair_desc.ensure(dev, pairs);
     let pair_of = scratch.pair_of.ensure(dev, pairs);
@@ -542,9 +548,19 @@ pub(crate) fn moe_block(
             norm: None,
             residual: false,
             targets: &[target(0, gate, inter), target(1, up, inter)],
+            combine: None,
         },
     );
-    trellis_launch(
+    // One token's combine is done by the down launch's last finishers (one launch fewer).
+    let fold = (rows == 1).then_some(MoeCombine {
+        pair_of,
+        weights: routing.weights.ptr,
+        top_k,
+        has_shared: shared_id >= 0,
+        residual: true,
+        out: x,
+    });
+    let folded = trellis_launch(
         dev,
         scratch,
         &TrellisJob {
@@ -555,19 +571,22 @@ pub(crate) fn moe_block(
             norm: None,
             residual: false,
             targets: &[target(2, down, hidden)],
+            combine: fold,
         },
     );
-    combine(
-        dev,
-        down,
-        pair_of,
-        routing,
-        rows,
-        hidden,
-        shared_id >= 0,
-        true,
-        x,
-    );
+    if !folded {
+        combine(
+            dev,
+            down,
+            pair_of,
+            routing,
+            rows,
+            hidden,
+            shared_id >= 0,
+            true,
+            x,
+        );
+    }
     true
 }
 

@@ -99,7 +99,7 @@ fn op_timings() {
                 continue;
             }
             let (w, bytes) = trellis_linear(&mut r, in_f, out_f, bits, cb);
-            for rows in [1usize, 8, 128] {
+            for rows in [1usize, 2, 4, 8, 16, 128] {
                 if rows > 1 && !(in_f == 4096 && bits == 4.0 && cb == Codebook::Mul1) {
                     continue;
                 }

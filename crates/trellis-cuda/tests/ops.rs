@@ -80,7 +80,7 @@ fn trellis_linear_every_codebook_and_width() {
                 &LinearWeights::Trellis(t),
                 256,
                 384,
-                &[1, 3, 17, 130],
+                &[1, 3, 12, 17, 130],
                 r.random(),
             ));
             // Padded on both sides (500 → 512 inputs, 576 → 640 outputs), with a bias.
@@ -144,7 +144,7 @@ fn dense_linear_every_dtype() {
             &weights,
             in_f,
             out_f,
-            &[1, 3, 17, 130],
+            &[1, 3, 12, 17, 130],
             r.random(),
         );
     }
@@ -880,7 +880,7 @@ fn fused_norm_linears() {
             .iter()
             .map(|w| g.upload_linear("w", w).unwrap())
             .collect();
-        for rows in [1usize, 3, 17, 40] {
+        for rows in [1usize, 3, 12, 17, 40] {
             let x = uniform(&mut r, rows * in_f, 2.0);
             let cx = trellis_backend::cpu::CpuBuffer(x.clone());
             let mut ch = c.alloc(rows * in_f).unwrap();
@@ -1196,7 +1196,7 @@ fn moe_block_case(
             down: &gl.2,
             intermediate: *si,
         });
-    for rows in [1usize, 3, 17, 130] {
+    for rows in [1usize, 3, 12, 17, 130] {
         let x = uniform(&mut r, rows * hidden, 2.0);
         let mut cx = trellis_backend::cpu::CpuBuffer(x.clone());
         let mut croute = c.alloc_routing(rows, 4).unwrap();
