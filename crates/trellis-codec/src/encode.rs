@@ -262,6 +262,8 @@ struct Code<'a> {
     permuted: Vec<Permuted>,
     /// The table as fp16 bits (every codebook value is an fp16 number, so this is exact):
     /// half the bytes per step for the tagged kernel, which is bound by reading the table.
+    /// Only the x86-64 kernels have a tagged variant.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     half: OnceLock<Box<[u16]>>,
 }
 
@@ -306,6 +308,7 @@ impl<'a> Code<'a> {
         }
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn half_table(&self) -> &[u16] {
         self.half.get_or_init(|| {
             self.table

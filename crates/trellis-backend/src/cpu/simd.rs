@@ -1,14 +1,17 @@
 //! Vector kernels for the dense parts of the CPU backend (dot products, `axpy`, small
 //! matrix–vector products over f32/f16/bf16 weights and f16 caches), chosen at run time like
-//! the trellis kernels: a plain reference, AVX2 + FMA + F16C, and AVX-512F. The crate is built
-//! for generic x86-64, so without these the compiler sees only SSE2 and widens f16 one value at
-//! a time.
+//! the trellis kernels: a plain reference, AVX2 + FMA + F16C, and AVX-512F on x86-64; NEON on
+//! aarch64. The crate is built for generic x86-64, so without these the compiler sees only SSE2
+//! and widens f16 one value at a time (aarch64's baseline has NEON, but the compiler does not
+//! reorder a reduction into vector lanes by itself).
 //!
 //! Every level widens f16/bf16 exactly and accumulates in f32; they differ from the reference
 //! only in the order of the additions.
 
 use super::trellis_kernels::Isa;
 use half::{bf16, f16};
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -18,6 +21,7 @@ pub enum Level {
     Scalar,
     Avx2,
     Avx512,
+    Neon,
 }
 
 impl Level {
@@ -28,6 +32,7 @@ impl Level {
             Isa::Scalar => Level::Scalar,
             Isa::Avx2 => Level::Avx2,
             Isa::Avx512 | Isa::Avx512Fp16 => Level::Avx512,
+            Isa::Neon | Isa::NeonFp16 => Level::Neon,
         }
     }
 
@@ -62,6 +67,13 @@ pub trait Elem: Copy + Send + Sync + 'static {
     /// AVX2, FMA and F16C must be available and `p … p+8` readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> __m256;
+
+    /// 4 values from `p` widened.
+    ///
+    /// # Safety
+    /// NEON must be available and `p … p+4` readable.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn load4(p: *const Self) -> float32x4_t;
 }
 
 impl Elem for f32 {
@@ -81,6 +93,12 @@ impl Elem for f32 {
         // SAFETY: the caller guarantees the features and 8 readable values.
         unsafe { _mm256_loadu_ps(p) }
     }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> float32x4_t {
+        // SAFETY: the caller guarantees NEON and 4 readable values.
+        unsafe { vld1q_f32(p) }
+    }
 }
 
 impl Elem for f16 {
@@ -99,6 +117,13 @@ impl Elem for f16 {
     unsafe fn load8(p: *const f16) -> __m256 {
         // SAFETY: the caller guarantees the features and 8 readable values (16 bytes).
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const f16) -> float32x4_t {
+        // SAFETY: the caller guarantees NEON and 4 readable values (8 bytes); `fcvtl` is base
+        // ASIMD and widens every fp16 (subnormals, NaN) exactly.
+        unsafe { vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.cast()))) }
     }
 }
 
@@ -124,6 +149,12 @@ impl Elem for bf16 {
             let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const bf16) -> float32x4_t {
+        // SAFETY: the caller guarantees NEON and 4 readable values (8 bytes).
+        unsafe { vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast()))) }
     }
 }
 
@@ -449,6 +480,167 @@ mod avx2 {
     }
 }
 
+// ---- NEON -----------------------------------------------------------------------------------
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::Elem;
+    use std::arch::aarch64::*;
+
+    #[target_feature(enable = "neon")]
+    pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // Four independent sums hide the FMA latency.
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        // SAFETY: every load reads below `n`, within both slices; NEON is enabled here.
+        unsafe {
+            while i + 16 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = i + 4 * j;
+                    *a = vfmaq_f32(*a, T::load4(wp.add(o)), vld1q_f32(xp.add(o)));
+                }
+                i += 16;
+            }
+            while i + 4 <= n {
+                acc[0] = vfmaq_f32(acc[0], T::load4(wp.add(i)), vld1q_f32(xp.add(i)));
+                i += 4;
+            }
+        }
+        let sum = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        let mut s = vaddvq_f32(sum);
+        for j in i..n {
+            s += w[j].widen() * x[j];
+        }
+        s
+    }
+
+    #[target_feature(enable = "neon")]
+    pub fn axpy<T: Elem>(acc: &mut [f32], a: f32, w: &[T]) {
+        let n = acc.len().min(w.len());
+        let (ap, wp) = (acc.as_mut_ptr(), w.as_ptr());
+        let av = vdupq_n_f32(a);
+        let mut i = 0;
+        // SAFETY: every access is below `n`, within both slices.
+        unsafe {
+            while i + 4 <= n {
+                let y = vfmaq_f32(vld1q_f32(ap.add(i)), av, T::load4(wp.add(i)));
+                vst1q_f32(ap.add(i), y);
+                i += 4;
+            }
+        }
+        for j in i..n {
+            acc[j] += a * w[j].widen();
+        }
+    }
+
+    /// `out[c] = Σ_r x[r]·w[r][c]`, 64 columns at a time in 16 of the 32 registers.
+    #[target_feature(enable = "neon")]
+    pub fn gemv_t<T: Elem>(w: &[T], x: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        let rows = x.len();
+        assert!(w.len() >= rows * width);
+        let wp = w.as_ptr();
+        let mut c0 = 0;
+        // SAFETY: column blocks end at or before `width`; row r's block lies inside w.
+        unsafe {
+            while c0 + 64 <= width {
+                let mut acc = [vdupq_n_f32(0.0); 16];
+                for (r, &xv) in x.iter().enumerate() {
+                    let row = wp.add(r * width + c0);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = vfmaq_n_f32(*a, T::load4(row.add(4 * j)), xv);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    vst1q_f32(out.as_mut_ptr().add(c0 + 4 * j), *a);
+                }
+                c0 += 64;
+            }
+            while c0 + 4 <= width {
+                let mut acc = vdupq_n_f32(0.0);
+                for (r, &xv) in x.iter().enumerate() {
+                    acc = vfmaq_n_f32(acc, T::load4(wp.add(r * width + c0)), xv);
+                }
+                vst1q_f32(out.as_mut_ptr().add(c0), acc);
+                c0 += 4;
+            }
+        }
+        for c in c0..width {
+            out[c] = x
+                .iter()
+                .enumerate()
+                .map(|(r, &xv)| xv * w[r * width + c].widen())
+                .sum();
+        }
+    }
+
+    /// `out[r·ld + o] = Σ_i x[r·k + i]·w[o·k + i]`: blocks of 4 weight rows × 4 input rows
+    /// with their 16 sums in registers (each weight vector widened once for 4 rows); edges
+    /// by single dots.
+    #[target_feature(enable = "neon")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt<T: Elem>(
+        w: &[T],
+        n: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        assert!(w.len() >= n * k && x.len() >= m * k);
+        assert!(m == 0 || n == 0 || out.len() >= (m - 1) * ld + n);
+        let k4 = k - k % 4;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut o0 = 0;
+        while o0 + 4 <= n {
+            let mut r0 = 0;
+            while r0 + 4 <= m {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+                let mut i = 0;
+                // SAFETY: i + 4 ≤ k4 ≤ k, rows o0+3 < n and r0+3 < m (asserted sizes).
+                unsafe {
+                    while i < k4 {
+                        let wv: [float32x4_t; 4] =
+                            std::array::from_fn(|oo| T::load4(wp.add((o0 + oo) * k + i)));
+                        for (rr, acc_r) in acc.iter_mut().enumerate() {
+                            let xv = vld1q_f32(xp.add((r0 + rr) * k + i));
+                            for (a, &wq) in acc_r.iter_mut().zip(&wv) {
+                                *a = vfmaq_f32(*a, wq, xv);
+                            }
+                        }
+                        i += 4;
+                    }
+                }
+                for (rr, acc_r) in acc.iter().enumerate() {
+                    for (oo, a) in acc_r.iter().enumerate() {
+                        let (r, o) = (r0 + rr, o0 + oo);
+                        let mut s = vaddvq_f32(*a);
+                        for j in k4..k {
+                            s += w[o * k + j].widen() * x[r * k + j];
+                        }
+                        out[r * ld + o] = s;
+                    }
+                }
+                r0 += 4;
+            }
+            for r in r0..m {
+                for o in o0..o0 + 4 {
+                    out[r * ld + o] = dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+                }
+            }
+            o0 += 4;
+        }
+        for o in o0..n {
+            for r in 0..m {
+                out[r * ld + o] = dot(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k]);
+            }
+        }
+    }
+}
+
 // ---- dispatch -------------------------------------------------------------------------------
 
 /// `Σ_i w[i]·x[i]` over the common length, at `level` (which must be supported).
@@ -462,7 +654,9 @@ pub fn dot_with<T: Elem>(level: Level, w: &[T], x: &[f32]) -> f32 {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { avx512::dot(w, x) },
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::dot(w, x) },
         _ => reference::dot(w, x),
     }
 }
@@ -478,7 +672,9 @@ pub fn axpy_with<T: Elem>(level: Level, acc: &mut [f32], a: f32, w: &[T]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { avx512::axpy(acc, a, w) },
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::axpy(acc, a, w) },
         _ => reference::axpy(acc, a, w),
     }
 }
@@ -495,7 +691,9 @@ pub fn gemv_t_with<T: Elem>(level: Level, w: &[T], x: &[f32], out: &mut [f32]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { avx512::gemv_t(w, x, out) },
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::gemv_t(w, x, out) },
         _ => reference::gemv_t(w, x, out),
     }
 }
@@ -518,6 +716,9 @@ pub fn gemm_nt_with<T: Elem>(
         // SAFETY: callers pass only supported levels.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { avx512_gemm::gemm_nt(w, n, x, m, k, out, ld) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::gemm_nt(w, n, x, m, k, out, ld) },
         // AVX2 (and other levels): one vector dot per output.
         _ => {
             for r in 0..m {

@@ -40,6 +40,7 @@ pub const CHUNK_ROW_ORDER: [usize; STRIP] = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12,
 
 /// Position (0..32) inside a group of row `CHUNK_ROW_ORDER[i]` of column g (`half` 0) or
 /// g+8 (`half` 1).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub const fn chunk_order_position(half: usize, i: usize) -> usize {
     8 * (i / 4) + 4 * half + i % 4
 }

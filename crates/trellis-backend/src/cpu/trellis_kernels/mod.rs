@@ -12,6 +12,9 @@
 //!   via F16C.
 //! * [`Isa::Avx512Fp16`] (the above + AVX512-FP16): the codebook's single fp16 operation (the
 //!   mul1 FMA, the 3INST/mcg add) is done natively on 32 lanes.
+//! * [`Isa::Neon`] (aarch64 base ASIMD): 4 positions (rows of one column) per vector, states
+//!   cut out of 16-byte windows by `tbl`; codebooks in integer lanes, rounding via `fcvtn`.
+//! * [`Isa::NeonFp16`] (the above + FEAT_FP16): the codebook's fp16 operation on 8 lanes.
 //!
 //! Every kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
@@ -19,6 +22,8 @@
 //! Work is split over strips of 16 output columns on rayon's pool; the output Hadamard runs
 //! after all strips are done, so strip ranges need not align to 128-column blocks.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
 mod layout;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -42,10 +47,20 @@ pub enum Isa {
     Avx2,
     Avx512,
     Avx512Fp16,
+    Neon,
+    NeonFp16,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Fp16];
+    /// Every level, lowest first within an architecture (a CPU supports one architecture's).
+    pub const ALL: [Isa; 6] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Fp16,
+        Isa::Neon,
+        Isa::NeonFp16,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -53,6 +68,8 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Fp16 => "avx512fp16",
+            Isa::Neon => "neon",
+            Isa::NeonFp16 => "neonfp16",
         }
     }
 
@@ -82,7 +99,12 @@ impl Isa {
             Isa::Avx512Fp16 => {
                 Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512fp16")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonFp16 => {
+                Isa::Neon.is_supported() && std::arch::is_aarch64_feature_detected!("fp16")
+            }
             _ => false,
         }
     }
@@ -109,12 +131,12 @@ impl Isa {
     }
 
     /// (row, column) inside the tile of index `i` of a tile decoded in this level's native
-    /// layout: column-major with rows in natural order (`c·16 + r`), except AVX2, which keeps
-    /// trellis-position order (its vectors are 8 consecutive positions).
+    /// layout: column-major with rows in natural order (`c·16 + r`), except AVX2 and NEON,
+    /// which keep trellis-position order (their vectors are 8 or 4 consecutive positions).
     fn native_row_col(self, i: usize) -> (usize, usize) {
         match self {
             Isa::Scalar => (i % STRIP, i / STRIP),
-            Isa::Avx2 => trellis_codec::tile::position_to_row_col(i),
+            Isa::Avx2 | Isa::Neon | Isa::NeonFp16 => trellis_codec::tile::position_to_row_col(i),
             Isa::Avx512 | Isa::Avx512Fp16 => (CHUNK_ROW_ORDER[i % STRIP], i / STRIP),
         }
     }
@@ -143,7 +165,7 @@ fn prepare_input(isa: Isa, xh: &[f32], input: &mut [f32]) {
                 }
             }
         }
-        Isa::Avx512 | Isa::Avx512Fp16 => {
+        Isa::Avx512 | Isa::Avx512Fp16 | Isa::Neon | Isa::NeonFp16 => {
             for (dst, src) in input.chunks_exact_mut(STRIP).zip(xh.chunks_exact(STRIP)) {
                 for (v, &r) in dst.iter_mut().zip(&CHUNK_ROW_ORDER) {
                     *v = src[r];
@@ -180,7 +202,8 @@ const GEMM_ROW_BLOCK: usize = 64;
 /// Rows from which the GEMM's input and output transforms run in parallel.
 const GEMM_PARALLEL_TRANSFORM_ROWS: usize = 8;
 
-/// Floats of one row's accumulators for one strip (16 vectors of 16, or AVX2's 8 of 8).
+/// Floats of one row's accumulators for one strip (16 vectors of 16; AVX2 uses 8 of 8, NEON
+/// 16 of 4).
 const ACC_PER_ROW: usize = TILE_WEIGHTS;
 
 /// `out[rows, out_features] = x[rows, in_features] · W (+ bias)` with the selected kernels.
@@ -409,8 +432,9 @@ fn gemv_strips(
         Isa::Avx2 => x86_avx2::gemv(p, input, strips, z),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::gemv(p, isa, input, strips, z),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only scalar kernels exist on this architecture"),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonFp16 => aarch64_neon::gemv(p, isa, input, strips, z),
+        _ => unreachable!("{isa:?} kernels do not exist on this architecture"),
     }
 }
 
@@ -424,8 +448,9 @@ fn decode_tiles(p: &PackedTrellis, isa: Isa, strip: usize, kt0: usize, wt: &mut 
         Isa::Avx2 => x86_avx2::decode_tiles(p, strip, kt0, wt),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::decode_tiles(p, isa, strip, kt0, wt),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only scalar kernels exist on this architecture"),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonFp16 => aarch64_neon::decode_tiles(p, isa, strip, kt0, wt),
+        _ => unreachable!("{isa:?} kernels do not exist on this architecture"),
     }
 }
 
@@ -448,8 +473,11 @@ fn accumulate_rows(
         Isa::Avx512 | Isa::Avx512Fp16 => {
             x86_avx512::accumulate_rows(wt, tiles, inputs, input_stride, acc)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only scalar kernels exist on this architecture"),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonFp16 => {
+            aarch64_neon::accumulate_rows(wt, tiles, inputs, input_stride, acc)
+        }
+        _ => unreachable!("{isa:?} kernels do not exist on this architecture"),
     }
 }
 
@@ -461,6 +489,12 @@ fn finish_strip(isa: Isa, acc: &[f32], z: &mut [f32]) {
             for (g, lanes) in acc[..64].chunks_exact(8).enumerate() {
                 z[g] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
                 z[g + 8] = (lanes[4] + lanes[5]) + (lanes[6] + lanes[7]);
+            }
+        }
+        Isa::Neon | Isa::NeonFp16 => {
+            // One vector of 4 lanes per column.
+            for (zc, l) in z.iter_mut().zip(acc[..64].chunks_exact(4)) {
+                *zc = (l[0] + l[1]) + (l[2] + l[3]);
             }
         }
         _ => {
