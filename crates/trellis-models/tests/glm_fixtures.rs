@@ -229,6 +229,11 @@ fn check_exl3(name: &str) {
     let greedy = ids(&reference, "greedy_ids");
     let tf = h.teacher_forced(&prompt, &greedy);
     let want = reference.f32("greedy_logits");
+    let steps = greedy.len() * h.vocab;
+    eprintln!(
+        "{name} teacher-forced rel {:.3e}",
+        rel_l2(&tf[..steps], &want.data[..steps])
+    );
     for j in 0..greedy.len() {
         let row = j * h.vocab..(j + 1) * h.vocab;
         let err = rel_l2(&tf[row.clone()], &want.data[row]);

@@ -66,9 +66,19 @@ fn qwen3_exl3_3bpw_matches_exllamav3() {
     check_exl3("qwen3-tiny-3.0bpw");
 }
 
-/// The quantized models decode token by token exactly as they prefill.
+/// The quantized models decode token by token exactly as they prefill: to f32 rounding, or,
+/// where mul1 products quantize their activations to int16 (both fixtures are mul1), to
+/// about one quantization step, since the f32-level differences between the two paths' inputs
+/// can flip a rounding (measured 2.9·10^-5 and 6.8·10^-5 of max|logit|; run with
+/// `TRELLIS_CPU_ISA=avx512fp16` for the strict check there).
 #[test]
 fn exl3_decode_equals_one_pass_prefill() {
+    use trellis_backend::cpu::trellis_kernels::Isa;
+    let tolerance = if Isa::selected().approximates(trellis_codec::Codebook::Mul1) {
+        5e-4
+    } else {
+        1e-5
+    };
     for name in ["llama-tiny-4.0bpw", "qwen3-tiny-3.0bpw"] {
         let reference = TensorFile::open(fixture(&format!(
             "ref/exl3/{name}/reference_exl3.safetensors"
@@ -79,8 +89,9 @@ fn exl3_decode_equals_one_pass_prefill() {
         let full = h.logits_in_chunks(&input, n, n);
         let stepwise = h.logits_in_chunks(&input, 1, 1);
         let err = trellis_testutil::max_abs_rel(&stepwise, &full);
+        eprintln!("{name}: decode differs from prefill by {err:.2e}");
         assert!(
-            err <= 1e-5,
+            err <= tolerance,
             "{name}: decode differs from prefill by {err:.2e}"
         );
     }

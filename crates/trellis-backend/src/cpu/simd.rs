@@ -31,7 +31,7 @@ impl Level {
         match isa {
             Isa::Scalar => Level::Scalar,
             Isa::Avx2 => Level::Avx2,
-            Isa::Avx512 | Isa::Avx512Fp16 => Level::Avx512,
+            Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => Level::Avx512,
             Isa::Neon | Isa::NeonFp16 => Level::Neon,
         }
     }

@@ -15,8 +15,13 @@
 //! * [`Isa::Neon`] (aarch64 base ASIMD): 4 positions (rows of one column) per vector, states
 //!   cut out of 16-byte windows by `tbl`; codebooks in integer lanes, rounding via `fcvtn`.
 //! * [`Isa::NeonFp16`] (the above + FEAT_FP16): the codebook's fp16 operation on 8 lanes.
+//! * [`Isa::Avx512Vnni`] (AVX-512 + VNNI): mul1 products quantize the activations to int16
+//!   and take integer dot products with the codebook's byte sums, skipping its fp16 rounding
+//!   (`x86_vnni`: an approximation with a measured, tested error bound; a row's results do not
+//!   depend on the rows beside it); the other codebooks run the exact kernels of the best
+//!   level below.
 //!
-//! Every kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
+//! Every other kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
 //! several rows decode each tile once into L1 and multiply it into all rows (GEMM).
 //! Work is split over strips of 16 output columns on rayon's pool; the output Hadamard runs
@@ -30,6 +35,8 @@ mod scalar;
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
+#[cfg(target_arch = "x86_64")]
+mod x86_vnni;
 
 pub use layout::PackedTrellis;
 
@@ -47,17 +54,19 @@ pub enum Isa {
     Avx2,
     Avx512,
     Avx512Fp16,
+    Avx512Vnni,
     Neon,
     NeonFp16,
 }
 
 impl Isa {
     /// Every level, lowest first within an architecture (a CPU supports one architecture's).
-    pub const ALL: [Isa; 6] = [
+    pub const ALL: [Isa; 7] = [
         Isa::Scalar,
         Isa::Avx2,
         Isa::Avx512,
         Isa::Avx512Fp16,
+        Isa::Avx512Vnni,
         Isa::Neon,
         Isa::NeonFp16,
     ];
@@ -68,6 +77,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Fp16 => "avx512fp16",
+            Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
             Isa::NeonFp16 => "neonfp16",
         }
@@ -99,6 +109,10 @@ impl Isa {
             Isa::Avx512Fp16 => {
                 Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512fp16")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -115,7 +129,8 @@ impl Isa {
     }
 
     /// The level used by [`forward`]: the best supported, unless the environment variable
-    /// `TRELLIS_CPU_ISA` names a supported lower one (for measurements). Chosen once.
+    /// `TRELLIS_CPU_ISA` names a supported lower one (for measurements; `avx512fp16` keeps a
+    /// VNNI machine on the exact kernels). Chosen once.
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -130,6 +145,30 @@ impl Isa {
         })
     }
 
+    /// The exact level whose kernels this one runs where it does not approximate.
+    pub fn exact(self) -> Isa {
+        match self {
+            Isa::Avx512Vnni if Isa::Avx512Fp16.is_supported() => Isa::Avx512Fp16,
+            Isa::Avx512Vnni => Isa::Avx512,
+            isa => isa,
+        }
+    }
+
+    /// Whether products of `codebook` at this level quantize the activations (their error is
+    /// bounded by a test, not bit-exact like the rest).
+    pub fn approximates(self, codebook: trellis_codec::Codebook) -> bool {
+        self == Isa::Avx512Vnni && codebook == trellis_codec::Codebook::Mul1
+    }
+
+    /// Floats of one row's prepared input for products of `p`.
+    fn row_input_len(self, p: &PackedTrellis) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.approximates(p.codebook) {
+            return x86_vnni::input_len(p.tiles_k());
+        }
+        p.tiles_k() * self.exact().input_per_tile()
+    }
+
     /// (row, column) inside the tile of index `i` of a tile decoded in this level's native
     /// layout: column-major with rows in natural order (`c·16 + r`), except AVX2 and NEON,
     /// which keep trellis-position order (their vectors are 8 or 4 consecutive positions).
@@ -137,7 +176,9 @@ impl Isa {
         match self {
             Isa::Scalar => (i % STRIP, i / STRIP),
             Isa::Avx2 | Isa::Neon | Isa::NeonFp16 => trellis_codec::tile::position_to_row_col(i),
-            Isa::Avx512 | Isa::Avx512Fp16 => (CHUNK_ROW_ORDER[i % STRIP], i / STRIP),
+            Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
+                (CHUNK_ROW_ORDER[i % STRIP], i / STRIP)
+            }
         }
     }
 
@@ -165,7 +206,7 @@ fn prepare_input(isa: Isa, xh: &[f32], input: &mut [f32]) {
                 }
             }
         }
-        Isa::Avx512 | Isa::Avx512Fp16 | Isa::Neon | Isa::NeonFp16 => {
+        Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni | Isa::Neon | Isa::NeonFp16 => {
             for (dst, src) in input.chunks_exact_mut(STRIP).zip(xh.chunks_exact(STRIP)) {
                 for (v, &r) in dst.iter_mut().zip(&CHUNK_ROW_ORDER) {
                     *v = src[r];
@@ -173,6 +214,16 @@ fn prepare_input(isa: Isa, xh: &[f32], input: &mut [f32]) {
             }
         }
     }
+}
+
+/// [`prepare_input`] for products of `p`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn prepare_row_input(isa: Isa, p: &PackedTrellis, xh: &[f32], input: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.approximates(p.codebook) {
+        return x86_vnni::prepare_input(xh, input);
+    }
+    prepare_input(isa.exact(), xh, input)
 }
 
 impl PackedTrellis {
@@ -281,13 +332,13 @@ fn output_transform(p: &PackedTrellis, z: &[f32], stride: usize, out: &mut [f32]
 fn gemv_forward(p: &PackedTrellis, isa: Isa, x: &[f32], out: &mut [f32]) {
     let k = p.k_padded;
     let strips = p.strips();
-    let input_len = p.tiles_k() * isa.input_per_tile();
+    let input_len = isa.row_input_len(p);
     with_op_scratch(ALIGN_SLACK + input_len + k + strips * STRIP, |scratch| {
         let (input, rest) = aligned(scratch).split_at_mut(input_len);
         let (xh, z) = rest.split_at_mut(k);
         let z = &mut z[..strips * STRIP];
         input_transform(p, x, xh);
-        prepare_input(isa, xh, input);
+        prepare_row_input(isa, p, xh, input);
         let input: &[f32] = input;
         let per_task = strips_per_task(strips);
         z.par_chunks_mut(per_task * STRIP)
@@ -359,7 +410,7 @@ fn gemv_batch_impl<'a>(
         let (p, x) = job(j);
         assert!(x.len() >= p.in_features);
         // Inputs start on a cache line (16 floats) each.
-        input_at[j + 1] = input_at[j] + (p.tiles_k() * isa.input_per_tile()).next_multiple_of(16);
+        input_at[j + 1] = input_at[j] + isa.row_input_len(p).next_multiple_of(16);
         strip_at[j + 1] = strip_at[j] + p.strips();
         k_max = k_max.max(p.k_padded);
     }
@@ -372,8 +423,8 @@ fn gemv_batch_impl<'a>(
                 let (p, x) = job(j);
                 let xh = &mut xh[..p.k_padded];
                 input_transform(p, x, xh);
-                let len = p.tiles_k() * isa.input_per_tile();
-                prepare_input(isa, xh, &mut inputs[input_at[j]..input_at[j] + len]);
+                let len = isa.row_input_len(p);
+                prepare_row_input(isa, p, xh, &mut inputs[input_at[j]..input_at[j] + len]);
             }
         });
         let inputs: &[f32] = inputs;
@@ -432,6 +483,10 @@ fn gemv_strips(
         Isa::Avx2 => x86_avx2::gemv(p, input, strips, z),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::gemv(p, isa, input, strips, z),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.approximates(p.codebook) => x86_vnni::gemv(p, input, strips, z),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => x86_avx512::gemv(p, isa.exact(), input, strips, z),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonFp16 => aarch64_neon::gemv(p, isa, input, strips, z),
         _ => unreachable!("{isa:?} kernels do not exist on this architecture"),
@@ -447,7 +502,9 @@ fn decode_tiles(p: &PackedTrellis, isa: Isa, strip: usize, kt0: usize, wt: &mut 
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86_avx2::decode_tiles(p, strip, kt0, wt),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::decode_tiles(p, isa, strip, kt0, wt),
+        Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
+            x86_avx512::decode_tiles(p, isa.exact(), strip, kt0, wt)
+        }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonFp16 => aarch64_neon::decode_tiles(p, isa, strip, kt0, wt),
         _ => unreachable!("{isa:?} kernels do not exist on this architecture"),
@@ -470,7 +527,7 @@ fn accumulate_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86_avx2::accumulate_rows(wt, tiles, inputs, input_stride, acc),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Fp16 => {
+        Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
             x86_avx512::accumulate_rows(wt, tiles, inputs, input_stride, acc)
         }
         #[cfg(target_arch = "aarch64")]
@@ -508,9 +565,7 @@ fn finish_strip(isa: Isa, acc: &[f32], z: &mut [f32]) {
 fn gemm_forward(p: &PackedTrellis, isa: Isa, x: &[f32], rows: usize, out: &mut [f32]) {
     let (k, in_f, out_f) = (p.k_padded, p.in_features, p.out_features);
     let strips = p.strips();
-    let tiles_k = p.tiles_k();
-    let per_tile = isa.input_per_tile();
-    let input_len = tiles_k * per_tile;
+    let input_len = isa.row_input_len(p);
     // Scratch: prepared inputs [rows][input_len]; z [strip][rows][16].
     with_op_scratch(
         ALIGN_SLACK + rows * input_len + strips * rows * STRIP,
@@ -520,7 +575,7 @@ fn gemm_forward(p: &PackedTrellis, isa: Isa, x: &[f32], rows: usize, out: &mut [
             let transform_row = |(input, xr): (&mut [f32], &[f32])| {
                 with_task_scratch(k, |xh| {
                     input_transform(p, xr, xh);
-                    prepare_input(isa, xh, input);
+                    prepare_row_input(isa, p, xh, input);
                 });
             };
             // The transforms cost ~k·(log2(128) + 2) flops a row: below a few rows a parallel
@@ -576,8 +631,7 @@ fn gemm_strips(
     z: &mut [f32],
 ) {
     let tiles_k = p.tiles_k();
-    let per_tile = isa.input_per_tile();
-    let input_len = tiles_k * per_tile;
+    let input_len = isa.row_input_len(p);
     debug_assert_eq!(z.len(), strips.len() * rows * STRIP);
     if rows == 1 {
         // One row (an expert with one token of a prefill chunk): the fused GEMV keeps its
@@ -585,6 +639,15 @@ fn gemm_strips(
         gemv_strips(p, isa, &inputs[..input_len], strips, z);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa.approximates(p.codebook) {
+        let len = ALIGN_SLACK + 16 * x86_vnni::gemm_scratch_vectors(rows);
+        return with_task_scratch(len, |scratch| {
+            x86_vnni::gemm(p, inputs, input_len, rows, strips, z, aligned(scratch))
+        });
+    }
+    let isa = isa.exact();
+    let per_tile = isa.input_per_tile();
     let wt_len = GEMM_TILES_PER_CHUNK * TILE_WEIGHTS;
     let block_rows = rows.min(GEMM_ROW_BLOCK);
     let len = ALIGN_SLACK + wt_len + block_rows * ACC_PER_ROW;
@@ -651,7 +714,7 @@ pub fn gemm_batch_with<'a>(
     for j in 0..jobs {
         let (p, x, rows) = job(j);
         assert!(x.len() >= rows * p.in_features);
-        let input_len = p.tiles_k() * isa.input_per_tile();
+        let input_len = isa.row_input_len(p);
         input_at[j + 1] = input_at[j] + (rows * input_len).next_multiple_of(16);
         z_at[j + 1] = z_at[j] + p.strips() * rows * STRIP;
         strip_at[j + 1] = strip_at[j] + p.strips();
@@ -680,11 +743,12 @@ pub fn gemm_batch_with<'a>(
                 .enumerate()
                 .for_each(|(j, part)| {
                     let (p, x, rows) = job(j);
-                    let input_len = p.tiles_k() * isa.input_per_tile();
+                    let input_len = isa.row_input_len(p);
                     with_task_scratch(p.k_padded, |xh| {
                         for r in 0..rows {
                             input_transform(p, &x[r * p.in_features..], xh);
-                            prepare_input(isa, xh, &mut part[r * input_len..(r + 1) * input_len]);
+                            let input = &mut part[r * input_len..(r + 1) * input_len];
+                            prepare_row_input(isa, p, xh, input);
                         }
                     });
                 });

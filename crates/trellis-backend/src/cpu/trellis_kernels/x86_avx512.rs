@@ -79,7 +79,7 @@ impl StateTables {
 
 /// Loop-invariant index vectors of one bit width.
 #[derive(Clone, Copy)]
-struct Windows {
+pub(super) struct Windows {
     gather: __m512i,
     gather_first: __m512i,
     cut: __m512i,
@@ -87,7 +87,7 @@ struct Windows {
 
 impl Windows {
     #[inline(always)]
-    fn of(p: &PackedTrellis) -> Windows {
+    pub(super) fn of(p: &PackedTrellis) -> Windows {
         let t = StateTables::of(p.bits);
         // SAFETY: unaligned loads of 64-byte arrays; callers run with AVX-512F available.
         unsafe {
@@ -106,7 +106,7 @@ impl Windows {
 /// AVX-512F/BW/VBMI must be available; `tile + tile_bytes − 64 …` and
 /// `tile − 2 … tile + G·stride + 62` must be readable (the stream's pads guarantee it).
 #[inline(always)]
-unsafe fn group_states<const G: usize>(
+pub(super) unsafe fn group_states<const G: usize>(
     tile: *const u8,
     stride: usize,
     tile_bytes: usize,
@@ -193,7 +193,7 @@ unsafe fn inst_mask(x: __m512i) -> __m512i {
 /// # Safety
 /// AVX-512BW must be available.
 #[inline(always)]
-unsafe fn mul1_byte_sum(s: __m512i) -> __m512i {
+pub(super) unsafe fn mul1_byte_sum(s: __m512i) -> __m512i {
     // SAFETY: plain AVX-512BW arithmetic.
     unsafe {
         let (lo, hi) = mul_halves(s, MUL1_MULTIPLIER);
@@ -212,8 +212,8 @@ const MUL1_SCALE_BITS: i16 = 0x1EEE;
 const MUL1_OFFSET_BITS: i16 = 0xC931_u16 as i16;
 /// The same map in f32: `fma(b, scale, value at b = 0)`. `1024·scale + offset = −3.453125`
 /// is exact, so this is the reference's exact sum before its one rounding.
-const MUL1_SCALE: f32 = 1774.0 / 262_144.0;
-const MUL1_AT_ZERO: f32 = -3.453125;
+pub(super) const MUL1_SCALE: f32 = 1774.0 / 262_144.0;
+pub(super) const MUL1_AT_ZERO: f32 = -3.453125;
 
 /// Round f32 values to the nearest fp16 (ties to even) and widen them back, exactly.
 ///
@@ -392,7 +392,7 @@ unsafe fn gemv_body<C: Codebook512>(
 /// How far ahead of the tile being decoded the GEMV prefetches its weights. The hardware
 /// prefetchers alone leave a DRAM-streamed K = 6 head at ~2.8 GB/s on one core here; 4 KiB
 /// ahead measured 13–20 % faster there and no slower on cached weights.
-const PREFETCH_AHEAD: usize = 4096;
+pub(super) const PREFETCH_AHEAD: usize = 4096;
 
 /// Lane c of the result = the sum of all lanes of `acc[c]` (a transpose-and-add tree).
 ///

@@ -1,0 +1,361 @@
+//! mul1 products with integer dot products (AVX-512 VNNI): an approximation of the exact
+//! kernels (see [`super::Isa`]), for one row (decode) and several (prefill, batched decode).
+//!
+//! mul1's weight is `w = fp16(A0 + S·b)` with `b` the byte sum of `s · 0x83DCD12D` (0…1020),
+//! `S` its scale and `A0` its value at b = 0. Leaving out the fp16 rounding (at most half an
+//! fp16 ulp: ≤ 2^-10 absolute, ~3·10^-4 of the weights' spread on average), a column's product
+//! is `A0·Σa + S·Σ a_i·b_i`, and `Σ a_i·b_i` is an integer dot product once the activations
+//! are integers. Each 128-row block of the (transformed) input row is quantized to int16 with
+//! its own scale `s_k` (`a_i ≈ s_k·t_i`), so that
+//!
+//! ```text
+//! y_c ≈ A0·Σa + S·Σ_k s_k·D_kc,   D_kc = Σ_{i∈k} t_i·b_ic   (exact in int32)
+//!     = S·Σ_k s_k·D_kc + E,        E = (A0 + 510·S)·Σa − 510·S·Σ_k s_k·T_k,  T_k = Σ_{i∈k} t_i
+//! ```
+//!
+//! The second form is the same number; it is written so because the activations' rounding
+//! error then meets only the *centred* byte sums `b − 510` (zero mean, spread ~148), as an
+//! f32 product's would, instead of `b` (mean 510), whose mean would multiply the error by ~3.5.
+//! `E` is one constant per input row, computed with the exact `Σa`; so a NaN or infinity in the
+//! input still reaches every output.
+//!
+//! Error: with `r = w − (A0 + S·b)` (|r| ≤ half an fp16 ulp ≤ 2^-10 since |w| < 4) and the
+//! activations' rounding `|a_i − s_k·t_i| ≤ s_k/2 = max_k|a|/65534`, every column is off by at
+//! most `2^-10·Σ|a| + 6.8·10^-3·Σ_k max_k|a|` (the second term: 128 rows × 510·S ×
+//! max_k|a|/65534) plus f32 rounding. Typically the `r` are small, independent of the
+//! activations and of each other, and the relative L2 error of an output vector is ~2·10^-4
+//! (the tests bound it by 10^-3 on random inputs with outliers, on every width).
+//!
+//! Rows never mix: a row's integer sums are exact and its f32 folds run in the same order in
+//! [`gemv`] and [`gemm`], so its results are bit-equal whatever rows share the product (a
+//! sequence decodes the same alone or batched, which the exact kernels also give, to f32
+//! rounding). The GEMM computes each block's byte sums once into L1 and runs one `vpdpwssd` per
+//! row and 32 weights.
+//!
+//! The kernel keeps the states' 16-bit lanes of the exact AVX-512 kernels: the byte sums come
+//! out in 16-bit lanes (rows of two columns), and one `vpdpwssd` multiplies them by the 16-bit
+//! activations and adds row pairs into 32-bit lanes (lanes 0…8 column g, 8…16 column g+8).
+//! Per 32 weights: 2 state µops, 4 for the multiply, 3 for the byte sums and 1 dot product,
+//! against ~19 for the exact decode, widen and FMA; ~5.7 cycles here against ~11.
+//!
+//! Measured and left out: int8 activations, with two `vpdpbusd` on the product's halves in
+//! place of the byte sums and `vpdpwssd`, run ~20 % faster still but leave ~0.6 % relative
+//! error per product, which the tiny GLM fixtures amplify to ~1 % logit error in decode (3.6 %
+//! at the worst step, over the tests' 1 % bound). Moving one `vpmaddubsw` (port 0) to a byte shuffle (port 5)
+//! was 25 % slower. A 32-bit `vpmulld` (2 µops) costs as much as the three 16-bit multiplies
+//! and would need the states widened first.
+
+use super::layout::{CHUNK_ROW_ORDER, PackedTrellis, STRIP, group_stride};
+use super::x86_avx512::{
+    MUL1_AT_ZERO, MUL1_SCALE, PREFETCH_AHEAD, Windows, group_states, mul1_byte_sum,
+};
+use std::arch::x86_64::*;
+use trellis_codec::hadamard::HADAMARD_SIZE;
+
+/// Tiles (16 rows each) per quantization block: one Hadamard block, whose values the rotation
+/// has mixed, so they share a magnitude.
+const TILES_PER_BLOCK: usize = HADAMARD_SIZE / STRIP;
+
+/// Largest |t|.
+const RANGE: f32 = 32767.0;
+
+/// The mean of mul1's byte sum (4 bytes of mean 127.5), by which the sums are centred.
+const BYTE_SUM_MEAN: f64 = 510.0;
+
+/// Floats of prepared input for `tiles_k` tiles: per tile 32 activations in 16-bit lanes (its
+/// 16 rows in `CHUNK_ROW_ORDER`, twice: once per column of a group), per block its scale
+/// `S·s_k`, and `E`.
+pub fn input_len(tiles_k: usize) -> usize {
+    tiles_k * STRIP + tiles_k / TILES_PER_BLOCK + 1
+}
+
+/// Quantize one row of transformed activations (`xh`, `k_padded` values) into `input`.
+pub fn prepare_input(xh: &[f32], input: &mut [f32]) {
+    assert!(std::arch::is_x86_feature_detected!("avx512f"));
+    assert!(std::arch::is_x86_feature_detected!("avx512bw"));
+    let tiles_k = xh.len() / STRIP;
+    assert!(xh.len().is_multiple_of(HADAMARD_SIZE) && input.len() >= input_len(tiles_k));
+    // SAFETY: the features were checked above and the lengths asserted.
+    unsafe { prepare_input_avx512(xh, input) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
+    let tiles_k = xh.len() / STRIP;
+    let blocks = tiles_k / TILES_PER_BLOCK;
+    let (acts, rest) = input.split_at_mut(tiles_k * STRIP);
+    let mut sum_a = 0.0f64;
+    let mut sum_st = 0.0f64;
+    // SAFETY: every load is of 16 floats inside `xh` (blocks · 128 = its length), every store
+    // of 16 floats' worth inside `acts` (16 floats a tile); AVX-512F/BW are enabled here.
+    unsafe {
+        let order = _mm512_loadu_si512(CHUNK_ROW_ORDER.map(|r| r as u32).as_ptr().cast());
+        for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
+            let x = xh.as_ptr().add(b * HADAMARD_SIZE);
+            let mut max = _mm512_setzero_ps();
+            let mut sum = _mm512_setzero_ps();
+            for t in 0..TILES_PER_BLOCK {
+                let v = _mm512_loadu_ps(x.add(t * STRIP));
+                max = _mm512_max_ps(max, _mm512_abs_ps(v));
+                sum = _mm512_add_ps(sum, v);
+            }
+            let max = _mm512_reduce_max_ps(max);
+            sum_a += f64::from(_mm512_reduce_add_ps(sum));
+            // A zero block (padding) gets scale 0 and zero activations, and so does a block of
+            // subnormals, whose reciprocal would overflow (its part of `E` stays exact). The
+            // reciprocal and the range are applied apart: RANGE / max overflows below 1e-34.
+            let normal = max >= f32::MIN_POSITIVE;
+            let recip = _mm512_set1_ps(if normal { 1.0 / max } else { 0.0 });
+            let scale = if normal { max / RANGE } else { 0.0 };
+            let range = _mm512_set1_ps(RANGE);
+            let mut tsum = _mm512_setzero_si512();
+            for t in 0..TILES_PER_BLOCK {
+                let v = _mm512_permutexvar_ps(order, _mm512_loadu_ps(x.add(t * STRIP)));
+                // Rounded to nearest (the default rounding mode); |q| ≤ RANGE but for a last-bit
+                // excess, which the narrowing saturates.
+                let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v, recip), range));
+                tsum = _mm512_add_epi32(tsum, q);
+                let half = _mm512_cvtsepi32_epi16(q);
+                let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half), half);
+                let tile = b * TILES_PER_BLOCK + t;
+                _mm512_storeu_si512(acts.as_mut_ptr().add(tile * STRIP).cast(), both);
+            }
+            let block_scale = f64::from(scale) * f64::from(MUL1_SCALE);
+            *block_scale_out = block_scale as f32;
+            sum_st += block_scale * f64::from(_mm512_reduce_add_epi32(tsum));
+        }
+    }
+    let centre = f64::from(MUL1_AT_ZERO) + BYTE_SUM_MEAN * f64::from(MUL1_SCALE);
+    rest[blocks] = (centre * sum_a - BYTE_SUM_MEAN * sum_st) as f32;
+}
+
+/// One group of one tile into its 32-bit accumulator.
+///
+/// # Safety
+/// As `group_states`, plus AVX512-VNNI.
+#[inline(always)]
+unsafe fn group<const G: usize>(
+    tile: *const u8,
+    stride: usize,
+    tile_bytes: usize,
+    w: &Windows,
+    x: __m512i,
+    acc: &mut [__m512i; 8],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let states = group_states::<G>(tile, stride, tile_bytes, w);
+        acc[G] = _mm512_dpwssd_epi32(acc[G], mul1_byte_sum(states), x);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn gemv_vnni(
+    p: &PackedTrellis,
+    input: &[f32],
+    strips: std::ops::Range<usize>,
+    z: &mut [f32],
+) {
+    let w = Windows::of(p);
+    let (tile_bytes, stride) = (p.tile_bytes, group_stride(p.tile_bytes));
+    let tiles_k = p.tiles_k();
+    let blocks = tiles_k / TILES_PER_BLOCK;
+    assert!(input.len() >= input_len(tiles_k) && z.len() >= strips.len() * STRIP);
+    assert!(strips.end <= p.strips());
+    let acts = input.as_ptr();
+    let (scales, e) = input[tiles_k * STRIP..].split_at(blocks);
+    let e = e[0];
+    for (strip, zs) in strips.zip(z.chunks_exact_mut(STRIP)) {
+        // SAFETY: tiles of strips below `p.strips()` lie inside the stream, whose pads cover
+        // the vector loads around them; `input` has 16 floats per tile (asserted above).
+        unsafe {
+            let mut sums = [_mm512_setzero_ps(); 8];
+            let mut tile = p.stream().as_ptr().add(p.tile_offset(strip, 0));
+            for (b, &scale) in scales.iter().enumerate() {
+                // |D| per lane per tile ≤ 2·32767·1020 < 2^26: a block of 8 tiles stays
+                // far inside int32.
+                let mut acc = [_mm512_setzero_si512(); 8];
+                for t in 0..TILES_PER_BLOCK {
+                    // A prefetch never faults, so running past the stream's end is harmless.
+                    let ahead = tile.wrapping_add(PREFETCH_AHEAD);
+                    let mut line = 0;
+                    while line < tile_bytes {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                        line += 64;
+                    }
+                    let x = _mm512_loadu_si512(acts.add((b * TILES_PER_BLOCK + t) * STRIP).cast());
+                    group::<0>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<1>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<2>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<3>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<4>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<5>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<6>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<7>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    tile = tile.add(tile_bytes);
+                }
+                let scale = _mm512_set1_ps(scale);
+                for (s, a) in sums.iter_mut().zip(&acc) {
+                    *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), scale, *s);
+                }
+            }
+            finish(&sums.map(|s| _mm512_castps_si512(s)), e, zs);
+        }
+    }
+}
+
+/// Rows whose running sums (8 vectors each) a GEMM pass keeps in task scratch while one block's
+/// byte sums stay in L1.
+const GEMM_ROW_BLOCK: usize = 64;
+
+/// Vectors of byte sums of one block of one strip (8 tiles × 8 groups).
+const BLOCK_GROUPS: usize = TILES_PER_BLOCK * 8;
+
+/// Several rows: each block's byte sums are computed once into `bs` and multiplied into every
+/// row. Every row goes through the very operations of [`gemv_vnni`] (exact integer dot
+/// products, the same f32 folds in the same order), so its results equal a one-row product's
+/// bit for bit: a sequence decodes the same alone or batched.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn gemm_vnni(
+    p: &PackedTrellis,
+    inputs: &[f32],
+    input_stride: usize,
+    rows: usize,
+    strips: std::ops::Range<usize>,
+    z: &mut [f32],
+    scratch: &mut [__m512i],
+) {
+    let w = Windows::of(p);
+    let (tile_bytes, stride) = (p.tile_bytes, group_stride(p.tile_bytes));
+    let tiles_k = p.tiles_k();
+    let blocks = tiles_k / TILES_PER_BLOCK;
+    let block_rows = rows.min(GEMM_ROW_BLOCK);
+    assert!(input_stride >= input_len(tiles_k) && rows > 0);
+    assert!(inputs.len() >= (rows - 1) * input_stride + input_len(tiles_k));
+    assert!(z.len() >= strips.len() * rows * STRIP && strips.end <= p.strips());
+    assert!(scratch.len() >= BLOCK_GROUPS + 8 * block_rows);
+    let (bs, sums) = scratch.split_at_mut(BLOCK_GROUPS);
+    for (strip, zs) in strips.zip(z.chunks_exact_mut(rows * STRIP)) {
+        for row0 in (0..rows).step_by(GEMM_ROW_BLOCK) {
+            let block_rows = GEMM_ROW_BLOCK.min(rows - row0);
+            let sums = &mut sums[..8 * block_rows];
+            sums.fill(_mm512_setzero_si512());
+            // SAFETY: tiles of strips below `p.strips()` lie inside the stream, whose pads
+            // cover the vector loads around them; every row's input has `input_len` floats
+            // (asserted above); `bs` and `sums` are vectors of scratch.
+            unsafe {
+                let mut tile = p.stream().as_ptr().add(p.tile_offset(strip, 0));
+                for b in 0..blocks {
+                    for t in 0..TILES_PER_BLOCK {
+                        let out = &mut bs[t * 8..t * 8 + 8];
+                        out[0] = mul1_byte_sum(group_states::<0>(tile, stride, tile_bytes, &w));
+                        out[1] = mul1_byte_sum(group_states::<1>(tile, stride, tile_bytes, &w));
+                        out[2] = mul1_byte_sum(group_states::<2>(tile, stride, tile_bytes, &w));
+                        out[3] = mul1_byte_sum(group_states::<3>(tile, stride, tile_bytes, &w));
+                        out[4] = mul1_byte_sum(group_states::<4>(tile, stride, tile_bytes, &w));
+                        out[5] = mul1_byte_sum(group_states::<5>(tile, stride, tile_bytes, &w));
+                        out[6] = mul1_byte_sum(group_states::<6>(tile, stride, tile_bytes, &w));
+                        out[7] = mul1_byte_sum(group_states::<7>(tile, stride, tile_bytes, &w));
+                        tile = tile.add(tile_bytes);
+                    }
+                    for (r, row_sums) in sums.chunks_exact_mut(8).enumerate() {
+                        let input = inputs.as_ptr().add((row0 + r) * input_stride);
+                        let scale = *input.add(tiles_k * STRIP + b);
+                        let mut acc = [_mm512_setzero_si512(); 8];
+                        for t in 0..TILES_PER_BLOCK {
+                            let x = _mm512_loadu_si512(
+                                input.add((b * TILES_PER_BLOCK + t) * STRIP).cast(),
+                            );
+                            for (g, a) in acc.iter_mut().enumerate() {
+                                *a = _mm512_dpwssd_epi32(*a, bs[t * 8 + g], x);
+                            }
+                        }
+                        let scale = _mm512_set1_ps(scale);
+                        for (s, a) in row_sums.iter_mut().zip(&acc) {
+                            let sum = _mm512_castsi512_ps(*s);
+                            let sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), scale, sum);
+                            *s = _mm512_castps_si512(sum);
+                        }
+                    }
+                }
+                for (r, row_sums) in sums.chunks_exact(8).enumerate() {
+                    let e = *inputs
+                        .as_ptr()
+                        .add((row0 + r) * input_stride + tiles_k * STRIP + blocks);
+                    let zr = &mut zs[(row0 + r) * STRIP..(row0 + r + 1) * STRIP];
+                    finish(row_sums, e, zr);
+                }
+            }
+        }
+    }
+}
+
+/// A strip's 16 outputs from its 8 running sums (f32 lanes; 0..8 column g, 8..16 column g+8).
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+unsafe fn finish(sums: &[__m512i], e: f32, z: &mut [f32]) {
+    // SAFETY: plain AVX-512F extractions.
+    unsafe {
+        for (g, s) in sums.iter().enumerate() {
+            let s = _mm512_castsi512_ps(*s);
+            z[g] = reduce8(_mm512_castps512_ps256(s)) + e;
+            z[g + 8] = reduce8(_mm512_extractf32x8_ps::<1>(s)) + e;
+        }
+    }
+}
+
+/// Vectors of task scratch [`gemm`] needs for `rows` rows.
+pub fn gemm_scratch_vectors(rows: usize) -> usize {
+    BLOCK_GROUPS + 8 * rows.min(GEMM_ROW_BLOCK)
+}
+
+/// The mul1 product of several rows (`inputs` holds each one's [`prepare_input`], `input_stride`
+/// floats apart) over `strips`, `z` getting `[strip][row][16]`; `scratch` holds at least
+/// [`gemm_scratch_vectors`] 64-byte-aligned vectors.
+pub fn gemm(
+    p: &PackedTrellis,
+    inputs: &[f32],
+    input_stride: usize,
+    rows: usize,
+    strips: std::ops::Range<usize>,
+    z: &mut [f32],
+    scratch: &mut [f32],
+) {
+    assert!(p.codebook == trellis_codec::Codebook::Mul1);
+    assert!(super::Isa::Avx512Vnni.is_supported());
+    assert!(scratch.as_ptr().cast::<__m512i>().is_aligned());
+    // SAFETY: `__m512i` is 16 floats of plain bits, and the start is aligned (asserted).
+    let scratch = unsafe {
+        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<__m512i>(), scratch.len() / 16)
+    };
+    // SAFETY: the level's features (which include every one enabled on the kernel) were
+    // checked just above.
+    unsafe { gemm_vnni(p, inputs, input_stride, rows, strips, z, scratch) }
+}
+
+/// The sum of 8 lanes.
+///
+/// # Safety
+/// AVX must be available.
+#[inline(always)]
+unsafe fn reduce8(v: __m256) -> f32 {
+    // SAFETY: plain AVX shuffles and adds.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The one-row mul1 product over `strips` from an input made by [`prepare_input`] (see
+/// `scalar::gemv` for `z`).
+pub fn gemv(p: &PackedTrellis, input: &[f32], strips: std::ops::Range<usize>, z: &mut [f32]) {
+    assert!(p.codebook == trellis_codec::Codebook::Mul1);
+    assert!(super::Isa::Avx512Vnni.is_supported());
+    // SAFETY: the level's features (which include every one enabled on the kernel) were
+    // checked just above.
+    unsafe { gemv_vnni(p, input, strips, z) }
+}
