@@ -48,6 +48,9 @@ run() {
     export TRELLIS_FIXTURES="$PWD/$CARRY/fixtures"
     export TRELLIS_KERNEL_CACHE=/tmp/trellis-kernels
     export RUST_BACKTRACE=1
+    # The CPU backend is the GPU tests' reference: keep it on bit-exact kernels (a VNNI host
+    # would otherwise approximate mul1 products).
+    export TRELLIS_CPU_ISA=exact
     {
         date -u
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv

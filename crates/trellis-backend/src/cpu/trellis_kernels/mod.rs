@@ -129,13 +129,15 @@ impl Isa {
     }
 
     /// The level used by [`forward`]: the best supported, unless the environment variable
-    /// `TRELLIS_CPU_ISA` names a supported lower one (for measurements; `avx512fp16` keeps a
-    /// VNNI machine on the exact kernels). Chosen once.
+    /// `TRELLIS_CPU_ISA` names a supported lower one (for measurements), or is `exact`: the
+    /// best level whose products are all bit-exact (a reference for other backends' tests).
+    /// Chosen once.
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
         *SELECTED.get_or_init(|| {
             let best = *Isa::available().last().expect("scalar is always available");
             match std::env::var("TRELLIS_CPU_ISA") {
+                Ok(name) if name == "exact" => best.exact(),
                 Ok(name) => match Isa::from_name(&name) {
                     Some(isa) if isa.is_supported() => isa,
                     _ => best,
