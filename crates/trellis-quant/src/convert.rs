@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use trellis_backend::{Backend, Batch};
+use trellis_codec::encode::Effort;
 use trellis_codec::{BitWidth, Codebook};
 use trellis_format::{
     DType, ModelDir, TensorSource, TensorStore, write_json, write_safetensors,
@@ -56,6 +57,10 @@ pub struct QuantizeOptions {
     pub seed: u64,
     /// Largest safetensors shard of the output.
     pub max_shard_bytes: u64,
+    /// How thoroughly the Viterbi searches: `Fast` (default) about halves the conversion's
+    /// encoding time; `Exact` gives identical output on every machine and, on the tiny GLM
+    /// fixture at 3.0 bpw, a 3 % lower KL divergence.
+    pub effort: Effort,
 }
 
 impl Default for QuantizeOptions {
@@ -67,6 +72,7 @@ impl Default for QuantizeOptions {
             out_scales: OutScales::Auto,
             seed: 0x007E_1115,
             max_shard_bytes: 8 << 30,
+            effort: Effort::Fast,
         }
     }
 }
@@ -603,6 +609,7 @@ pub fn quantize_model(
                             codebook: options.codebook,
                             seed: tensor_seed(options.seed, &m.name),
                             out_scales: options.out_scales,
+                            effort: options.effort,
                         },
                     )
                 })
@@ -698,6 +705,7 @@ pub fn quantize_model(
             codebook: options.codebook,
             seed: tensor_seed(options.seed, &head.name),
             out_scales: options.out_scales,
+            effort: options.effort,
         };
         let q = quantize_group(&[(&dense, settings)], hessian.as_ref())
             .pop()

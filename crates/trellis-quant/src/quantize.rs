@@ -56,6 +56,8 @@ pub struct LinearSettings {
     /// Seed of the random sign flips (per tensor, so reruns and resumes are identical).
     pub seed: u64,
     pub out_scales: OutScales,
+    /// How thoroughly the Viterbi searches.
+    pub effort: Effort,
 }
 
 /// A dense weight to quantize, EXL3 orientation (`in_features × out_features`, row-major).
@@ -140,15 +142,16 @@ impl QuantizedLinear {
     }
 }
 
-/// The trellis search of the quantizer: the fast effort (a windowed first pass and the
-/// tagged kernel), within ≈ 1 % of the exhaustive search's squared error at twice its speed;
-/// the Viterbi is where conversion time goes.
+/// The trellis search of the quantizer. [`Effort::Fast`] (a windowed first pass and the
+/// tagged kernel) is within ≈ 1 % of the exhaustive search's squared error at twice its
+/// speed; the Viterbi is where conversion time goes.
 fn encode_tiles(
     tiles: &[[f32; TILE_WEIGHTS]],
     bits: BitWidth,
     codebook: Codebook,
+    effort: Effort,
 ) -> Vec<EncodedTile> {
-    encode_tiles_with_effort(tiles, bits, codebook, Effort::Fast)
+    encode_tiles_with_effort(tiles, bits, codebook, effort)
 }
 
 /// `x` rounded up to a multiple of 128.
@@ -377,12 +380,13 @@ fn scale_errors(
     scales: &[f32],
     bits: BitWidth,
     codebook: Codebook,
+    effort: Effort,
 ) -> Vec<f64> {
     let scaled: Vec<[f32; TILE_WEIGHTS]> = scales
         .iter()
         .flat_map(|&g| tiles.iter().map(move |t| t.map(|v| v * g)))
         .collect();
-    let encoded = encode_tiles(&scaled, bits, codebook);
+    let encoded = encode_tiles(&scaled, bits, codebook, effort);
     encoded
         .chunks(tiles.len().max(1))
         .zip(scales)
@@ -398,9 +402,14 @@ fn scale_errors(
 /// a third of the samples. Tensors that share a Hessian and a bit width share one coarse
 /// search over their pooled samples, since their regularised weights follow one
 /// distribution; each then refines on its own samples.
-fn coarse_scale(samples: &[[f32; TILE_WEIGHTS]], bits: BitWidth, codebook: Codebook) -> f32 {
+fn coarse_scale(
+    samples: &[[f32; TILE_WEIGHTS]],
+    bits: BitWidth,
+    codebook: Codebook,
+    effort: Effort,
+) -> f32 {
     let sub: Vec<[f32; TILE_WEIGHTS]> = samples.iter().step_by(3).copied().collect();
-    let errors = scale_errors(&sub, &COARSE_SCALES, bits, codebook);
+    let errors = scale_errors(&sub, &COARSE_SCALES, bits, codebook, effort);
     let best = (0..errors.len())
         .min_by(|&a, &b| errors[a].total_cmp(&errors[b]))
         .expect("a non-empty grid");
@@ -414,11 +423,12 @@ fn fine_scale(
     center: f32,
     bits: BitWidth,
     codebook: Codebook,
+    effort: Effort,
 ) -> f32 {
     let grid: Vec<f32> = (0..5)
         .map(|i| center + FINE_STEP * (i as f32 - 2.0))
         .collect();
-    let errors = scale_errors(samples, &grid, bits, codebook);
+    let errors = scale_errors(samples, &grid, bits, codebook, effort);
     let best = (0..5)
         .min_by(|&a, &b| errors[a].total_cmp(&errors[b]))
         .expect("five points");
@@ -482,6 +492,7 @@ pub fn ldlq(
     l: Option<&[f32]>,
     bits: BitWidth,
     codebook: Codebook,
+    effort: Effort,
 ) -> (Vec<f32>, Vec<u16>) {
     let (tk, tn) = (k / TILE_SIZE, n / TILE_SIZE);
     let tile_words = bits.tile_words();
@@ -504,7 +515,7 @@ pub fn ldlq(
             .flat_map(|kt| (0..tn).map(move |nt| (kt, nt)))
             .map(|(kt, nt)| extract_tile(target, n, kt, nt))
             .collect();
-        let encoded = encode_tiles(&tiles, bits, codebook);
+        let encoded = encode_tiles(&tiles, bits, codebook, effort);
         for (kt, strip) in encoded.chunks(tn).enumerate() {
             place(kt, strip, &mut q, &mut words);
         }
@@ -527,7 +538,7 @@ pub fn ldlq(
         }
         let tiles: Vec<[f32; TILE_WEIGHTS]> =
             (0..tn).map(|nt| extract_tile(&strip, n, 0, nt)).collect();
-        let encoded = encode_tiles(&tiles, bits, codebook);
+        let encoded = encode_tiles(&tiles, bits, codebook, effort);
         place(kt, &encoded, &mut q, &mut words);
         for i in r0 * n..below * n {
             err[i] = target[i] - q[i];
@@ -606,7 +617,7 @@ fn quantize_group_with(
             .collect();
         let step = pooled.len().div_ceil(3 * SCALE_SAMPLE_TILES).max(1);
         let thinned: Vec<_> = pooled.into_iter().step_by(step).collect();
-        coarse.push((key, coarse_scale(&thinned, s.bits, s.codebook)));
+        coarse.push((key, coarse_scale(&thinned, s.bits, s.codebook, s.effort)));
     }
     members
         .iter()
@@ -618,7 +629,13 @@ fn quantize_group_with(
                 .find(|(key, _)| *key == (settings.bits, settings.codebook))
                 .map(|(_, c)| *c)
                 .expect("every key searched");
-            let g = fine_scale(smp, center, settings.bits, settings.codebook);
+            let g = fine_scale(
+                smp,
+                center,
+                settings.bits,
+                settings.codebook,
+                settings.effort,
+            );
             reg.w.par_iter_mut().for_each(|v| *v *= g);
             reg.su.iter_mut().for_each(|s| *s /= g);
             let l = hessian
@@ -631,6 +648,7 @@ fn quantize_group_with(
                 l.as_deref(),
                 settings.bits,
                 settings.codebook,
+                settings.effort,
             );
             let fallback = feedback && l.is_none();
             finish(dense, settings, reg, g, words, hessian, fallback)
@@ -741,7 +759,29 @@ mod tests {
             codebook: Codebook::Mul1,
             seed: 11,
             out_scales: OutScales::Auto,
+            effort: Effort::Fast,
         }
+    }
+
+    /// The exact search is the optimum of each tile, so without feedback (independent tiles)
+    /// its weight error is never above the fast one's beyond the scale search's choice.
+    #[test]
+    fn exact_effort_no_worse_than_fast() {
+        let (in_f, out_f) = (256, 128);
+        let h = correlated_hessian(in_f, 2048, 5);
+        let dense = gaussian_linear(in_f, out_f, 9);
+        let bits = BitWidth::from_f64(3.0).unwrap();
+        let error = |effort| {
+            let s = LinearSettings {
+                effort,
+                ..settings(bits)
+            };
+            let q = quantize_group_with(&[(&dense, s)], Some(&h), false);
+            q[0].report.weight_error
+        };
+        let (fast, exact) = (error(Effort::Fast), error(Effort::Exact));
+        assert!(fast.is_finite() && exact.is_finite() && exact > 0.0);
+        assert!(exact <= fast * 1.005, "exact {exact} vs fast {fast}");
     }
 
     /// LDLQ's feedback never loses to rounding every tile on its own (same regularisation,
