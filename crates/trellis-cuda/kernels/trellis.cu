@@ -759,9 +759,9 @@ TRELLIS_LINEAR(16, 1)
 // of the tile: MT m16 tiles × two n8 halves × (hi, lo) MMAs per 16×16 weight tile, the A
 // fragments loaded with one `ldmatrix` each.
 //
-// The 16-row form serves decode: one row wastes 15 of the MMA's 16, but the tensor cores are
-// otherwise idle and each weight then costs its decode only (no fp16 → f32 widening, no FMAs);
-// a batch of up to 16 rows costs the same as one.
+// The 16-row form serves batched decode: each weight costs its decode only (no fp16 → f32
+// widening, no FMAs per row), so 8–16 rows cost about what one does. For 1–4 rows the SIMT
+// kernels are faster on the H200 (measured; see src/linear.rs).
 
 #define MMA_XS 136  // fp16 values per staged input row (128 + 8: conflict-free fragment loads)
 
@@ -981,7 +981,7 @@ __device__ __forceinline__ void trellis_mma_impl(const LinearArgs& a) {
     }
 }
 
-// The 16-row form keeps the SIMT one-row kernel's three blocks per SM.
+// The 16-row form keeps the SIMT kernels' three blocks per SM.
 extern "C" __global__ void __launch_bounds__(MM_THREADS, 3) trellis_mma_tm16(const LinearArgs a) {
     trellis_mma_impl<1>(a);
 }

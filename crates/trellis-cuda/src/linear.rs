@@ -608,7 +608,7 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         return combine.is_some();
     }
     if dev.mma16 && (MMA16_MIN_ROWS..=MMA16_TILE_ROWS).contains(&map.tile_rows) {
-        // As above with 16-row fp16 hi + lo inputs (decode: one row and up to 15 idle ones).
+        // As above with 16-row fp16 hi + lo inputs (tiles of 8–16 rows: batched decode).
         let x_bytes = (2 * MMA16_TILE_ROWS * 136 * 2).max(MMA16_TILE_ROWS * 128 * 4);
         dev.launch(
             &dev.kernels.trellis_mma_tm16,
