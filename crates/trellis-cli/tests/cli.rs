@@ -177,6 +177,57 @@ fn generate_streams_the_reference_greedy_tokens() {
     assert_eq!(text.trim_end_matches('\n'), want);
 }
 
+/// `trellis bench` reports every figure the README promises, with sane values; `--batch` above
+/// 1 is refused with a message rather than measured wrongly.
+#[test]
+fn bench_reports_speed_memory_and_roofline() {
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    let out = ok(&[
+        "bench",
+        path(&model),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--threads",
+        "2",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("bench prints JSON");
+    for field in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_ms",
+        "roofline_fraction",
+    ] {
+        let v = json[field].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{field} = {v}");
+    }
+    for field in [
+        "peak_rss_bytes",
+        "bytes_per_token",
+        "weight_bytes_per_token",
+        "bandwidth_bytes_per_s",
+    ] {
+        assert!(
+            json[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} = {}",
+            json[field]
+        );
+    }
+    // Bytes per token cover at least the quantized weights a decode step reads.
+    assert!(json["bytes_per_token"].as_u64() >= json["weight_bytes_per_token"].as_u64());
+    assert_eq!(json["device"], "cpu");
+    assert_eq!(json["prompt_tokens"], 16);
+    assert!(!json["cpu_isa"].as_str().unwrap_or("").is_empty());
+    assert_eq!(json["runs"].as_array().map(Vec::len), Some(1));
+    fails_with(
+        &["bench", path(&model), "--batch", "4"],
+        &["--batch 4", "not available"],
+    );
+}
+
 #[test]
 fn bad_inputs_give_clear_errors() {
     let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");

@@ -35,6 +35,9 @@ pub struct Report {
     device: &'static str,
     threads: usize,
     features: Vec<&'static str>,
+    /// The CPU kernels' instruction-set level (`TRELLIS_CPU_ISA` can lower it); on the CPU
+    /// device it decides speed and whether mul1 products are exact.
+    cpu_isa: &'static str,
     prompt_tokens: usize,
     gen_tokens: usize,
     batch: usize,
@@ -121,6 +124,7 @@ impl super::EngineTask for BenchTask {
             device: engine.backend().name(),
             threads: trellis_backend::cpu::CpuBackend::new().threads(),
             features: features(),
+            cpu_isa: trellis_backend::cpu::trellis_kernels::Isa::selected().name(),
             prompt_tokens: args.prompt_tokens,
             gen_tokens: args.gen_tokens,
             batch: args.batch,
