@@ -20,9 +20,10 @@
 //! the fp16 FMA wants in three instructions per 8 lanes, and its intrinsics are not stable
 //! Rust; so no level needs it.
 
-use super::layout::{GROUPS, PackedTrellis, STRIP, group_stride};
+use super::layout::{
+    GROUPS, GroupTables, PackedTrellis, PerWidth, STRIP, group_stride, per_width, per_width_cache,
+};
 use std::arch::aarch64::*;
-use std::sync::OnceLock;
 use trellis_codec::codebook::{MCG_MULTIPLIER, MUL1_MULTIPLIER};
 use trellis_codec::{BitWidth, TILE_WEIGHTS};
 
@@ -47,22 +48,22 @@ impl ChunkTables {
             index: [[[0; 16]; 2]; 2],
             shift: [[[0; 4]; 2]; 2],
         };
+        let g = GroupTables::of(bits);
         for c in 0..CHUNKS {
-            let start = |lane: usize| bits.stream_end(8 * c + lane) as usize;
-            let base = start(0) / 8;
+            let base = usize::from(g.start_byte[8 * c]);
             t.base[c] = base;
             let mut index = [[0u8; 16]; 2];
             let mut shift = [[0i32; 4]; 2];
             for lane in 0..8 {
-                let (byte, bit) = (start(lane) / 8, start(lane) % 8);
-                let rel = byte - base;
+                let (byte, bit) = (g.start_byte[8 * c + lane], g.start_bit[8 * c + lane]);
+                let rel = usize::from(byte) - base;
                 assert!(rel + 3 < 16, "8 windows fit in 16 bytes");
                 let (half, l) = (lane / 4, lane % 4);
                 // Little-endian lane: its lowest byte is the big-endian word's last.
                 for i in 0..4 {
                     index[half][4 * l + i] = (rel + 3 - i) as u8;
                 }
-                shift[half][l] = bit as i32;
+                shift[half][l] = i32::from(bit);
             }
             if c < 2 {
                 (t.index[c], t.shift[c]) = (index, shift);
@@ -77,12 +78,8 @@ impl ChunkTables {
     }
 
     fn of(bits: BitWidth) -> &'static ChunkTables {
-        static TABLES: [OnceLock<ChunkTables>; 11] = [const { OnceLock::new() }; 11];
-        let index = BitWidth::ALL
-            .iter()
-            .position(|&w| w == bits)
-            .expect("every width is listed");
-        TABLES[index].get_or_init(|| ChunkTables::compute(bits))
+        static TABLES: PerWidth<ChunkTables> = per_width_cache();
+        per_width(&TABLES, bits, ChunkTables::compute)
     }
 }
 

@@ -162,13 +162,30 @@ impl GroupTables {
 
     /// The tables of `bits` (shared, computed on first use).
     pub fn of(bits: BitWidth) -> &'static GroupTables {
-        static TABLES: [OnceLock<GroupTables>; 11] = [const { OnceLock::new() }; 11];
-        let index = BitWidth::ALL
-            .iter()
-            .position(|&w| w == bits)
-            .expect("every width is listed");
-        TABLES[index].get_or_init(|| GroupTables::compute(bits))
+        static TABLES: PerWidth<GroupTables> = per_width_cache();
+        per_width(&TABLES, bits, GroupTables::compute)
     }
+}
+
+/// A kernel's table for each bit width, computed on first use ([`per_width`]).
+pub type PerWidth<T> = [OnceLock<T>; BitWidth::ALL.len()];
+
+/// An empty [`PerWidth`] cache, for a `static`.
+pub const fn per_width_cache<T>() -> PerWidth<T> {
+    [const { OnceLock::new() }; BitWidth::ALL.len()]
+}
+
+/// The entry of `bits` in `cache`, computed by `compute` the first time it is asked for.
+pub fn per_width<T>(
+    cache: &'static PerWidth<T>,
+    bits: BitWidth,
+    compute: fn(BitWidth) -> T,
+) -> &'static T {
+    let index = BitWidth::ALL
+        .iter()
+        .position(|&w| w == bits)
+        .expect("every width is listed");
+    cache[index].get_or_init(|| compute(bits))
 }
 
 /// Bytes a group advances by in the stream (4·K; an integer for every width).

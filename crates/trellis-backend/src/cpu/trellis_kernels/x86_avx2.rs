@@ -6,9 +6,10 @@
 //! first byte, and a variable right shift plus a mask leaves the state. Codebooks run on
 //! 32-bit lanes; the single fp16 rounding of the reference is a round trip through F16C.
 
-use super::layout::{GROUPS, PackedTrellis, STRIP, group_stride};
+use super::layout::{
+    GROUPS, GroupTables, PackedTrellis, PerWidth, STRIP, group_stride, per_width, per_width_cache,
+};
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 use trellis_codec::codebook::{MCG_MULTIPLIER, MUL1_MULTIPLIER};
 use trellis_codec::{BitWidth, TILE_WEIGHTS};
 
@@ -33,31 +34,27 @@ impl ChunkTables {
             shuffle: [[0; 32]; CHUNKS],
             shift: [[0; 8]; CHUNKS],
         };
+        let g = GroupTables::of(bits);
         for c in 0..CHUNKS {
-            let start = |lane: usize| bits.stream_end(8 * c + lane) as usize;
-            let base = start(0) / 8;
+            let base = usize::from(g.start_byte[8 * c]);
             t.base[c] = base;
             for lane in 0..8 {
-                let (byte, bit) = (start(lane) / 8, start(lane) % 8);
-                let rel = byte - base;
+                let (byte, bit) = (g.start_byte[8 * c + lane], g.start_bit[8 * c + lane]);
+                let rel = usize::from(byte) - base;
                 assert!(rel + 3 < 16, "8 windows fit in 16 bytes");
                 // Little-endian lane: its lowest byte is the big-endian word's last.
                 for i in 0..4 {
                     t.shuffle[c][4 * lane + i] = (rel + 3 - i) as u8;
                 }
-                t.shift[c][lane] = (16 - bit) as u32;
+                t.shift[c][lane] = 16 - u32::from(bit);
             }
         }
         t
     }
 
     fn of(bits: BitWidth) -> &'static ChunkTables {
-        static TABLES: [OnceLock<ChunkTables>; 11] = [const { OnceLock::new() }; 11];
-        let index = BitWidth::ALL
-            .iter()
-            .position(|&w| w == bits)
-            .expect("every width is listed");
-        TABLES[index].get_or_init(|| ChunkTables::compute(bits))
+        static TABLES: PerWidth<ChunkTables> = per_width_cache();
+        per_width(&TABLES, bits, ChunkTables::compute)
     }
 }
 

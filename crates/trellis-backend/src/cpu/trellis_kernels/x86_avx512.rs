@@ -14,10 +14,10 @@
 
 use super::Isa;
 use super::layout::{
-    GROUPS, GroupTables, PackedTrellis, STRIP, chunk_order_position, group_stride,
+    GROUPS, GroupTables, PackedTrellis, PerWidth, STRIP, chunk_order_position, group_stride,
+    per_width, per_width_cache,
 };
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 use trellis_codec::codebook::{MCG_MULTIPLIER, MUL1_MULTIPLIER};
 use trellis_codec::{BitWidth, TILE_WEIGHTS};
 
@@ -68,12 +68,8 @@ impl StateTables {
     }
 
     fn of(bits: BitWidth) -> &'static StateTables {
-        static TABLES: [OnceLock<StateTables>; 11] = [const { OnceLock::new() }; 11];
-        let index = BitWidth::ALL
-            .iter()
-            .position(|&w| w == bits)
-            .expect("every width is listed");
-        TABLES[index].get_or_init(|| StateTables::compute(bits))
+        static TABLES: PerWidth<StateTables> = per_width_cache();
+        per_width(&TABLES, bits, StateTables::compute)
     }
 }
 
