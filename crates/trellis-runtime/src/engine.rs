@@ -62,7 +62,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ctx_size: None,
-            prefill_chunk: 256,
+            prefill_chunk: 512,
             all_logits: false,
             kv_dtype: KvDtype::F16,
             max_batch: 1,

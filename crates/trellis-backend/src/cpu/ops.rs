@@ -186,6 +186,42 @@ fn has_avx2() -> bool {
     super::simd::Level::selected() != super::simd::Level::Scalar
 }
 
+#[inline(always)]
+fn exp_shifted_sum_body(v: &mut [f32], shift: f32) -> f32 {
+    // Eight running sums so the adds vectorise too.
+    let mut sums = [0.0f32; 8];
+    let mut chunks = v.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (x, s) in chunk.iter_mut().zip(&mut sums) {
+            *x = exp_vectorisable(*x - shift);
+            *s += *x;
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_vectorisable(*x - shift);
+        total += *x;
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shifted_sum_avx2(v: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_sum_body(v, shift)
+}
+
+/// `v[i] = e^(v[i] − shift)`, returning their sum: the exponentials of a softmax. Inputs are
+/// expected finite with `v[i] ≤ shift` (masked positions are the caller's to zero).
+pub fn exp_shifted_sum(v: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as in `silu_mul`.
+        return unsafe { exp_shifted_sum_avx2(v, shift) };
+    }
+    exp_shifted_sum_body(v, shift)
+}
+
 /// `gate[i] = silu(gate[i]) · up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -248,6 +284,21 @@ mod tests {
         for x in (0..17_401).map(|i| (i as f32 - 8_700.0) * 0.01) {
             let (got, want) = (exp_vectorisable(x), x.exp());
             assert!(close(got, want, 4e-7, 0.0), "exp({x}) = {got}, libm {want}");
+        }
+    }
+
+    #[test]
+    fn shifted_exponentials_and_their_sum_match_libm() {
+        let v: Vec<f32> = (0..1_003).map(|i| -(i as f32) * 0.037).collect();
+        let want: Vec<f32> = v.iter().map(|&x| (x - 1.5).exp()).collect();
+        let want_sum: f64 = want.iter().map(|&x| x as f64).sum();
+        for fast in [exp_shifted_sum, exp_shifted_sum_body] {
+            let mut got = v.clone();
+            let sum = fast(&mut got, 1.5);
+            for (&g, &w) in got.iter().zip(&want) {
+                assert!(close(g, w, 4e-7, 0.0), "{g} vs libm {w}");
+            }
+            assert!(close(sum, want_sum as f32, 1e-6, 0.0), "sum {sum} vs {want_sum}");
         }
     }
 

@@ -54,8 +54,9 @@ pub struct RunOptions {
     /// Keep the KV cache in f32 instead of f16 (twice the memory, exact attention inputs).
     #[arg(long)]
     pub kv_f32: bool,
-    /// Tokens per prefill forward pass.
-    #[arg(long, default_value_t = 256)]
+    /// Tokens per prefill forward pass (as llama.cpp's micro-batch: larger chunks share each
+    /// decoded weight tile and each MLA key expansion among more tokens).
+    #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
 }
 
