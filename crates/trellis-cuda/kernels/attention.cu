@@ -285,23 +285,35 @@ __device__ __forceinline__ void mla_absorb_q_wide_impl(float* q, const W* kv_b, 
                                                        const u32* positions) {
     __shared__ float q_nope[MLA_MAX_NOPE];
     const int h = blockIdx.y, r = blockIdx.z;
-    mla_absorb_stage_query(q, q_nope, heads, nope, qk, inv_freq, half, scaling, interleaved,
-                           positions);
     const W* w = kv_b + (u64)h * (nope + v_dim) * rank;
     // Thread (row group g, column group cg) sums rows g, g + 32, … for 8 columns read with
     // one 16-byte load per row, all rows' loads in flight at once (W_UK is read once per
     // token: its latency, not its bytes, is the cost); the 32 row groups are added in order.
+    // The weights are constant, so the first rows are requested before waiting for the
+    // kernel that writes q: their latency overlaps its tail.
     __shared__ float row_group_sum[32][ABSORB_COLS];
     const int cg = threadIdx.x & 7, g = threadIdx.x >> 3;
     const int c0 = blockIdx.x * ABSORB_COLS + 8 * cg;
+    float wv[8][8];
+    if (c0 < rank) {
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int d = g + 32 * u;
+            if (d < nope) load8_f32(w + (u64)d * rank + c0, wv[u]);
+        }
+    }
+    pdl_entry();
+    mla_absorb_stage_query(q, q_nope, heads, nope, qk, inv_freq, half, scaling, interleaved,
+                           positions);
     float acc8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (c0 < rank) {
         for (int d0 = g; d0 < nope; d0 += 32 * 8) {
-            float wv[8][8];
+            if (d0 != g) {
 #pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int d = d0 + 32 * u;
-                if (d < nope) load8_f32(w + (u64)d * rank + c0, wv[u]);
+                for (int u = 0; u < 8; u++) {
+                    const int d = d0 + 32 * u;
+                    if (d < nope) load8_f32(w + (u64)d * rank + c0, wv[u]);
+                }
             }
 #pragma unroll
             for (int u = 0; u < 8; u++) {
@@ -423,20 +435,13 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
     __shared__ __align__(16) float latent[MLA_MAX_RANK];
     const int h = blockIdx.y, r = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    if (splits > 0) {
-        mla_stage_combined(part_ml, part_acc, splits, heads, rank, latent);
-    } else {
-        const float* src = o_lat + ((u64)r * heads + h) * rank;
-        for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
-    }
-    __syncthreads();
     const int per_warp = MLA_VALUES_PER_BLOCK / warps;  // 4 with 8 warps
     const int v0 = blockIdx.x * MLA_VALUES_PER_BLOCK + warp * per_warp;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Lane L reads columns 8L…8L+7 (+ 256·j) of the warp's rows with 16-byte loads, every
-    // load of the warp in flight at once (at rank 512: two per row, eight per lane).
-    for (int c0 = 8 * lane; c0 < rank; c0 += 32 * 8 * 2) {
-        float wv[2][4][8];
+    // load of the warp in flight at once (at rank 512: two per row, eight per lane). W_UV is
+    // constant: the first columns are requested before waiting for the attention's partials.
+    float wv[2][4][8];
+    auto load_columns = [&](int c0) {
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const int c = c0 + 256 * u;
@@ -447,6 +452,19 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
                     load8_f32(kv_b + ((u64)h * (nope + v_dim) + nope + v) * rank + c, wv[u][i]);
             }
         }
+    };
+    load_columns(8 * lane);
+    pdl_entry();
+    if (splits > 0) {
+        mla_stage_combined(part_ml, part_acc, splits, heads, rank, latent);
+    } else {
+        const float* src = o_lat + ((u64)r * heads + h) * rank;
+        for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
+    }
+    __syncthreads();
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = 8 * lane; c0 < rank; c0 += 32 * 8 * 2) {
+        if (c0 != 8 * lane) load_columns(c0);
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const int c = c0 + 256 * u;
@@ -486,14 +504,12 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
     extern "C" __global__ void mla_absorb_q_wide_##SUFFIX(                                      \
         float* q, const W* kv_b, float* q_lat, int heads, int nope, int qk, int v_dim, int rank, \
         const float* inv_freq, int half, float scaling, int interleaved, const u32* positions) { \
-        pdl_entry();                                                                             \
         mla_absorb_q_wide_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half,     \
                                scaling, interleaved, positions);                                 \
     }                                                                                            \
     extern "C" __global__ void mla_unabsorb_wide_##SUFFIX(                                      \
         const float* o_lat, const W* kv_b, float* out, int heads, int nope, int v_dim, int rank, \
         const float* part_ml, const float* part_acc, int splits) {                              \
-        pdl_entry();                                                                             \
         mla_unabsorb_wide_impl(o_lat, kv_b, out, heads, nope, v_dim, rank, part_ml, part_acc,    \
                                splits);                                                          \
     }

@@ -18,11 +18,12 @@ __device__ __forceinline__ float exp_rounded(float x) { return (float)exp((doubl
 // ---- routing -------------------------------------------------------------------------------
 //
 // moe_route: grid (expert groups, tokens), ROUTE_THREADS threads. Block (g, r):
-//   1. forms the token's router input h in shared memory: x, or RMSNorm(x)·norm_w when norm_w is
-//      set (block (0, r) also writes h to `h_out` for the experts);
-//   2. stages its `per_block` experts' gate rows in shared memory (coalesced 16-byte loads) and
-//      computes their logits in the CPU reference's exact summation order without FMA (eight
-//      strided partial sums, added in order, then the tail), so they match it bit for bit;
+//   1. stages its `per_block` experts' gate rows in shared memory (coalesced 16-byte loads;
+//      before waiting for the previous kernel, as they are constant);
+//   2. forms the token's router input h in shared memory: x, or RMSNorm(x)·norm_w when norm_w is
+//      set (block (0, r) also writes h to `h_out` for the experts), and computes the experts'
+//      logits in the CPU reference's exact summation order without FMA (eight strided partial
+//      sums, added in order, then the tail), so they match it bit for bit;
 //   3. takes the token's ticket: the token's last block applies the scoring and the selection
 //      (the reference's serial algorithm; exponentials in double, rounded once);
 //   4. with `plan` set, takes the launch's ticket: the last token's finisher groups the
@@ -58,7 +59,6 @@ struct RouteArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const RouteArgs a) {
-    pdl_entry();
     extern __shared__ float dyn[];
     __shared__ float scores[MOE_MAX_EXPERTS], select[MOE_MAX_EXPERTS];
     __shared__ int chosen[MOE_MAX_EXPERTS + MOE_MAX_TOP_K];
@@ -73,7 +73,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     const int e0 = g * a.per_block;
     const int ne = min(a.per_block, experts - e0);
 
-    // Stage this block's gate rows (16-byte loads when rows are 16-byte aligned).
+    // Stage this block's gate rows (16-byte loads when rows are 16-byte aligned). They are
+    // constant, so this happens before waiting for the kernel that writes x.
     if ((hidden & 3) == 0) {
         // Eight loads in flight per thread (one memory latency per batch).
         const int v4 = hidden >> 2;
@@ -105,6 +106,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
             gs[e * row_stride + c] = a.gate[(u64)(e0 + e) * hidden + c];
         }
     }
+    pdl_entry();
     // The router input.
     if (a.norm_w) {
         float sum_sq = 0.f;
