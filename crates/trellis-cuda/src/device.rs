@@ -180,6 +180,15 @@ pub(crate) struct Kernel {
     pub func: CudaFunction,
 }
 
+/// Kernels compiled once per row-tile height in [`TILE_ROWS`] (`<prefix>_tm<rows>`).
+const TILED_KERNELS: [&str; 5] = [
+    "trellis_matmul",
+    "trellis_linear",
+    "dense_matmul_f32",
+    "dense_matmul_f16",
+    "dense_matmul_bf16",
+];
+
 macro_rules! kernel_table {
     ($($name:ident),* $(,)?) => {
         /// Every kernel of the module, by name.
@@ -190,6 +199,16 @@ macro_rules! kernel_table {
             pub dense_matmul_f32: Vec<Kernel>,
             pub dense_matmul_f16: Vec<Kernel>,
             pub dense_matmul_bf16: Vec<Kernel>,
+        }
+
+        /// The name of every kernel [`Kernels`] loads, so that a test can find each one in
+        /// the compiled module without a GPU.
+        pub fn kernel_names() -> Vec<String> {
+            let mut names: Vec<String> = vec![$(stringify!($name).to_string()),*];
+            for prefix in TILED_KERNELS {
+                names.extend(TILE_ROWS.iter().map(|tm| format!("{prefix}_tm{tm}")));
+            }
+            names
         }
 
         impl Kernels {

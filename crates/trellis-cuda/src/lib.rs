@@ -23,7 +23,7 @@ mod ops;
 pub use attention::{CudaKvCache, CudaMlaKvB};
 pub use device::{
     GRAPH_ENV, KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV,
-    compile_kernels, kernel_source,
+    compile_kernels, kernel_names, kernel_source,
 };
 pub use linear::{CudaLinear, DenseType, DenseWeights, TrellisWeights};
 pub use moe::{CudaExperts, CudaRouter, CudaRouting};
