@@ -298,7 +298,10 @@ mod tests {
             for (&g, &w) in got.iter().zip(&want) {
                 assert!(close(g, w, 4e-7, 0.0), "{g} vs libm {w}");
             }
-            assert!(close(sum, want_sum as f32, 1e-6, 0.0), "sum {sum} vs {want_sum}");
+            assert!(
+                close(sum, want_sum as f32, 1e-6, 0.0),
+                "sum {sum} vs {want_sum}"
+            );
         }
     }
 
