@@ -143,6 +143,12 @@ impl Batch<'_> {
         self.positions.len()
     }
 
+    /// One past the largest position of the batch (0 when empty): the context a single
+    /// sequence's rows see.
+    pub fn context_len(&self) -> usize {
+        self.positions.iter().max().map_or(0, |&p| p as usize + 1)
+    }
+
     /// Cache slot holding position `pos` of sequence `seq`.
     #[inline]
     pub fn slot(&self, seq: u32, pos: u32) -> usize {

@@ -180,32 +180,21 @@ pub(crate) struct Kernel {
     pub func: CudaFunction,
 }
 
-/// Kernels compiled once per row-tile height in [`TILE_ROWS`] (`<prefix>_tm<rows>`).
-const TILED_KERNELS: [&str; 5] = [
-    "trellis_matmul",
-    "trellis_linear",
-    "dense_matmul_f32",
-    "dense_matmul_f16",
-    "dense_matmul_bf16",
-];
-
+/// Every kernel of the module: `$name` is one kernel; each `$tiled` is compiled once per row-tile
+/// height in [`TILE_ROWS`] (`<name>_tm<rows>`).
 macro_rules! kernel_table {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)?; tiled: $($tiled:ident),* $(,)?) => {
         /// Every kernel of the module, by name.
         pub(crate) struct Kernels {
             $(pub $name: Kernel,)*
-            pub trellis_matmul: Vec<Kernel>,
-            pub trellis_linear: Vec<Kernel>,
-            pub dense_matmul_f32: Vec<Kernel>,
-            pub dense_matmul_f16: Vec<Kernel>,
-            pub dense_matmul_bf16: Vec<Kernel>,
+            $(pub $tiled: Vec<Kernel>,)*
         }
 
         /// The name of every kernel [`Kernels`] loads, so that a test can find each one in
         /// the compiled module without a GPU.
         pub fn kernel_names() -> Vec<String> {
             let mut names: Vec<String> = vec![$(stringify!($name).to_string()),*];
-            for prefix in TILED_KERNELS {
+            for prefix in [$(stringify!($tiled)),*] {
                 names.extend(TILE_ROWS.iter().map(|tm| format!("{prefix}_tm{tm}")));
             }
             names
@@ -228,11 +217,7 @@ macro_rules! kernel_table {
                         name: stringify!($name),
                         func: module.load_function(stringify!($name))?,
                     },)*
-                    trellis_matmul: tiled("trellis_matmul")?,
-                    trellis_linear: tiled("trellis_linear")?,
-                    dense_matmul_f32: tiled("dense_matmul_f32")?,
-                    dense_matmul_f16: tiled("dense_matmul_f16")?,
-                    dense_matmul_bf16: tiled("dense_matmul_bf16")?,
+                    $($tiled: tiled(stringify!($tiled))?,)*
                 })
             }
         }
@@ -280,7 +265,12 @@ kernel_table!(
     trellis_mma_tm64,
     moe_route,
     moe_plan,
-    moe_combine,
+    moe_combine;
+    tiled: trellis_matmul,
+    trellis_linear,
+    dense_matmul_f32,
+    dense_matmul_f16,
+    dense_matmul_bf16,
 );
 
 /// Values a kernel parameter may take by value: copied into an 8-byte slot.

@@ -13,6 +13,9 @@ pub const BLOCK_SIZE: usize = 16;
 /// Context used when the config allows more and the caller does not ask: large enough for
 /// real conversations, small enough that the cache of a big model fits beside its weights.
 pub const DEFAULT_MAX_CONTEXT: usize = 32_768;
+/// Tokens per prefill forward pass unless asked otherwise, as llama.cpp's micro-batch: larger
+/// chunks share each decoded weight tile and each MLA key expansion among more tokens.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 /// Share of the backend's free memory (after the weights are loaded) that a default-sized KV
 /// cache may take, leaving room for activations, the OS and other programs.
 const DEFAULT_CACHE_MEMORY_SHARE: f64 = 0.5;
@@ -62,7 +65,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ctx_size: None,
-            prefill_chunk: 512,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             all_logits: false,
             kv_dtype: KvDtype::F16,
             max_batch: 1,

@@ -215,3 +215,10 @@ pub fn top2_margin(v: &[f32]) -> f32 {
     }
     top - second
 }
+
+/// A deterministic value in [-1, 1) for test inputs: a multiplicative hash of the index and a
+/// salt, so that tests need no random-number generator and fail the same way every run.
+pub fn noise(i: usize, salt: usize) -> f32 {
+    let x = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
+    x as f32 / 5_003.5 - 1.0
+}

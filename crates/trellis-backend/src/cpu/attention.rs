@@ -329,12 +329,7 @@ pub fn cheaper_mode(spec: &MlaSpec, batch: &Batch<'_>) -> MlaMode {
     );
     let rows = batch.rows() as u64;
     let visible: u64 = batch.positions.iter().map(|&p| u64::from(p) + 1).sum();
-    let context = batch
-        .positions
-        .iter()
-        .copied()
-        .max()
-        .map_or(0, |p| u64::from(p) + 1);
+    let context = batch.context_len() as u64;
     let absorbed = rows * h * (nope + v) * rank + visible * h * (2 * rank + rope);
     let expanded = context * h * (nope + v) * rank + visible * h * (nope + rope + v);
     if expanded < absorbed {
@@ -527,8 +522,7 @@ fn expanded(
     layer: usize,
     out: &mut [f32],
 ) {
-    let ctx = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
-    if ctx >= MLA_BLOCKED_MIN_CONTEXT {
+    if batch.context_len() >= MLA_BLOCKED_MIN_CONTEXT {
         expanded_blocked(q, kv_b, spec, batch, cache, layer, out, MLA_KEY_BLOCK);
     } else {
         expanded_per_token(q, kv_b, spec, batch, cache, layer, out);
@@ -566,12 +560,7 @@ fn expanded_blocked(
     let width = rank + rope;
     let rows = batch.rows();
     let seq = batch.sequence[0];
-    let ctx = batch
-        .positions
-        .iter()
-        .copied()
-        .max()
-        .map_or(0, |p| p as usize + 1);
+    let ctx = batch.context_len();
     let kb = key_block.min(ctx).max(1);
     let widened = match kv_b.weight {
         DenseData::F32(_) => 0,
@@ -610,6 +599,11 @@ fn expanded_blocked(
         let mut k0 = 0;
         while k0 < ctx {
             let nb = kb.min(ctx - k0);
+            // Rows before the first one that sees this block see none of it (some row does:
+            // the block starts below the largest position).
+            let Some(first) = batch.positions.iter().position(|&p| p as usize >= k0) else {
+                break;
+            };
             for (j, row) in latent[..nb * width].chunks_exact_mut(width).enumerate() {
                 cache.read_row(layer, batch.slot(seq, (k0 + j) as u32), 0, row);
             }
@@ -639,10 +633,6 @@ fn expanded_blocked(
                 false,
                 true,
             );
-            // Rows before the first one that sees this block see none of it.
-            let Some(first) = batch.positions.iter().position(|&p| p as usize >= k0) else {
-                break;
-            };
             let m = rows - first;
             let (latent, kv): (&[f32], &[f32]) = (latent, kv);
             acc.par_chunks_mut(rows * vd)
@@ -776,12 +766,7 @@ fn expanded_per_token(
     let qk = spec.qk_head_dim();
     let per_head = nope + vd;
     let seq = batch.sequence[0];
-    let ctx = batch
-        .positions
-        .iter()
-        .copied()
-        .max()
-        .map_or(0, |p| p as usize + 1);
+    let ctx = batch.context_len();
     let width = rank + spec.qk_rope_dim;
     with_layer_scratch(ctx * (width + rank + h * per_head), |buf| {
         let (latent, rest) = buf.split_at_mut(ctx * width);
@@ -825,12 +810,7 @@ fn expanded_per_token(
 mod tests {
     use super::*;
     use crate::spec::{KvCacheLayout, KvDtype};
-
-    /// A deterministic value in [-1, 1).
-    fn noise(i: usize, salt: usize) -> f32 {
-        let x = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
-        x as f32 / 5_003.5 - 1.0
-    }
+    use trellis_testutil::noise;
 
     /// Blocked expanded MLA against the per-token expansion: a chunk that starts mid-context
     /// (so the earliest key blocks are visible to every row and the last ones only to some),

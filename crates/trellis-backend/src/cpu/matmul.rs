@@ -127,11 +127,7 @@ pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: boo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(i: usize, salt: usize) -> f32 {
-        let x = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
-        x as f32 / 5_003.5 - 1.0
-    }
+    use trellis_testutil::noise;
 
     /// Strided views (a transposed operand, columns inside wider rows), overwrite and
     /// accumulate, serial and parallel, against the triple loop.

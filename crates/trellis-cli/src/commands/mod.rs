@@ -27,7 +27,7 @@ pub fn open_model(path: &Path) -> anyhow::Result<ModelDir> {
 use std::time::Instant;
 use trellis_backend::cpu::CpuBackend;
 use trellis_backend::{Backend, KvDtype};
-use trellis_runtime::engine::{Engine, EngineOptions};
+use trellis_runtime::engine::{DEFAULT_PREFILL_CHUNK, Engine, EngineOptions};
 
 /// Where a model runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +54,8 @@ pub struct RunOptions {
     /// Keep the KV cache in f32 instead of f16 (twice the memory, exact attention inputs).
     #[arg(long)]
     pub kv_f32: bool,
-    /// Tokens per prefill forward pass (as llama.cpp's micro-batch: larger chunks share each
-    /// decoded weight tile and each MLA key expansion among more tokens).
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per prefill forward pass.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
 }
 

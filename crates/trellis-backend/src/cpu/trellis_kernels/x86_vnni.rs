@@ -47,7 +47,7 @@
 
 use super::layout::{CHUNK_ROW_ORDER, PackedTrellis, STRIP, group_stride};
 use super::x86_avx512::{
-    MUL1_AT_ZERO, MUL1_SCALE, PREFETCH_AHEAD, Windows, group_states, mul1_byte_sum,
+    MUL1_AT_ZERO, MUL1_SCALE, Windows, group_states, mul1_byte_sum, prefetch_ahead,
 };
 use std::arch::x86_64::*;
 use trellis_codec::hadamard::HADAMARD_SIZE;
@@ -176,13 +176,7 @@ unsafe fn gemv_vnni(
                 // far inside int32.
                 let mut acc = [_mm512_setzero_si512(); 8];
                 for t in 0..TILES_PER_BLOCK {
-                    // A prefetch never faults, so running past the stream's end is harmless.
-                    let ahead = tile.wrapping_add(PREFETCH_AHEAD);
-                    let mut line = 0;
-                    while line < tile_bytes {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                        line += 64;
-                    }
+                    prefetch_ahead(tile, tile_bytes);
                     let x = _mm512_loadu_si512(acts.add((b * TILES_PER_BLOCK + t) * STRIP).cast());
                     group::<0>(tile, stride, tile_bytes, &w, x, &mut acc);
                     group::<1>(tile, stride, tile_bytes, &w, x, &mut acc);
