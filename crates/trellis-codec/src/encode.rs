@@ -34,6 +34,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+mod fixed;
+
 /// One encoded 16×16 tile.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EncodedTile {
@@ -84,11 +86,13 @@ pub enum Effort {
     Exact,
     /// What a quantizer wants for millions of tiles: pass 1 only runs over the
     /// [`fast_window`] positions either side of the wrap point (a survivor's memory is
-    /// ⌈16/K⌉ steps, so positions farther away do not change which overlap crosses the wrap),
-    /// and on AVX-512 the step keeps its winner in the low mantissa bits of the cost, so the
-    /// compare-and-select costs one min (costs lose ≤ 8 of 24 mantissa bits), reading the
-    /// codebook as fp16. About twice the speed of [`Effort::Exact`] for a squared error within
-    /// a fraction of a percent of it; results may differ between machines.
+    /// ⌈16/K⌉ steps, so positions farther away do not change which overlap crosses the wrap).
+    /// With AVX-512BW and K ≤ 4 the passes run in 16-bit fixed point ([`fixed`]: 32
+    /// candidates a vector, 1.5–1.7× the f32 step); otherwise, on AVX-512, the f32 step keeps
+    /// its winner in the low mantissa bits of the cost, so the compare-and-select costs one
+    /// min (costs lose ≤ 8 of 24 mantissa bits), reading the codebook as fp16. Several times
+    /// the speed of [`Effort::Exact`] for a squared error within a fraction of a percent of
+    /// it; results may differ between machines.
     Fast,
 }
 
@@ -109,7 +113,7 @@ pub fn encode_tiles_with_effort(
     tile_code(bits, codebook);
     let kernel = match effort {
         Effort::Exact => Kernel::Auto,
-        Effort::Fast => Kernel::fast(),
+        Effort::Fast => Kernel::fast(bits),
     };
     let window = match effort {
         Effort::Exact => None,
@@ -194,7 +198,12 @@ fn encode_tile_windowed(
     let w = window.map_or(HALF, |w| (w.div_ceil(2) * 2).clamp(2, HALF));
     let (lo, hi) = (HALF - w, HALF + w);
     let mut walk = [0u16; TILE_WEIGHTS];
-    let open = viterbi_pass(
+    let retry_in_f32 = |scratch: &mut Scratch| {
+        #[cfg(target_arch = "x86_64")]
+        let kernel = Kernel::Avx512Tagged;
+        encode_tile_windowed(target, bits, codebook, kernel, window, scratch)
+    };
+    let Some(open) = run_pass(
         code,
         &x_rot[lo..hi],
         &shifts_rot[lo..hi],
@@ -208,12 +217,14 @@ fn encode_tile_windowed(
         kernel,
         scratch,
         &mut walk[..2 * w],
-    );
+    ) else {
+        return retry_in_f32(scratch);
+    };
     // walk[w − 1] is position 255; the overlap it hands to position 0 pins the ring.
     let wrap = u32::from(walk[w - 1]) & low_mask(STATE_BITS - shifts[0]);
 
     let mut states = [0u16; TILE_WEIGHTS];
-    let closed = viterbi_pass(
+    let Some(closed) = run_pass(
         code,
         &x,
         &shifts,
@@ -223,7 +234,9 @@ fn encode_tile_windowed(
         kernel,
         scratch,
         &mut states,
-    );
+    ) else {
+        return retry_in_f32(scratch);
+    };
     assert!(
         closed < TAGGED_FORBIDDEN,
         "no closed walk through overlap {wrap:#x}"
@@ -248,6 +261,37 @@ fn encode_tile_windowed(
     (tile, PassCosts { open, closed })
 }
 
+/// [`viterbi_pass`], or the fixed-point pass for [`Kernel::Avx512Fixed`] (`None`: it could not
+/// take these targets).
+#[allow(clippy::too_many_arguments)]
+fn run_pass(
+    code: &Code,
+    xs: &[f32],
+    shifts: &[u32],
+    final_shift: u32,
+    start: Option<u32>,
+    end: Option<u32>,
+    kernel: Kernel,
+    scratch: &mut Scratch,
+    states: &mut [u16],
+) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Fixed {
+        return fixed::viterbi_pass(code, xs, shifts, final_shift, start, end, scratch, states);
+    }
+    Some(viterbi_pass(
+        code,
+        xs,
+        shifts,
+        final_shift,
+        start,
+        end,
+        kernel,
+        scratch,
+        states,
+    ))
+}
+
 #[inline]
 fn low_mask(bits: u32) -> u32 {
     (1u32 << bits) - 1
@@ -265,6 +309,8 @@ struct Code<'a> {
     /// Only the x86-64 kernels have a tagged variant.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     half: OnceLock<Box<[u16]>>,
+    /// The table in the fixed point of [`fixed`]'s pass.
+    fixed: OnceLock<Box<[i16]>>,
 }
 
 /// A lazily built table for the steps with shift `d` followed by `dn`.
@@ -305,7 +351,12 @@ impl<'a> Code<'a> {
             table,
             permuted,
             half: OnceLock::new(),
+            fixed: OnceLock::new(),
         }
+    }
+
+    fn fixed_table(&self) -> &[i16] {
+        self.fixed.get_or_init(|| fixed::table(self.table))
     }
 
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -373,6 +424,7 @@ struct Scratch {
     back_start: Vec<usize>,
     /// One winner per survivor, for the kernels that do not write bit planes directly.
     args: Vec<u8>,
+    fixed: fixed::FixedScratch,
 }
 
 /// u16 words of one backpointer bit plane for `survivors` survivors.
@@ -419,16 +471,27 @@ enum Kernel {
     /// AVX-512 with the winner kept in the cost's low mantissa bits ([`Effort::Fast`]).
     #[cfg(target_arch = "x86_64")]
     Avx512Tagged,
+    /// [`Effort::Fast`]'s 16-bit fixed-point pass (AVX-512BW, shifts ≤ [`fixed::MAX_SHIFT`]);
+    /// a tile it cannot take is encoded by [`Kernel::Avx512Tagged`] instead.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Fixed,
 }
 
 impl Kernel {
     /// The kernel of [`Effort::Fast`]: the tagged AVX-512 step where the CPU has it, else the
     /// exact kernels.
-    fn fast() -> Kernel {
+    fn fast(bits: BitWidth) -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Kernel::Avx512Tagged;
+        {
+            if fixed::supported() && (0..2).all(|t| bits.code_bits(t) <= fixed::MAX_SHIFT) {
+                return Kernel::Avx512Fixed;
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512Tagged;
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = bits;
         Kernel::Auto
     }
 
@@ -516,23 +579,15 @@ fn viterbi_pass(
         k => k,
     };
 
+    plan_back_planes(scratch, l, n, next_shift);
     let Scratch {
         cost,
         next,
         back,
         back_start,
         args,
+        ..
     } = scratch;
-    back_start.clear();
-    let mut total = 0;
-    for t in 0..n {
-        back_start.push(total);
-        total += next_shift(t) as usize * plane_words(1 << (l - next_shift(t)));
-    }
-    // Every kernel overwrites its whole share, so stale contents never need clearing.
-    if back.len() < total {
-        back.resize(total, 0);
-    }
     let widest = 1usize << (l - 1);
     for buf in [&mut *cost, &mut *next] {
         if buf.len() < widest + COST_PAD {
@@ -580,10 +635,48 @@ fn viterbi_pass(
         }
     };
     let best = survivors[last];
+    backtrack(back, back_start, l, shifts, final_shift, last, states);
+    best
+}
 
+/// Lay out the backpointer planes of an `n`-step pass in `scratch.back` (step t's at
+/// `scratch.back_start[t]`).
+fn plan_back_planes(scratch: &mut Scratch, l: u32, n: usize, next_shift: impl Fn(usize) -> u32) {
+    let Scratch {
+        back, back_start, ..
+    } = scratch;
+    back_start.clear();
+    let mut total = 0;
+    for t in 0..n {
+        back_start.push(total);
+        total += next_shift(t) as usize * plane_words(1 << (l - next_shift(t)));
+    }
+    // Every kernel overwrites its whole share, so stale contents never need clearing.
+    if back.len() < total {
+        back.resize(total, 0);
+    }
+}
+
+/// Follow the backpointers from survivor `last` after the final step, writing the walk's
+/// states (step order).
+fn backtrack(
+    back: &[u16],
+    back_start: &[usize],
+    l: u32,
+    shifts: &[u32],
+    final_shift: u32,
+    last: usize,
+    states: &mut [u16],
+) {
+    let n = shifts.len();
     let mut o = last;
     for t in (0..n).rev() {
-        let (d, dn) = (shifts[t], next_shift(t));
+        let d = shifts[t];
+        let dn = if t + 1 < n {
+            shifts[t + 1]
+        } else {
+            final_shift
+        };
         let words = plane_words(1 << (l - dn));
         let planes = &back[back_start[t]..];
         let hi = (0..dn as usize).fold(0, |hi, p| {
@@ -593,7 +686,6 @@ fn viterbi_pass(
         states[t] = s as u16;
         o = s >> d;
     }
-    best
 }
 
 /// One step of the dynamic program: `next[o']` becomes the minimum over the 2^dn candidates
@@ -670,6 +762,8 @@ impl Step<'_> {
                 // SAFETY: the CPU supports AVX-512F, checked just above.
                 unsafe { x86::step_avx512(self) }
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Fixed => unreachable!("the fixed-point kernel has its own pass"),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Tagged => {
                 if self.next.len() < x86::AVX512_BLOCK {
@@ -1269,6 +1363,117 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fixed-point pass on the small trellises (values scaled into its range): a valid
+    /// walk whose exact cost is within its rounding of the brute-force optimum, and whose
+    /// reported cost is within that rounding of the walk's exact cost.
+    #[test]
+    fn fixed_pass_is_within_its_rounding_of_brute_force() {
+        let mut rng = StdRng::seed_from_u64(15);
+        let mut scratch = Scratch::default();
+        for (l, pattern, steps) in SMALL {
+            for case in 0..4 {
+                let (table, xs, shifts, fin) = small_case(&mut rng, l, pattern, steps);
+                let shrink = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| 0.2 * x).collect() };
+                let (table, xs) = (shrink(table), shrink(xs));
+                let code = Code::new(l, &table, pattern);
+                // Per step: half a cost unit from rounding e², and e off by at most 2^-13
+                // (x and the table entry each rounded), times 2|e| ≤ 2·1.6.
+                let tolerance = steps as f32 * (0.5 + 3.2 * 2048.0 / 8192.0) / fixed::COST_UNIT;
+                let forced = (case % 2 == 1).then(|| rng.random_range(0..1u32 << (l - shifts[0])));
+                let want = brute_force(&table, l, &xs, &shifts, fin, forced, forced);
+                let mut states = vec![0u16; steps];
+                let got = fixed::viterbi_pass(
+                    &code,
+                    &xs,
+                    &shifts,
+                    fin,
+                    forced,
+                    forced,
+                    &mut scratch,
+                    &mut states,
+                )
+                .unwrap_or_else(|| panic!("L={l} {pattern:?}: no fixed-point result"));
+                assert!(is_open_walk(l, &states, &shifts), "L={l} {pattern:?}");
+                if let Some(o) = forced {
+                    assert_eq!(u32::from(states[0]) >> shifts[0], o, "starts at o");
+                    assert_eq!(u32::from(states[steps - 1]) & low_mask(l - fin), o);
+                }
+                let exact = walk_cost(&table, &xs, &states);
+                assert!(
+                    exact <= want + tolerance,
+                    "L={l} {pattern:?}: walk {exact} vs optimum {want} (±{tolerance})"
+                );
+                assert!(
+                    (got - exact).abs() <= tolerance,
+                    "L={l} {pattern:?}: reported {got} vs walk {exact}"
+                );
+            }
+        }
+    }
+
+    /// Whole tiles through the fixed-point kernel (no window, so only the arithmetic differs
+    /// from the exact search): valid closed walks, the total squared error within 0.5 % of the
+    /// exact one at every width it takes; a target out of its range falls back to f32.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fixed_kernel_tiles_are_close_to_exact() {
+        if !fixed::supported() {
+            eprintln!("no AVX-512BW here: the fixed-point kernel is never chosen on this CPU");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(16);
+        let mut scratch = Scratch::default();
+        for bits in BitWidth::ALL {
+            if (0..2).any(|t| bits.code_bits(t) > fixed::MAX_SHIFT) {
+                assert_ne!(Kernel::fast(bits), Kernel::Avx512Fixed, "{bits}");
+                continue;
+            }
+            assert_eq!(Kernel::fast(bits), Kernel::Avx512Fixed, "{bits}");
+            for cb in Codebook::ALL {
+                let (mut fixed_sse, mut exact_sse) = (0.0, 0.0);
+                for _ in 0..3 {
+                    let target = tile_target(&mut rng, CODEBOOK_RMS);
+                    let (tile, _) =
+                        encode_tile_with(&target, bits, cb, Kernel::Avx512Fixed, &mut scratch);
+                    assert!(
+                        crate::tile::is_valid_walk(&tile.states, bits),
+                        "{bits} {cb:?}"
+                    );
+                    assert_eq!(tile.words, pack_states(&tile.states, bits));
+                    fixed_sse += tile.squared_error;
+                    exact_sse += encode_tile_with(&target, bits, cb, Kernel::Auto, &mut scratch)
+                        .0
+                        .squared_error;
+                }
+                assert!(
+                    fixed_sse <= 1.005 * exact_sse,
+                    "{bits} {cb:?}: fixed {fixed_sse} vs exact {exact_sse}"
+                );
+            }
+        }
+        let bits = BitWidth::from_f64(3.0).unwrap();
+        let mut target = tile_target(&mut rng, CODEBOOK_RMS);
+        target[17] = 5.0;
+        let fixed = encode_tile_with(
+            &target,
+            bits,
+            Codebook::Mul1,
+            Kernel::Avx512Fixed,
+            &mut scratch,
+        );
+        let tagged = encode_tile_with(
+            &target,
+            bits,
+            Codebook::Mul1,
+            Kernel::Avx512Tagged,
+            &mut scratch,
+        );
+        assert_eq!(
+            fixed.0, tagged.0,
+            "an out-of-range target is encoded in f32"
+        );
     }
 
     /// Best code at each step given the previous state, starting from the best first state.
