@@ -1,6 +1,7 @@
 //! Linear layers on the CPU: EXL3 trellis weights repacked at upload and decoded inside the
 //! product by the SIMD kernels of `trellis_kernels`, and dense f32/f16/bf16 weights.
 
+use super::matmul::{MatMut, MatRef, matmul};
 use super::scratch::with_op_scratch;
 use super::simd;
 use super::trellis_kernels::{self, PackedTrellis};
@@ -153,6 +154,9 @@ pub(crate) fn dense_forward(
         });
         return;
     }
+    if rows >= GEMM_MIN_ROWS {
+        return dense_forward_packed(weight, bias, in_f, out_f, x, rows, out);
+    }
     // Several rows: widen each weight row once and use it for all of them; each output block
     // is owned by one task, which writes `[rows, OUT_BLOCK]` into its part of the scratch.
     with_op_scratch(rows * out_f.next_multiple_of(OUT_BLOCK), |blocks| {
@@ -190,6 +194,77 @@ pub(crate) fn dense_forward(
     });
 }
 
+/// Rows from which a dense product goes through the packed GEMM of [`matmul`]: below, its
+/// packing costs more than it saves.
+const GEMM_MIN_ROWS: usize = 32;
+
+/// Weights widened to f32 at a time by [`dense_forward_packed`] (16 MB), so that a large
+/// head is converted in slices rather than all at once.
+const WIDENED_WEIGHTS: usize = 1 << 22;
+
+/// The many-row dense product by the `gemm` crate: output columns in slices whose weights
+/// are widened to f32 (in parallel), each slice one packed product reading the weight rows
+/// as the columns of the right-hand side.
+fn dense_forward_packed(
+    weight: &DenseData,
+    bias: Option<&[f32]>,
+    in_f: usize,
+    out_f: usize,
+    x: &[f32],
+    rows: usize,
+    out: &mut [f32],
+) {
+    let slice_cols = (WIDENED_WEIGHTS / in_f.max(1)).clamp(64, out_f.max(64));
+    let lhs = MatRef {
+        data: x,
+        rows,
+        cols: in_f,
+        row_stride: in_f,
+        col_stride: 1,
+    };
+    let product = |w: &[f32], o0: usize, n: usize, out: &mut [f32]| {
+        matmul(
+            MatMut {
+                data: &mut out[o0..],
+                rows,
+                cols: n,
+                row_stride: out_f,
+                col_stride: 1,
+            },
+            lhs,
+            MatRef {
+                data: w,
+                rows: in_f,
+                cols: n,
+                row_stride: 1,
+                col_stride: in_f,
+            },
+            false,
+            true,
+        )
+    };
+    for o0 in (0..out_f).step_by(slice_cols) {
+        let n = slice_cols.min(out_f - o0);
+        let range = o0 * in_f..(o0 + n) * in_f;
+        match weight {
+            DenseData::F32(w) => product(&w[range], o0, n, out),
+            DenseData::F16(_) | DenseData::BF16(_) => with_op_scratch(n * in_f, |wide| {
+                wide.par_chunks_mut(in_f)
+                    .enumerate()
+                    .for_each(|(j, row)| weight.row_into(o0 + j, in_f, row));
+                product(wide, o0, n, out)
+            }),
+        }
+    }
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(out_f) {
+            for (v, &bo) in row.iter_mut().zip(b) {
+                *v += bo;
+            }
+        }
+    }
+}
+
 /// Copy block-major results `[block][rows][block_width]` into row-major `out[rows, width]`.
 fn scatter_blocks(blocks: &[f32], block_width: usize, rows: usize, width: usize, out: &mut [f32]) {
     for (b, block) in blocks.chunks_exact(rows * block_width).enumerate() {
@@ -201,6 +276,72 @@ fn scatter_blocks(blocks: &[f32], block_width: usize, rows: usize, width: usize,
         for r in 0..rows {
             out[r * width + c0..r * width + c0 + w]
                 .copy_from_slice(&block[r * block_width..r * block_width + w]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_testutil::noise;
+
+    /// Dense products on one row (dot products), a few rows (the blocked kernel) and many
+    /// (the packed GEMM, including a weight too large to widen in one slice), in every stored
+    /// precision, with and without bias, against an f64 sum over the widened weights.
+    #[test]
+    fn dense_forward_matches_the_definition() {
+        const {
+            assert!(
+                WIDENED_WEIGHTS / 4096 < 1100,
+                "the last case is widened in two slices"
+            )
+        };
+        for (in_f, out_f, rows) in [(96, 70, 1), (96, 70, 5), (96, 70, 40), (4096, 1100, 33)] {
+            let values: Vec<f32> = (0..in_f * out_f).map(|i| noise(i, 3)).collect();
+            let x: Vec<f32> = (0..rows * in_f).map(|i| noise(i, 4)).collect();
+            let bias: Vec<f32> = (0..out_f).map(|i| noise(i, 5)).collect();
+            for weight in [
+                DenseData::F32(values.clone().into()),
+                DenseData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+                DenseData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
+            ] {
+                for bias in [None, Some(bias.clone())] {
+                    let mut wide = vec![0f32; in_f];
+                    let mut want = vec![0f64; rows * out_f];
+                    for o in 0..out_f {
+                        weight.row_into(o, in_f, &mut wide);
+                        for r in 0..rows {
+                            let xr = &x[r * in_f..][..in_f];
+                            want[r * out_f + o] = xr
+                                .iter()
+                                .zip(&wide)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum::<f64>()
+                                + bias.as_ref().map_or(0.0, |b| f64::from(b[o]));
+                        }
+                    }
+                    let linear = CpuLinear::Dense {
+                        weight: weight.clone(),
+                        bias: bias.clone(),
+                        in_features: in_f,
+                        out_features: out_f,
+                    };
+                    let mut got = vec![f32::NAN; rows * out_f];
+                    linear.forward(&x, rows, &mut got);
+                    let (mut err, mut norm) = (0f64, 0f64);
+                    for (&g, &w) in got.iter().zip(&want) {
+                        assert!(g.is_finite(), "{in_f}x{out_f} rows {rows}: {g}");
+                        err += (f64::from(g) - w).powi(2);
+                        norm += w * w;
+                    }
+                    let rel = (err / norm).sqrt();
+                    assert!(
+                        rel < 1e-5,
+                        "{in_f}x{out_f} rows {rows} bias {}: relative error {rel:e}",
+                        bias.is_some()
+                    );
+                }
+            }
         }
     }
 }
