@@ -1,23 +1,22 @@
 //! The dense arithmetic of the quantizer that is worth making fast: Gram matrices `xᵀx` of
 //! activations (Hessian capture) and the row-times-matrix products of LDLQ's error feedback.
 //!
-//! Both are written as plain loops over fixed-width register tiles that the compiler
-//! vectorises; on x86-64 the same code is also compiled for AVX2 + FMA (and full Gram tiles
-//! written for AVX-512), chosen at run time by the CPU backend's vector `Level`, since the
-//! workspace builds for the baseline CPU.
+//! The Gram matrices are blocks of packed products by the `gemm` crate (through the CPU
+//! backend's `matmul`, which picks its ISA at run time). The feedback products are plain loops
+//! over fixed-width register tiles that the compiler vectorises; on x86-64 the same code is
+//! also compiled for AVX2 + FMA, chosen at run time by the CPU backend's vector `Level`, since
+//! the workspace builds for the baseline CPU.
 
 use rayon::prelude::*;
+use trellis_backend::cpu::matmul::{MatMut, MatRef, matmul};
 use trellis_backend::cpu::simd::Level;
 
-/// Output rows and columns of one register tile of the Gram kernel (16 AVX-512 registers).
-const GRAM_TILE_ROWS: usize = 8;
-const GRAM_TILE_COLS: usize = 32;
-/// Accumulator rows one parallel task owns: its tiles share the activation rows they read,
-/// which then stay in L1.
-const GRAM_TASK_ROWS: usize = 64;
-/// Activation bytes per row chunk: the chunk is swept once per task, so it should sit in L2.
-/// Partial sums over one chunk are formed in f32 and then added to the f64 accumulator.
-const GRAM_CHUNK_BYTES: usize = 1 << 20;
+/// Accumulator rows and columns of one block of the Gram product: one packed product per
+/// pair of column blocks of the activations, upper triangle only.
+const GRAM_BLOCK: usize = 128;
+/// Activation rows per packed product. Partial sums over one chunk are formed in f32 (by the
+/// `gemm` crate) and then added to the f64 accumulator.
+const GRAM_CHUNK_ROWS: usize = 1024;
 
 /// `acc[i·dim + j] += Σ_r x[r·dim + i] · x[r·dim + j]` for `j ≥ i` (the upper triangle; the
 /// lower one is left untouched), over the `rows` rows of `x`. Partial sums over chunks of rows
@@ -25,155 +24,61 @@ const GRAM_CHUNK_BYTES: usize = 1 << 20;
 pub fn gram_upper_accumulate(x: &[f32], rows: usize, dim: usize, acc: &mut [f64]) {
     assert_eq!(x.len(), rows * dim, "activation shape");
     assert_eq!(acc.len(), dim * dim, "accumulator shape");
-    if dim == 0 {
+    if dim == 0 || rows == 0 {
         return;
     }
-    let level = Level::selected();
-    let chunk_rows = (GRAM_CHUNK_BYTES / (4 * dim)).clamp(16, 512);
-    acc.par_chunks_mut(GRAM_TASK_ROWS * dim)
+    // One task per band of accumulator rows; a band's products reach from its diagonal
+    // block to the last column, so early bands carry more work (rayon balances them).
+    acc.par_chunks_mut(GRAM_BLOCK * dim)
         .enumerate()
-        .for_each(|(task, acc_rows)| {
-            let task_i0 = task * GRAM_TASK_ROWS;
-            let task_rows = acc_rows.len() / dim;
-            let first_j0 = task_i0 - task_i0 % GRAM_TILE_COLS;
-            let mut r0 = 0;
-            while r0 < rows {
-                let nr = chunk_rows.min(rows - r0);
+        .for_each(|(band, acc_rows)| {
+            let i0 = band * GRAM_BLOCK;
+            let ni = acc_rows.len() / dim;
+            let mut block = vec![0f32; GRAM_BLOCK * GRAM_BLOCK];
+            for r0 in (0..rows).step_by(GRAM_CHUNK_ROWS) {
+                let nr = GRAM_CHUNK_ROWS.min(rows - r0);
                 let chunk = &x[r0 * dim..(r0 + nr) * dim];
-                for j0 in (first_j0..dim).step_by(GRAM_TILE_COLS) {
-                    let nj = GRAM_TILE_COLS.min(dim - j0);
-                    for ti in (0..task_rows).step_by(GRAM_TILE_ROWS) {
-                        let i0 = task_i0 + ti;
-                        let ni = GRAM_TILE_ROWS.min(task_rows - ti);
-                        if j0 + nj <= i0 {
-                            continue; // wholly below the diagonal
-                        }
-                        let tile = gram_tile(level, chunk, dim, i0, ni, j0, nj);
-                        for (i, tile_row) in tile.iter().enumerate().take(ni) {
-                            let out = &mut acc_rows[(ti + i) * dim..(ti + i + 1) * dim];
-                            for (j, &v) in tile_row.iter().enumerate().take(nj) {
-                                if j0 + j >= i0 + i {
-                                    out[j0 + j] += f64::from(v);
-                                }
-                            }
+                for j0 in (i0..dim).step_by(GRAM_BLOCK) {
+                    let nj = GRAM_BLOCK.min(dim - j0);
+                    matmul(
+                        MatMut {
+                            data: &mut block,
+                            rows: ni,
+                            cols: nj,
+                            row_stride: GRAM_BLOCK,
+                            col_stride: 1,
+                        },
+                        // Columns i0.. of the chunk, transposed.
+                        MatRef {
+                            data: &chunk[i0..],
+                            rows: ni,
+                            cols: nr,
+                            row_stride: 1,
+                            col_stride: dim,
+                        },
+                        MatRef {
+                            data: &chunk[j0..],
+                            rows: nr,
+                            cols: nj,
+                            row_stride: dim,
+                            col_stride: 1,
+                        },
+                        false,
+                        false,
+                    );
+                    for i in 0..ni {
+                        let out = &mut acc_rows[i * dim + j0..][..nj];
+                        let first = (i0 + i).saturating_sub(j0).min(nj);
+                        for (o, &v) in out[first..]
+                            .iter_mut()
+                            .zip(&block[i * GRAM_BLOCK + first..][..nj - first])
+                        {
+                            *o += f64::from(v);
                         }
                     }
                 }
-                r0 += nr;
             }
         });
-}
-
-type GramTile = [[f32; GRAM_TILE_COLS]; GRAM_TILE_ROWS];
-
-/// `tile[i][j] = Σ_r x[r][i0+i] · x[r][j0+j]` over the rows of `x`, for `i < ni ≤ 8` and
-/// `j < nj ≤ 32` (the rest of the tile is zero), at the backend's vector `level` (so that
-/// `TRELLIS_CPU_ISA` forces this kernel too).
-fn gram_tile(
-    level: Level,
-    x: &[f32],
-    dim: usize,
-    i0: usize,
-    ni: usize,
-    j0: usize,
-    nj: usize,
-) -> GramTile {
-    assert!(i0 + ni <= dim && j0 + nj <= dim && x.len().is_multiple_of(dim));
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 if ni == GRAM_TILE_ROWS && nj == GRAM_TILE_COLS => {
-            // SAFETY: a selected or available level is supported by this CPU (AVX-512F
-            // included), and the tile lies inside every row (asserted), all the kernel reads.
-            unsafe { gram_tile_avx512(x, dim, i0, j0) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 | Level::Avx512 => {
-            // SAFETY: either level implies AVX2 and FMA, all the function was compiled for.
-            unsafe { gram_tile_avx2(x, dim, i0, ni, j0, nj) }
-        }
-        _ => gram_tile_portable(x, dim, i0, ni, j0, nj),
-    }
-}
-
-/// A full 8 × 32 tile: per row, two vectors of the `j` columns times eight broadcast `i`
-/// values, sixteen accumulators in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn gram_tile_avx512(x: &[f32], dim: usize, i0: usize, j0: usize) -> GramTile {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; GRAM_TILE_ROWS];
-    for row in x.chunks_exact(dim) {
-        let b: &[f32; GRAM_TILE_COLS] = row[j0..j0 + GRAM_TILE_COLS].try_into().unwrap();
-        let a: &[f32; GRAM_TILE_ROWS] = row[i0..i0 + GRAM_TILE_ROWS].try_into().unwrap();
-        // SAFETY: each pointer addresses 16 floats inside `b`.
-        let (b0, b1) = unsafe {
-            (
-                _mm512_loadu_ps(b.as_ptr()),
-                _mm512_loadu_ps(b.as_ptr().add(16)),
-            )
-        };
-        for (acc_i, &av) in acc.iter_mut().zip(a) {
-            let av = _mm512_set1_ps(av);
-            acc_i[0] = _mm512_fmadd_ps(av, b0, acc_i[0]);
-            acc_i[1] = _mm512_fmadd_ps(av, b1, acc_i[1]);
-        }
-    }
-    let mut tile = [[0.0f32; GRAM_TILE_COLS]; GRAM_TILE_ROWS];
-    for (t, [lo, hi]) in tile.iter_mut().zip(acc) {
-        // SAFETY: each pointer addresses 16 floats inside the 32 of `t`.
-        unsafe {
-            _mm512_storeu_ps(t.as_mut_ptr(), lo);
-            _mm512_storeu_ps(t.as_mut_ptr().add(16), hi);
-        }
-    }
-    tile
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gram_tile_avx2(x: &[f32], dim: usize, i0: usize, ni: usize, j0: usize, nj: usize) -> GramTile {
-    gram_tile_portable(x, dim, i0, ni, j0, nj)
-}
-
-/// Any tile, as two halves of 8 × 16 so that the accumulators fit 256-bit registers.
-#[inline(always)]
-fn gram_tile_portable(
-    x: &[f32],
-    dim: usize,
-    i0: usize,
-    ni: usize,
-    j0: usize,
-    nj: usize,
-) -> GramTile {
-    const HALF: usize = GRAM_TILE_COLS / 2;
-    let mut tile = [[0.0f32; GRAM_TILE_COLS]; GRAM_TILE_ROWS];
-    for half in 0..2 {
-        let jh = j0 + half * HALF;
-        let nh = nj.saturating_sub(half * HALF).min(HALF);
-        if nh == 0 {
-            break;
-        }
-        let mut part = [[0.0f32; HALF]; GRAM_TILE_ROWS];
-        let mut a = [0.0f32; GRAM_TILE_ROWS];
-        let mut b = [0.0f32; HALF];
-        for row in x.chunks_exact(dim) {
-            for (av, &v) in a.iter_mut().zip(&row[i0..i0 + ni]) {
-                *av = v;
-            }
-            for (bv, &v) in b.iter_mut().zip(&row[jh..jh + nh]) {
-                *bv = v;
-            }
-            for (p, &av) in part.iter_mut().zip(&a) {
-                for (pv, &bv) in p.iter_mut().zip(&b) {
-                    *pv += av * bv;
-                }
-            }
-        }
-        for (t, p) in tile.iter_mut().zip(&part) {
-            t[half * HALF..][..HALF].copy_from_slice(p);
-        }
-    }
-    tile
 }
 
 /// `out[r][c] += Σ_i coef[i·coef_stride + r] · m[i][c]` for `r < out_rows`: a short, wide
@@ -290,7 +195,8 @@ mod tests {
 
     #[test]
     fn gram_matches_the_definition() {
-        for (rows, dim) in [(300, 37), (1100, 150)] {
+        // Partial blocks, more than one block and more than one chunk of rows.
+        for (rows, dim) in [(300, 37), (1100, 150), (2100, 300)] {
             check_gram(rows, dim);
         }
     }
@@ -310,39 +216,6 @@ mod tests {
                     assert!((acc[i * dim + j] - want).abs() < 1e-3 * want.abs().max(1.0));
                 } else {
                     assert_eq!(acc[i * dim + j], 0.0);
-                }
-            }
-        }
-    }
-
-    /// Every tile kernel this CPU runs, on shapes with full and partial tiles, against f64.
-    #[test]
-    fn gram_tile_kernels_match_the_definition() {
-        let (rows, dim) = (77, 70);
-        let x: Vec<f32> = (0..rows * dim)
-            .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 300.0)
-            .collect();
-        for level in Level::available() {
-            for (i0, ni, j0, nj) in [
-                (0, 8, 0, 32),
-                (8, 8, 32, 32),
-                (64, 6, 64, 6),
-                (3, 5, 40, 17),
-            ] {
-                let tile = gram_tile(level, &x, dim, i0, ni, j0, nj);
-                for i in 0..ni {
-                    for j in 0..nj {
-                        let want: f64 = (0..rows)
-                            .map(|r| {
-                                f64::from(x[r * dim + i0 + i]) * f64::from(x[r * dim + j0 + j])
-                            })
-                            .sum();
-                        let got = f64::from(tile[i][j]);
-                        assert!(
-                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "tile ({i0},{j0}) [{i}][{j}]: {got} vs {want}"
-                        );
-                    }
                 }
             }
         }

@@ -40,8 +40,10 @@ fn score(spec: &AttentionSpec, dot: f32) -> f32 {
 
 /// Batches with at least this many rows (prefill) take [`attention_blocked`].
 const BLOCKED_MIN_ROWS: usize = 8;
-/// Rows of one blocked task, and keys per step of its online softmax.
-const BLOCK_ROWS: usize = 16;
+/// Rows of one blocked task (at most; fewer when that leaves a thread idle), and keys per
+/// step of its online softmax. A task gathers the keys of its context once for all its rows.
+const BLOCK_ROWS: usize = 64;
+const MIN_BLOCK_ROWS: usize = 16;
 const KEY_BLOCK: usize = 256;
 
 /// Scores → softmax → weighted values for every (token, head). Keys occupy the first half of
@@ -113,12 +115,15 @@ pub fn attention_blocked(
 ) {
     let (h, d) = (spec.heads, spec.head_dim);
     let rows = batch.rows();
+    let block_rows = rows
+        .div_ceil(2 * rayon::current_num_threads())
+        .clamp(MIN_BLOCK_ROWS, BLOCK_ROWS);
     out[..rows * h * d]
-        .par_chunks_mut(BLOCK_ROWS * h * d)
+        .par_chunks_mut(block_rows * h * d)
         .enumerate()
         .for_each(|(block, out_block)| {
-            let first_row = block * BLOCK_ROWS;
-            let last_row = (first_row + BLOCK_ROWS).min(rows);
+            let first_row = block * block_rows;
+            let last_row = (first_row + block_rows).min(rows);
             let mut a = first_row;
             while a < last_row {
                 let mut b = a + 1;
@@ -157,20 +162,19 @@ fn attend_run(
     let (p0, p1) = (batch.positions[run.start], batch.positions[run.end - 1]);
     let first = window_start(p0, spec.sliding_window);
     let m = run.len() * group;
-    // Scratch: queries [m, d], keys [KEY_BLOCK, d], values transposed [d, KEY_BLOCK],
-    // scores [m, KEY_BLOCK], block output [m, d], output accumulator [m, d], max and sum [m].
+    // Scratch: queries [m, d], keys [KEY_BLOCK, d], values [KEY_BLOCK, d],
+    // scores [m, KEY_BLOCK], output accumulator [m, d], max and sum [m].
     let sizes = [
         m * d,
         KEY_BLOCK * d,
-        d * KEY_BLOCK,
+        KEY_BLOCK * d,
         m * KEY_BLOCK,
-        m * d,
         m * d,
         m,
         m,
     ];
     with_task_scratch(sizes.iter().sum(), |scratch| {
-        let [qs, keys, values_t, scores, block_out, acc, max, sum] = split_scratch(scratch, sizes);
+        let [qs, keys, values, scores, acc, max, sum] = split_scratch(scratch, sizes);
         for (r, i) in run.clone().enumerate() {
             for g in 0..group {
                 let head = kv_head * group + g;
@@ -186,12 +190,39 @@ fn attend_run(
             for (j, p) in (k0..k0 + nb as u32).enumerate() {
                 let slot = batch.slot(seq, p);
                 cache.read_row(layer, slot, kv_head * d, &mut keys[j * d..(j + 1) * d]);
-                cache.read_row(layer, slot, v_start + kv_head * d, &mut block_out[..d]);
-                for (c, &v) in block_out[..d].iter().enumerate() {
-                    values_t[c * nb + j] = v;
-                }
+                cache.read_row(
+                    layer,
+                    slot,
+                    v_start + kv_head * d,
+                    &mut values[j * d..][..d],
+                );
             }
-            simd::gemm_nt(&keys[..nb * d], nb, qs, m, d, scores, nb);
+            // scores [m, nb] = queries · keysᵀ
+            matmul(
+                MatMut {
+                    data: &mut scores[..m * nb],
+                    rows: m,
+                    cols: nb,
+                    row_stride: nb,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: qs,
+                    rows: m,
+                    cols: d,
+                    row_stride: d,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: &keys[..nb * d],
+                    rows: d,
+                    cols: nb,
+                    row_stride: 1,
+                    col_stride: d,
+                },
+                false,
+                false,
+            );
             for (r, i) in run.clone().enumerate() {
                 let pos = batch.positions[i];
                 let lo = window_start(pos, spec.sliding_window);
@@ -225,18 +256,32 @@ fn attend_run(
                     }
                 }
             }
-            simd::gemm_nt(
-                &values_t[..d * nb],
-                d,
-                &scores[..m * nb],
-                m,
-                nb,
-                block_out,
-                d,
+            // acc [m, d] += probabilities · values
+            matmul(
+                MatMut {
+                    data: acc,
+                    rows: m,
+                    cols: d,
+                    row_stride: d,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: &scores[..m * nb],
+                    rows: m,
+                    cols: nb,
+                    row_stride: nb,
+                    col_stride: 1,
+                },
+                MatRef {
+                    data: &values[..nb * d],
+                    rows: nb,
+                    cols: d,
+                    row_stride: d,
+                    col_stride: 1,
+                },
+                true,
+                false,
             );
-            for (a, &b) in acc.iter_mut().zip(block_out.iter()) {
-                *a += b;
-            }
             k0 += nb as u32;
         }
         for r in 0..run.len() {
@@ -901,7 +946,8 @@ mod tests {
                     sliding_window: window,
                     logit_softcap: softcap,
                 };
-                // Sequence 0: positions 0..600 cached, the batch holds 560..600.
+                // Sequence 0: positions 0..600 cached, the batch holds 300..600 (tasks of
+                // the largest block size, runs crossing key blocks).
                 // Sequence 1: positions 0..23, all in the batch.
                 let lens = [600usize, 23];
                 let blocks_per_sequence = 600usize.div_ceil(block_size);
@@ -919,7 +965,7 @@ mod tests {
                     .collect();
                 let (mut positions, mut sequence) = (Vec::new(), Vec::new());
                 for (s, &len) in lens.iter().enumerate() {
-                    let start = if s == 0 { 560 } else { 0 };
+                    let start = if s == 0 { 300 } else { 0 };
                     positions.extend(start as u32..len as u32);
                     sequence.extend(std::iter::repeat_n(s as u32, len - start));
                 }

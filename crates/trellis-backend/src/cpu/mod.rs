@@ -7,7 +7,7 @@
 mod attention;
 mod kv;
 mod linear;
-mod matmul;
+pub mod matmul;
 mod moe;
 mod ops;
 pub mod profile;
