@@ -34,6 +34,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
 mod fixed;
 
 /// One encoded 16×16 tile.
@@ -310,6 +311,7 @@ struct Code<'a> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     half: OnceLock<Box<[u16]>>,
     /// The table in the fixed point of [`fixed`]'s pass.
+    #[cfg(target_arch = "x86_64")]
     fixed: OnceLock<Box<[i16]>>,
 }
 
@@ -351,10 +353,12 @@ impl<'a> Code<'a> {
             table,
             permuted,
             half: OnceLock::new(),
+            #[cfg(target_arch = "x86_64")]
             fixed: OnceLock::new(),
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn fixed_table(&self) -> &[i16] {
         self.fixed.get_or_init(|| fixed::table(self.table))
     }
@@ -424,6 +428,7 @@ struct Scratch {
     back_start: Vec<usize>,
     /// One winner per survivor, for the kernels that do not write bit planes directly.
     args: Vec<u8>,
+    #[cfg(target_arch = "x86_64")]
     fixed: fixed::FixedScratch,
 }
 
@@ -478,7 +483,8 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel of [`Effort::Fast`]: the tagged AVX-512 step where the CPU has it, else the
+    /// The kernel of [`Effort::Fast`]: the fixed-point pass where the CPU has AVX-512BW and no
+    /// step shifts more than [`fixed::MAX_SHIFT`] bits, else the tagged AVX-512 step, else the
     /// exact kernels.
     fn fast(bits: BitWidth) -> Kernel {
         #[cfg(target_arch = "x86_64")]
@@ -1368,6 +1374,7 @@ mod tests {
     /// The fixed-point pass on the small trellises (values scaled into its range): a valid
     /// walk whose exact cost is within its rounding of the brute-force optimum, and whose
     /// reported cost is within that rounding of the walk's exact cost.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn fixed_pass_is_within_its_rounding_of_brute_force() {
         let mut rng = StdRng::seed_from_u64(15);

@@ -1,19 +1,20 @@
 //! [`Effort::Fast`](super::Effort::Fast)'s Viterbi pass in 16-bit fixed point (AVX-512BW).
 //!
-//! The f32 step is bound by its vector operations per candidate (about six for sixteen
-//! candidates). In 16-bit lanes a vector holds 32 candidates and the same step costs about
-//! seven operations, so a pass runs ≈ 2× faster. What it gives up is resolution:
+//! The f32 step costs about six vector operations per sixteen candidates. In 16-bit lanes a
+//! vector holds 32 candidates for about seven operations; measured, a pass runs 1.5× (K = 4)
+//! to 1.7× (K = 2) faster (the step is partly bound by reading the table and by its per-block
+//! work, not only by those operations). What it gives up is resolution:
 //!
 //! * values (codebook entries and targets) are stored as `round(v · 2^13)`, so they must lie
 //!   in (−4, 4); every codebook does (their magnitudes stay below 3.5), and a tile with a
 //!   larger target is left to the f32 kernels;
 //! * a candidate's squared error is `mulhrs(e, e)`, i.e. rounded to units of 2^-11; an error
 //!   beyond ±4 saturates at 16. Over a 256-step walk the rounding moves a walk's cost by a
-//!   few units, ≈ 0.1 % of a K = 4 tile's error; at K ≥ 5 a step's error is only a few units
-//!   itself, so those widths keep the f32 kernels ([`MAX_SHIFT`]);
-//! * costs are unsigned and saturate at 65535; whenever the cheapest survivor passes
-//!   [`RENORMALIZE_ABOVE`] it is subtracted from all of them, so only walks that are already
-//!   ≈ 24 units² worse than the best one lose information.
+//!   few of those units, ≈ 0.1 % of a K = 4 tile's error; at K ≥ 5 a step's error is only a
+//!   few units itself, so those widths keep the f32 kernels ([`MAX_SHIFT`]);
+//! * costs are unsigned and saturate at 65535 units; whenever the cheapest survivor passes
+//!   [`RENORMALIZE_ABOVE`] it is subtracted from all of them, so only walks whose squared
+//!   error is already ≈ 24 above the best one's lose information.
 //!
 //! A pass reports `None` when its result cannot be trusted (a target out of range, a forced
 //! end that saturated, a walk that does not start where it was forced to); the caller then
