@@ -638,8 +638,10 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
     if (!a.tiles) pdl_entry();
 
-    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+    // The first batch's inputs are requested before the norm's full-row pass, so the two
+    // round trips to memory overlap (the inputs are only scaled later, in the stage).
     if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {  // kt0, kt1 are multiples of MM_KTILES
         linear_stage<TM>(st, sw, sx, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
                          inv_rms);
@@ -905,8 +907,10 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
     if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
     if (!a.tiles) pdl_entry();
 
-    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
+    // The first batch's inputs are requested before the norm's full-row pass, so the two
+    // round trips to memory overlap (the inputs are only scaled later, in the stage).
     if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
+    if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {
         mma_stage<TM>(st, sw, xhi, xlo, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
                       inv_rms);
