@@ -204,7 +204,7 @@ fn encode_tile_windowed(
         let kernel = Kernel::Avx512Tagged;
         encode_tile_windowed(target, bits, codebook, kernel, window, scratch)
     };
-    let Some(open) = run_pass(
+    let Some(open) = viterbi_pass(
         code,
         &x_rot[lo..hi],
         &shifts_rot[lo..hi],
@@ -225,7 +225,7 @@ fn encode_tile_windowed(
     let wrap = u32::from(walk[w - 1]) & low_mask(STATE_BITS - shifts[0]);
 
     let mut states = [0u16; TILE_WEIGHTS];
-    let Some(closed) = run_pass(
+    let Some(closed) = viterbi_pass(
         code,
         &x,
         &shifts,
@@ -260,37 +260,6 @@ fn encode_tile_windowed(
         squared_error,
     };
     (tile, PassCosts { open, closed })
-}
-
-/// [`viterbi_pass`], or the fixed-point pass for [`Kernel::Avx512Fixed`] (`None`: it could not
-/// take these targets).
-#[allow(clippy::too_many_arguments)]
-fn run_pass(
-    code: &Code,
-    xs: &[f32],
-    shifts: &[u32],
-    final_shift: u32,
-    start: Option<u32>,
-    end: Option<u32>,
-    kernel: Kernel,
-    scratch: &mut Scratch,
-    states: &mut [u16],
-) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512Fixed {
-        return fixed::viterbi_pass(code, xs, shifts, final_shift, start, end, scratch, states);
-    }
-    Some(viterbi_pass(
-        code,
-        xs,
-        shifts,
-        final_shift,
-        start,
-        end,
-        kernel,
-        scratch,
-        states,
-    ))
 }
 
 #[inline]
@@ -557,7 +526,8 @@ const COST_PAD: usize = 16;
 /// * `end`: `None` ends at the cheapest survivor; `Some(o)` at survivor `o` (the low
 ///   `L − final_shift` bits of the last state).
 ///
-/// An unreachable `end` gives an infinite cost and meaningless states.
+/// An unreachable `end` gives an infinite cost and meaningless states. `None` only comes from
+/// [`Kernel::Avx512Fixed`]: the fixed-point pass could not take these targets (see [`fixed`]).
 #[allow(clippy::too_many_arguments)]
 fn viterbi_pass(
     code: &Code,
@@ -569,23 +539,20 @@ fn viterbi_pass(
     kernel: Kernel,
     scratch: &mut Scratch,
     states: &mut [u16],
-) -> f32 {
+) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Fixed {
+        return fixed::viterbi_pass(code, xs, shifts, final_shift, start, end, scratch, states);
+    }
     let l = code.state_bits;
     let n = xs.len();
     assert!(n >= 1 && shifts.len() == n && states.len() == n);
-    let next_shift = |t: usize| {
-        if t + 1 < n {
-            shifts[t + 1]
-        } else {
-            final_shift
-        }
-    };
     let kernel = match kernel {
         Kernel::Auto => Kernel::detect(),
         k => k,
     };
 
-    plan_back_planes(scratch, l, n, next_shift);
+    plan_back_planes(scratch, l, shifts, final_shift);
     let Scratch {
         cost,
         next,
@@ -594,28 +561,15 @@ fn viterbi_pass(
         args,
         ..
     } = scratch;
-    let widest = 1usize << (l - 1);
-    for buf in [&mut *cost, &mut *next] {
-        if buf.len() < widest + COST_PAD {
-            buf.resize(widest + COST_PAD, 0.0);
-        }
-    }
-
-    let first = &mut cost[..1 << (l - shifts[0])];
-    match start {
-        None => first.fill(0.0),
-        Some(o) => {
-            first.fill(if kernel.tagged() {
-                TAGGED_FORBIDDEN
-            } else {
-                f32::INFINITY
-            });
-            first[o as usize] = 0.0;
-        }
-    }
+    let forbidden = if kernel.tagged() {
+        TAGGED_FORBIDDEN
+    } else {
+        f32::INFINITY
+    };
+    start_costs(cost, next, COST_PAD, l, shifts[0], start, 0.0, forbidden);
 
     for t in 0..n {
-        let (d, dn) = (shifts[t], next_shift(t));
+        let (d, dn) = (shifts[t], shift_after(shifts, final_shift, t));
         let width = 1usize << (l - dn);
         let step = Step {
             code,
@@ -633,29 +587,71 @@ fn viterbi_pass(
     }
 
     let survivors = &cost[..1 << (l - final_shift)];
-    let last = match end {
+    let last = end_survivor(survivors, end);
+    let best = survivors[last];
+    backtrack(back, back_start, l, shifts, final_shift, last, states);
+    Some(best)
+}
+
+/// The shift of the step after step `t` of a pass over `shifts` (`final_shift` after the last).
+#[inline]
+fn shift_after(shifts: &[u32], final_shift: u32, t: usize) -> u32 {
+    shifts.get(t + 1).copied().unwrap_or(final_shift)
+}
+
+/// Size both cost buffers for the widest step (plus `pad` readable values) and set the first
+/// step's predecessor costs: all `open` for a free start, else `forbidden` but the forced
+/// overlap, which is `open`.
+#[allow(clippy::too_many_arguments)]
+fn start_costs<T: Copy + Default>(
+    cost: &mut Vec<T>,
+    next: &mut Vec<T>,
+    pad: usize,
+    l: u32,
+    first_shift: u32,
+    start: Option<u32>,
+    open: T,
+    forbidden: T,
+) {
+    let len = (1usize << (l - 1)) + pad;
+    for buf in [&mut *cost, &mut *next] {
+        if buf.len() < len {
+            buf.resize(len, T::default());
+        }
+    }
+    let first = &mut cost[..1 << (l - first_shift)];
+    match start {
+        None => first.fill(open),
+        Some(o) => {
+            first.fill(forbidden);
+            first[o as usize] = open;
+        }
+    }
+}
+
+/// The survivor a pass ends at: `end` when forced, else the first cheapest one, so that ties
+/// resolve the same way in every kernel.
+fn end_survivor<T: PartialOrd>(survivors: &[T], end: Option<u32>) -> usize {
+    match end {
         Some(o) => o as usize,
-        // First minimum, so ties resolve the same way in every kernel.
         None => {
             (0..survivors.len()).fold(0, |b, i| if survivors[i] < survivors[b] { i } else { b })
         }
-    };
-    let best = survivors[last];
-    backtrack(back, back_start, l, shifts, final_shift, last, states);
-    best
+    }
 }
 
-/// Lay out the backpointer planes of an `n`-step pass in `scratch.back` (step t's at
+/// Lay out the backpointer planes of a pass in `scratch.back` (step t's at
 /// `scratch.back_start[t]`).
-fn plan_back_planes(scratch: &mut Scratch, l: u32, n: usize, next_shift: impl Fn(usize) -> u32) {
+fn plan_back_planes(scratch: &mut Scratch, l: u32, shifts: &[u32], final_shift: u32) {
     let Scratch {
         back, back_start, ..
     } = scratch;
     back_start.clear();
     let mut total = 0;
-    for t in 0..n {
+    for t in 0..shifts.len() {
         back_start.push(total);
-        total += next_shift(t) as usize * plane_words(1 << (l - next_shift(t)));
+        let dn = shift_after(shifts, final_shift, t);
+        total += dn as usize * plane_words(1 << (l - dn));
     }
     // Every kernel overwrites its whole share, so stale contents never need clearing.
     if back.len() < total {
@@ -677,12 +673,7 @@ fn backtrack(
     let n = shifts.len();
     let mut o = last;
     for t in (0..n).rev() {
-        let d = shifts[t];
-        let dn = if t + 1 < n {
-            shifts[t + 1]
-        } else {
-            final_shift
-        };
+        let (d, dn) = (shifts[t], shift_after(shifts, final_shift, t));
         let words = plane_words(1 << (l - dn));
         let planes = &back[back_start[t]..];
         let hi = (0..dn as usize).fold(0, |hi, p| {
@@ -1323,7 +1314,8 @@ mod tests {
                         kernel,
                         &mut scratch,
                         &mut states,
-                    );
+                    )
+                    .expect("the f32 kernels always give a result");
                     assert_eq!(got, want, "L={l} {pattern:?} T={steps} {kernel:?}");
                     assert!(is_open_walk(l, &states, &shifts));
                     assert_eq!(walk_cost(&table, &xs, &states), got);
@@ -1358,7 +1350,8 @@ mod tests {
                         kernel,
                         &mut scratch,
                         &mut states,
-                    );
+                    )
+                    .expect("the f32 kernels always give a result");
                     assert_eq!(got, want, "L={l} {pattern:?} T={steps} o={o} {kernel:?}");
                     if got.is_finite() {
                         assert!(is_open_walk(l, &states, &shifts));

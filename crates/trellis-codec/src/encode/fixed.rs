@@ -68,8 +68,9 @@ pub(super) struct FixedScratch {
     next: Vec<u16>,
 }
 
-/// The fixed-point counterpart of [`super::viterbi_pass`] (same arguments); returns the chosen
-/// walk's cost, or `None` when the caller must redo the tile in f32.
+/// The fixed-point pass behind [`super::viterbi_pass`] for [`super::Kernel::Avx512Fixed`] (same
+/// arguments); returns the chosen walk's cost, or `None` when the caller must redo the tile in
+/// f32.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn viterbi_pass(
     code: &Code,
@@ -90,14 +91,7 @@ pub(super) fn viterbi_pass(
         return None;
     }
     let table = code.fixed_table();
-    let next_shift = |t: usize| {
-        if t + 1 < n {
-            shifts[t + 1]
-        } else {
-            final_shift
-        }
-    };
-    super::plan_back_planes(scratch, l, n, next_shift);
+    super::plan_back_planes(scratch, l, shifts, final_shift);
     let Scratch {
         back,
         back_start,
@@ -105,24 +99,11 @@ pub(super) fn viterbi_pass(
         ..
     } = scratch;
     let FixedScratch { cost, next } = fixed;
-    let widest = 1usize << (l - 1);
-    for buf in [&mut *cost, &mut *next] {
-        if buf.len() < widest + COST_PAD {
-            buf.resize(widest + COST_PAD, 0);
-        }
-    }
-    let first = &mut cost[..1 << (l - shifts[0])];
-    match start {
-        None => first.fill(0),
-        Some(o) => {
-            first.fill(u16::MAX);
-            first[o as usize] = 0;
-        }
-    }
+    super::start_costs(cost, next, COST_PAD, l, shifts[0], start, 0, u16::MAX);
 
     let mut offset = 0u64;
     for t in 0..n {
-        let (d, dn) = (shifts[t], next_shift(t));
+        let (d, dn) = (shifts[t], super::shift_after(shifts, final_shift, t));
         let width = 1usize << (l - dn);
         let step = Step {
             table,
@@ -145,12 +126,7 @@ pub(super) fn viterbi_pass(
     }
 
     let survivors = &cost[..1 << (l - final_shift)];
-    let last = match end {
-        Some(o) => o as usize,
-        None => {
-            (0..survivors.len()).fold(0, |b, i| if survivors[i] < survivors[b] { i } else { b })
-        }
-    };
+    let last = super::end_survivor(survivors, end);
     let best = survivors[last];
     if best == u16::MAX {
         return None;
