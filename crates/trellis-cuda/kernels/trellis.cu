@@ -326,20 +326,31 @@ __device__ __forceinline__ u32 codebook_pair(u32 s0, u32 s1) {
     return w;
 }
 
-// The lane's eight weights of the tile at `tw` as four fp16 pairs: w2[k] = (weight 2k, 2k+1).
+// The lane's eight weights as four fp16 pairs, w2[k] = (weight 2k, 2k+1), from the three
+// words of each half's window (`w[h][j]`, word lp.w[h][j] of the tile).
 template <int CB>
-__device__ __forceinline__ void decode_tile8(const u32* tw, const LanePlan& lp, u32 w2[4]) {
+__device__ __forceinline__ void decode_words8(const u32 w[2][3], const LanePlan& lp, u32 w2[4]) {
     u32 st[8];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const u32 a = tw[lp.w[h][0]], b = tw[lp.w[h][1]], c = tw[lp.w[h][2]];
-        const u32 hi = __funnelshift_l(b, a, lp.off[h]);
-        const u32 lo = __funnelshift_l(c, b, lp.off[h]);
+        const u32 hi = __funnelshift_l(w[h][1], w[h][0], lp.off[h]);
+        const u32 lo = __funnelshift_l(w[h][2], w[h][1], lp.off[h]);
 #pragma unroll
         for (int i = 0; i < 4; i++) st[4 * h + i] = __funnelshift_rc(lo, hi, lp.sh[i]) >> 16;
     }
 #pragma unroll
     for (int k = 0; k < 4; k++) w2[k] = codebook_pair<CB>(st[2 * k], st[2 * k + 1]);
+}
+
+// The lane's eight weights of the tile at `tw`.
+template <int CB>
+__device__ __forceinline__ void decode_tile8(const u32* tw, const LanePlan& lp, u32 w2[4]) {
+    u32 w[2][3];
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int j = 0; j < 3; j++) w[h][j] = tw[lp.w[h][j]];
+    decode_words8<CB>(w, lp, w2);
 }
 
 // The 32-bit shared-window address of a shared-memory pointer.
@@ -363,19 +374,12 @@ __device__ __forceinline__ u32 lds_u32(u32 address) {
 template <int CB>
 __device__ __forceinline__ void decode_tile8_at(const u32 words[2][3], u32 tile_offset,
                                                 const LanePlan& lp, u32 w2[4]) {
-    u32 st[8];
+    u32 w[2][3];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const u32 a = lds_u32(words[h][0] + tile_offset);
-        const u32 b = lds_u32(words[h][1] + tile_offset);
-        const u32 c = lds_u32(words[h][2] + tile_offset);
-        const u32 hi = __funnelshift_l(b, a, lp.off[h]);
-        const u32 lo = __funnelshift_l(c, b, lp.off[h]);
+    for (int h = 0; h < 2; h++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) st[4 * h + i] = __funnelshift_rc(lo, hi, lp.sh[i]) >> 16;
-    }
-#pragma unroll
-    for (int k = 0; k < 4; k++) w2[k] = codebook_pair<CB>(st[2 * k], st[2 * k + 1]);
+        for (int j = 0; j < 3; j++) w[h][j] = lds_u32(words[h][j] + tile_offset);
+    decode_words8<CB>(w, lp, w2);
 }
 
 __device__ __forceinline__ float2 half2_to_float2(u32 h) {
