@@ -6,7 +6,7 @@
 
 use crate::bits::{BitWidth, TILE_WEIGHTS};
 use crate::codebook::Codebook;
-use crate::hadamard::{HADAMARD_SIZE, hadamard_blocks};
+use crate::hadamard::{HADAMARD_SCALE, HADAMARD_SIZE, hadamard_blocks};
 use crate::tile::{POSITION_TO_TILE_INDEX, TILE_SIZE, tile_states};
 use half::f16;
 use std::borrow::Cow;
@@ -180,6 +180,61 @@ impl<'a> TrellisLinear<'a> {
             }
         }
         trim(&w, n, self.in_features, self.out_features)
+    }
+
+    /// [`TrellisLinear::reconstruct`] transposed to Hugging Face orientation
+    /// (`out_features × in_features`, row = output channel), computed in parallel: what a
+    /// dense matrix product needs to run this layer exactly on many rows at once.
+    ///
+    /// Each 128-output block is decoded straight into transposed rows; the input Hadamard
+    /// then runs along each row, the output Hadamard as butterflies between whole rows of the
+    /// block. The same sums as `reconstruct` in another order, so equal to float rounding.
+    pub fn dequantize_transposed(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (k, n) = (self.k_padded, self.n_padded);
+        let table = self.codebook.table_f32();
+        let mut wt = vec![0.0f32; n * k];
+        wt.par_chunks_mut(HADAMARD_SIZE * k)
+            .enumerate()
+            .for_each(|(block, rows)| {
+                let tiles_per_block = HADAMARD_SIZE / TILE_SIZE;
+                for nt in block * tiles_per_block..(block + 1) * tiles_per_block {
+                    for kt in 0..self.tiles_k() {
+                        let states = tile_states(self.tile_words(kt, nt), self.bits);
+                        for (t, &s) in states.iter().enumerate() {
+                            let idx = usize::from(POSITION_TO_TILE_INDEX[t]);
+                            let (r, c) = (idx / TILE_SIZE, idx % TILE_SIZE);
+                            let row = (nt - block * tiles_per_block) * TILE_SIZE + c;
+                            rows[row * k + kt * TILE_SIZE + r] = table[usize::from(s)];
+                        }
+                    }
+                }
+                // Input side: H̃ along each row, then suh.
+                for row in rows.chunks_exact_mut(k) {
+                    hadamard_blocks(row);
+                    for (v, s) in row.iter_mut().zip(self.suh.iter()) {
+                        *v *= s.to_f32();
+                    }
+                }
+                // Output side: the 128-point transform across the block's rows.
+                let mut h = 1;
+                while h < HADAMARD_SIZE {
+                    for pair in rows.chunks_exact_mut(2 * h * k) {
+                        let (lo, hi) = pair.split_at_mut(h * k);
+                        for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                            let (x, y) = (*a, *b);
+                            *a = x + y;
+                            *b = x - y;
+                        }
+                    }
+                    h *= 2;
+                }
+                for (o, row) in rows.chunks_exact_mut(k).enumerate() {
+                    let scale = HADAMARD_SCALE * self.svh[block * HADAMARD_SIZE + o].to_f32();
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
+            });
+        trim(&wt, k, self.out_features, self.in_features)
     }
 
     /// Reference forward `y = x · W (+ bias)` for `m` rows of `in_features` inputs, in f32.

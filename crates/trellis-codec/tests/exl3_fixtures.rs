@@ -100,6 +100,17 @@ fn reconstruction_and_forward_match_exllamav3() {
                 err <= 1e-3,
                 "{name} {key}: reconstruction max error {err:.2e} × max|w|"
             );
+            // The parallel transposed form: the same matrix up to float rounding.
+            let transposed = linear.dequantize_transposed();
+            assert_eq!(transposed.len(), in_f * out_f);
+            let back: Vec<f32> = (0..in_f * out_f)
+                .map(|idx| transposed[(idx % out_f) * in_f + idx / out_f])
+                .collect();
+            let err = max_abs_rel(&back, &dense);
+            assert!(
+                err <= 1e-6,
+                "{name} {key}: transposed dequantization differs by {err:.2e} × max|w|"
+            );
 
             for (x_name, y_name) in [
                 (format!("x.{key}"), format!("y.{key}")),
