@@ -190,6 +190,23 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// `values` as little-endian f32 bytes, converted in slices (the calibration activations are
+/// hundreds of megabytes: no second copy of them).
+fn write_f32_le(path: &Path, values: &[f32]) -> Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(io_err(path))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut bytes = Vec::with_capacity(1 << 20);
+    for slice in values.chunks(1 << 18) {
+        bytes.clear();
+        for v in slice {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        out.write_all(&bytes).map_err(io_err(path))?;
+    }
+    out.flush().map_err(io_err(path))
+}
+
 /// Write safetensors through a temporary name.
 pub fn write_safetensors_atomically(path: &Path, tensors: &[TensorSource]) -> Result<()> {
     write_atomically(path, |tmp| {
@@ -649,14 +666,14 @@ pub fn quantize_model(
             what: "running quantized layer",
         });
         let stored = TensorStore::open(&checkpoint)?;
-        runner
+        runner.backend.set_dense_trellis(true);
+        let loaded = runner
             .model
-            .load_layer(&runner.backend, &stored, layer.index)?;
+            .load_layer(&runner.backend, &stored, layer.index);
+        runner.backend.set_dense_trellis(false);
+        loaded?;
         runner.forward_all(&mut states, cols)?;
-        write_atomically(&activations_path, |tmp| {
-            let bytes: Vec<u8> = states.iter().flat_map(|v| v.to_le_bytes()).collect();
-            std::fs::write(tmp, bytes).map_err(io_err(tmp))
-        })?;
+        write_atomically(&activations_path, |tmp| write_f32_le(tmp, &states))?;
         state.layers_done = layer.index + 1;
         write_atomically(&state_path, |tmp| {
             let text = serde_json::to_string_pretty(&state).expect("state serializes");

@@ -59,6 +59,7 @@ impl LayerPlan {
                 CaptureTag {
                     group: l.group,
                     capture: l.captures,
+                    ends_layer: l.role != Role::Attention && l.name.ends_with("down_proj"),
                 },
             );
             if !widths.iter().any(|&(g, _)| g == l.group) {

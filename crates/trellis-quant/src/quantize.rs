@@ -691,18 +691,15 @@ fn finish(
         },
     };
     let (in_f, out_f) = (dense.in_features, dense.out_features);
-    let recon = q.as_trellis().reconstruct();
-    let err: Vec<f32> = dense
-        .weight
-        .iter()
-        .zip(&recon)
-        .map(|(w, r)| w - r)
-        .collect();
+    // Both in HF orientation (one row per output), as `hessian_trace` takes them.
+    let dense_t = transpose(&dense.weight, in_f, out_f);
+    let recon_t = q.as_trellis().dequantize_transposed();
+    let err_t: Vec<f32> = dense_t.iter().zip(&recon_t).map(|(w, r)| w - r).collect();
     let sq = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
-    q.report.weight_error = sq(&err) / sq(&dense.weight).max(1e-30);
+    q.report.weight_error = sq(&err_t) / sq(&dense_t).max(1e-30);
     if let Some(h) = hessian {
-        let num = hessian_trace(&transpose(&err, in_f, out_f), in_f, &h.mean);
-        let den = hessian_trace(&transpose(&dense.weight, in_f, out_f), in_f, &h.mean);
+        let num = hessian_trace(&err_t, in_f, &h.mean);
+        let den = hessian_trace(&dense_t, in_f, &h.mean);
         q.report.proxy_error = Some(num / den.max(1e-30));
     }
     q
