@@ -27,54 +27,49 @@ pub fn gram_upper_accumulate(x: &[f32], rows: usize, dim: usize, acc: &mut [f64]
     if dim == 0 || rows == 0 {
         return;
     }
-    // One task per band of accumulator rows; a band's products reach from its diagonal
-    // block to the last column, so early bands carry more work (rayon balances them).
+    // One task per band of accumulator rows, one product per chunk of rows reaching from the
+    // band's diagonal block to the last column (early bands carry more work: rayon balances
+    // them). Wide products keep the packed band of the chunk in use across all its columns.
     acc.par_chunks_mut(GRAM_BLOCK * dim)
         .enumerate()
         .for_each(|(band, acc_rows)| {
             let i0 = band * GRAM_BLOCK;
             let ni = acc_rows.len() / dim;
-            let mut block = vec![0f32; GRAM_BLOCK * GRAM_BLOCK];
+            let width = dim - i0;
+            let mut block = vec![0f32; ni * width];
             for r0 in (0..rows).step_by(GRAM_CHUNK_ROWS) {
                 let nr = GRAM_CHUNK_ROWS.min(rows - r0);
                 let chunk = &x[r0 * dim..(r0 + nr) * dim];
-                for j0 in (i0..dim).step_by(GRAM_BLOCK) {
-                    let nj = GRAM_BLOCK.min(dim - j0);
-                    matmul(
-                        MatMut {
-                            data: &mut block,
-                            rows: ni,
-                            cols: nj,
-                            row_stride: GRAM_BLOCK,
-                            col_stride: 1,
-                        },
-                        // Columns i0.. of the chunk, transposed.
-                        MatRef {
-                            data: &chunk[i0..],
-                            rows: ni,
-                            cols: nr,
-                            row_stride: 1,
-                            col_stride: dim,
-                        },
-                        MatRef {
-                            data: &chunk[j0..],
-                            rows: nr,
-                            cols: nj,
-                            row_stride: dim,
-                            col_stride: 1,
-                        },
-                        false,
-                        false,
-                    );
-                    for i in 0..ni {
-                        let out = &mut acc_rows[i * dim + j0..][..nj];
-                        let first = (i0 + i).saturating_sub(j0).min(nj);
-                        for (o, &v) in out[first..]
-                            .iter_mut()
-                            .zip(&block[i * GRAM_BLOCK + first..][..nj - first])
-                        {
-                            *o += f64::from(v);
-                        }
+                matmul(
+                    MatMut {
+                        data: &mut block,
+                        rows: ni,
+                        cols: width,
+                        row_stride: width,
+                        col_stride: 1,
+                    },
+                    // Columns i0.. of the chunk, transposed.
+                    MatRef {
+                        data: &chunk[i0..],
+                        rows: ni,
+                        cols: nr,
+                        row_stride: 1,
+                        col_stride: dim,
+                    },
+                    MatRef {
+                        data: &chunk[i0..],
+                        rows: nr,
+                        cols: width,
+                        row_stride: dim,
+                        col_stride: 1,
+                    },
+                    false,
+                    false,
+                );
+                for i in 0..ni {
+                    let out = &mut acc_rows[i * dim + i0 + i..][..width - i];
+                    for (o, &v) in out.iter_mut().zip(&block[i * width + i..][..width - i]) {
+                        *o += f64::from(v);
                     }
                 }
             }

@@ -126,32 +126,110 @@ pub struct NotPositiveDefinite {
     pub pivot: usize,
 }
 
+/// `Σ a[i]·b[i]` in eight running sums, so that it vectorises (a single running sum is one
+/// dependent add after another: the factorisation of a 2048-wide Hessian took 0.7 s).
+fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    let mut sums = [0.0f64; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (rest_a, rest_b) = (chunks_a.remainder(), chunks_b.remainder());
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for ((s, x), y) in sums.iter_mut().zip(ca).zip(cb) {
+            *s += x * y;
+        }
+    }
+    let mut total: f64 = sums.iter().sum();
+    for (x, y) in rest_a.iter().zip(rest_b) {
+        total += x * y;
+    }
+    total
+}
+
+/// Columns of one panel of the blocked Cholesky factorisation.
+const CHOLESKY_PANEL: usize = 64;
+
 /// Lower Cholesky factor `C` with `A = C·Cᵀ` (the upper triangle of the result is zero).
+///
+/// Right-looking by panels of [`CHOLESKY_PANEL`] columns: factor the panel's diagonal block,
+/// solve the rows below it (in parallel), then subtract the panel's outer product from the
+/// trailing matrix with one f64 GEMM. (Column by column, a 2048-wide Hessian took 0.5 s,
+/// bound by streaming the whole factor once per column.)
 pub fn cholesky(a: &Matrix) -> Result<Matrix, NotPositiveDefinite> {
     let n = a.n;
-    let mut c = Matrix::zeros(n);
-    // Left-looking, one column at a time (each needs the previous ones), the rows below the
-    // diagonal in parallel.
-    for j in 0..n {
-        let (row_j, below) = c.data[j * n..].split_at_mut(n);
-        let s: f64 = row_j[..j].iter().map(|v| v * v).sum();
-        let d = a.at(j, j) - s;
-        // NaN fails `d > 0.0` too.
-        if d.is_nan() || d <= 0.0 || !d.is_finite() {
-            return Err(NotPositiveDefinite { pivot: j });
+    let mut c = a.clone();
+    let mut panel = Vec::new();
+    for k0 in (0..n).step_by(CHOLESKY_PANEL) {
+        let kb = CHOLESKY_PANEL.min(n - k0);
+        let k1 = k0 + kb;
+        // The diagonal block, column by column (earlier panels are already subtracted).
+        for j in k0..k1 {
+            let (head, tail) = c.data.split_at_mut((j + 1) * n);
+            let row_j = &mut head[j * n..];
+            let d = row_j[j] - dot_f64(&row_j[k0..j], &row_j[k0..j]);
+            // NaN fails `d > 0.0` too.
+            if d.is_nan() || d <= 0.0 || !d.is_finite() {
+                return Err(NotPositiveDefinite { pivot: j });
+            }
+            row_j[j] = d.sqrt();
+            let row_j: &[f64] = row_j;
+            for row_i in tail.chunks_exact_mut(n).take(k1 - j - 1) {
+                row_i[j] = (row_i[j] - dot_f64(&row_i[k0..j], &row_j[k0..j])) / row_j[j];
+            }
         }
-        let djj = d.sqrt();
-        row_j[j] = djj;
-        let row_j: &[f64] = row_j;
-        // Rows below j: c[i][j] = (a[i][j] − Σ_k<j c[i][k]·c[j][k]) / c[j][j].
-        below
-            .par_chunks_mut(n)
-            .enumerate()
-            .for_each(|(off, row_i)| {
-                let i = j + 1 + off;
-                let dot: f64 = row_i[..j].iter().zip(&row_j[..j]).map(|(x, y)| x * y).sum();
-                row_i[j] = (a.at(i, j) - dot) / djj;
-            });
+        if k1 == n {
+            break;
+        }
+        // The rows below: x · L11ᵀ = A21, by forward substitution, each row on its own.
+        let (top, below) = c.data.split_at_mut(k1 * n);
+        let top: &[f64] = top;
+        below.par_chunks_mut(n).for_each(|row_i| {
+            for j in k0..k1 {
+                let row_j = &top[j * n..j * n + n];
+                row_i[j] = (row_i[j] - dot_f64(&row_i[k0..j], &row_j[k0..j])) / row_j[j];
+            }
+        });
+        // A22 −= L21·L21ᵀ over the trailing square (its upper half is cleared at the end).
+        let m = n - k1;
+        panel.clear();
+        panel.extend(
+            below
+                .chunks_exact(n)
+                .flat_map(|row| row[k0..k1].iter().copied()),
+        );
+        let parallelism = if rayon::current_num_threads() > 1 {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `dst` addresses the m × m block at (k1, k1) of `c` with row stride n, inside
+        // `below` (m rows of n values from column k1 on); `panel` is a separate m × kb buffer
+        // read as L21 (row stride kb) and as L21ᵀ (column stride kb), so nothing aliases the
+        // destination.
+        unsafe {
+            gemm::gemm(
+                m,
+                m,
+                kb,
+                below.as_mut_ptr().add(k1),
+                1,
+                n as isize,
+                true,
+                panel.as_ptr(),
+                1,
+                kb as isize,
+                panel.as_ptr(),
+                kb as isize,
+                1,
+                1.0,
+                -1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    for i in 0..n {
+        c.data[i * n + i + 1..(i + 1) * n].fill(0.0);
     }
     Ok(c)
 }
@@ -277,11 +355,18 @@ mod tests {
 
     #[test]
     fn cholesky_reconstructs() {
-        let h = random_spd(48, 1);
-        let c = cholesky(&h).unwrap();
-        let back = matmul(&c.data, &transpose(&c.data, 48), 48);
-        for (a, b) in back.iter().zip(&h.data) {
-            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        // One panel, and several with a partial last one (the trailing GEMM updates).
+        for n in [48, 150] {
+            let h = random_spd(n, 1);
+            let c = cholesky(&h).unwrap();
+            for i in 0..n {
+                assert!(c.data[i * n + i + 1..(i + 1) * n].iter().all(|&v| v == 0.0));
+            }
+            let back = matmul(&c.data, &transpose(&c.data, n), n);
+            let scale = h.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (a, b) in back.iter().zip(&h.data) {
+                assert!((a - b).abs() < 1e-12 * scale, "n {n}: {a} vs {b}");
+            }
         }
     }
 
