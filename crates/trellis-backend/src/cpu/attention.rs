@@ -4,7 +4,7 @@
 use super::kv::CpuKvCache;
 use super::linear::{DenseData, dense_forward, dot};
 use super::matmul::{MatMut, MatRef, matmul};
-use super::ops::{exp_shifted_sum, rope_vector, softmax};
+use super::ops::{exp_shifted_sum, max_of, rope_vector, softmax};
 use super::scratch::{with_layer_scratch, with_task_scratch};
 use super::simd::{self, Elem, Level};
 use crate::spec::{AttentionSpec, Batch, MlaSpec, RopeSpec};
@@ -226,30 +226,24 @@ fn attend_run(
             for (r, i) in run.clone().enumerate() {
                 let pos = batch.positions[i];
                 let lo = window_start(pos, spec.sliding_window);
+                // The keys this row sees in the block: one run, [lo, pos] ∩ [k0, k0 + nb).
+                let seen_from = (lo.saturating_sub(k0) as usize).min(nb);
+                let seen_to = ((pos + 1).saturating_sub(k0) as usize).clamp(seen_from, nb);
                 for g in 0..group {
                     let qi = r * group + g;
                     let row = &mut scores[qi * nb..(qi + 1) * nb];
-                    let mut row_max = f32::NEG_INFINITY;
-                    for (s, p) in row.iter_mut().zip(k0..) {
-                        if p < lo || p > pos {
-                            *s = f32::NEG_INFINITY;
-                            continue;
-                        }
+                    row[..seen_from].fill(0.0);
+                    row[seen_to..].fill(0.0);
+                    let seen = &mut row[seen_from..seen_to];
+                    if seen.is_empty() {
+                        continue; // nothing visible in this block
+                    }
+                    for s in seen.iter_mut() {
                         *s = score(spec, *s);
-                        row_max = row_max.max(*s);
                     }
-                    let new_max = max[qi].max(row_max);
-                    if new_max == f32::NEG_INFINITY {
-                        row.fill(0.0); // nothing visible in this block yet
-                        continue;
-                    }
+                    let new_max = max[qi].max(max_of(seen));
                     let rescale = (max[qi] - new_max).exp();
-                    let mut block_sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - new_max).exp();
-                        block_sum += *s;
-                    }
-                    sum[qi] = sum[qi] * rescale + block_sum;
+                    sum[qi] = sum[qi] * rescale + exp_shifted_sum(seen, new_max);
                     max[qi] = new_max;
                     for a in &mut acc[qi * d..(qi + 1) * d] {
                         *a *= rescale;
@@ -732,12 +726,10 @@ fn expanded_blocked(
                             if seen.is_empty() {
                                 continue;
                             }
-                            let mut row_max = f32::NEG_INFINITY;
                             for s in seen.iter_mut() {
                                 *s *= spec.softmax_scale;
-                                row_max = row_max.max(*s);
                             }
-                            let new_max = max[i].max(row_max);
+                            let new_max = max[i].max(max_of(seen));
                             let rescale = (max[i] - new_max).exp();
                             sum[i] = sum[i] * rescale + exp_shifted_sum(seen, new_max);
                             max[i] = new_max;

@@ -43,33 +43,72 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, rows: usize, out: &mut [f32]) {
 
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32, rows: usize) {
     let d = w.len();
-    for row in x[..rows * d].chunks_exact_mut(d) {
+    let norm_row = |row: &mut [f32]| {
         let sum_sq = super::linear::dot(row, row);
         let inv = 1.0 / (sum_sq / d as f32 + eps).sqrt();
         for (v, &g) in row.iter_mut().zip(w) {
             *v = g * (*v * inv);
         }
+    };
+    let x = &mut x[..rows * d];
+    if x.len() >= PARALLEL_MIN {
+        x.par_chunks_mut(d).for_each(norm_row);
+    } else {
+        x.chunks_exact_mut(d).for_each(norm_row);
+    }
+}
+
+/// `f(x_chunk, y_chunk)` over matching chunks of two equally long slices: in parallel for
+/// prefill-sized inputs, inline for a decode step's few thousand values (no thread pool).
+fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    assert_eq!(x.len(), y.len(), "elementwise operands differ in length");
+    if x.len() >= 2 * PARALLEL_MIN {
+        x.par_chunks_mut(PARALLEL_MIN)
+            .zip(y.par_chunks(PARALLEL_MIN))
+            .for_each(|(a, b)| f(a, b));
+    } else {
+        f(x, y);
     }
 }
 
 /// Rotate `x[..rope.dim()]` in place for position `pos`.
 #[inline]
 pub fn rope_vector(x: &mut [f32], rope: &RopeSpec, pos: u32) {
+    let len = x.len().max(1);
+    rope_heads(x, len, 0, rope, pos);
+}
+
+/// Angles whose sine and cosine one pass computes (stack arrays, no allocation).
+const ROPE_CHUNK: usize = 64;
+
+/// Rotate every head of one row (`head_dim` values from `offset` on in each) by the angles of
+/// position `pos`, computing each angle's sine and cosine once for all the row's heads.
+fn rope_heads(row: &mut [f32], head_dim: usize, offset: usize, rope: &RopeSpec, pos: u32) {
     let half = rope.inv_freq.len();
     let p = pos as f32;
-    for (i, &f) in rope.inv_freq.iter().enumerate() {
-        // The angle is formed in f32 exactly as transformers does, so long positions round alike.
-        let angle = p * f;
-        let (sin, cos) = angle.sin_cos();
-        let (sin, cos) = (sin * rope.attention_scaling, cos * rope.attention_scaling);
-        let (a, b) = if rope.interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (x0, x1) = (x[a], x[b]);
-        x[a] = x0 * cos - x1 * sin;
-        x[b] = x1 * cos + x0 * sin;
+    for first in (0..half).step_by(ROPE_CHUNK) {
+        let n = ROPE_CHUNK.min(half - first);
+        let (mut sin, mut cos) = ([0.0f32; ROPE_CHUNK], [0.0f32; ROPE_CHUNK]);
+        for (j, &f) in rope.inv_freq[first..first + n].iter().enumerate() {
+            // The angle is formed in f32 exactly as transformers does, so long positions round
+            // alike.
+            let (s, c) = (p * f).sin_cos();
+            (sin[j], cos[j]) = (s * rope.attention_scaling, c * rope.attention_scaling);
+        }
+        for head in row.chunks_exact_mut(head_dim) {
+            let x = &mut head[offset..];
+            for j in 0..n {
+                let i = first + j;
+                let (a, b) = if rope.interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
+                let (x0, x1) = (x[a], x[b]);
+                x[a] = x0 * cos[j] - x1 * sin[j];
+                x[b] = x1 * cos[j] + x0 * sin[j];
+            }
+        }
     }
 }
 
@@ -82,9 +121,15 @@ pub fn rope(
     batch: &Batch<'_>,
 ) {
     let width = heads * head_dim;
-    for (row, &pos) in x.chunks_exact_mut(width).zip(batch.positions) {
-        for head in row.chunks_exact_mut(head_dim) {
-            rope_vector(&mut head[offset..], rope, pos);
+    let rows = x.len() / width.max(1);
+    let positions = &batch.positions[..rows.min(batch.positions.len())];
+    if x.len() >= PARALLEL_MIN {
+        x.par_chunks_mut(width)
+            .zip(positions.par_iter())
+            .for_each(|(row, &pos)| rope_heads(row, head_dim, offset, rope, pos));
+    } else {
+        for (row, &pos) in x.chunks_exact_mut(width).zip(positions) {
+            rope_heads(row, head_dim, offset, rope, pos);
         }
     }
 }
@@ -211,6 +256,28 @@ fn exp_shifted_sum_avx2(v: &mut [f32], shift: f32) -> f32 {
     exp_shifted_sum_body(v, shift)
 }
 
+/// The largest of `v` (−∞ for none), in eight running maxima so that it vectorises; a NaN
+/// among the inputs makes it NaN (never silently dropped).
+pub fn max_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut nan = false;
+    let mut chunks = v.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            nan |= x.is_nan();
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for &x in chunks.remainder() {
+        nan |= x.is_nan();
+        lanes[0] = if x > lanes[0] { x } else { lanes[0] };
+    }
+    if nan {
+        return f32::NAN;
+    }
+    lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// `v[i] = e^(v[i] − shift)`, returning their sum: the exponentials of a softmax. Inputs are
 /// expected finite with `v[i] ≤ shift` (masked positions are the caller's to zero).
 pub fn exp_shifted_sum(v: &mut [f32], shift: f32) -> f32 {
@@ -224,28 +291,34 @@ pub fn exp_shifted_sum(v: &mut [f32], shift: f32) -> f32 {
 
 /// `gate[i] = silu(gate[i]) · up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (`has_avx2`), all the function was compiled for.
-        return unsafe { silu_mul_avx2(gate, up) };
-    }
-    silu_mul_body(gate, up)
+    elementwise(gate, up, |gate, up| {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2`), all the function was compiled for.
+            return unsafe { silu_mul_avx2(gate, up) };
+        }
+        silu_mul_body(gate, up)
+    })
 }
 
 /// `gate[i] = gelu_tanh(gate[i]) · up[i]`.
 pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: as in `silu_mul`.
-        return unsafe { gelu_tanh_mul_avx2(gate, up) };
-    }
-    gelu_tanh_mul_body(gate, up)
+    elementwise(gate, up, |gate, up| {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as in `silu_mul`.
+            return unsafe { gelu_tanh_mul_avx2(gate, up) };
+        }
+        gelu_tanh_mul_body(gate, up)
+    })
 }
 
 pub fn add(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    elementwise(x, y, |x, y| {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    })
 }
 
 /// Numerically stable softmax in place.
@@ -284,6 +357,22 @@ mod tests {
         for x in (0..17_401).map(|i| (i as f32 - 8_700.0) * 0.01) {
             let (got, want) = (exp_vectorisable(x), x.exp());
             assert!(close(got, want, 4e-7, 0.0), "exp({x}) = {got}, libm {want}");
+        }
+    }
+
+    #[test]
+    fn max_of_finds_the_largest_and_keeps_nan() {
+        let v: Vec<f32> = (0..37).map(|i| ((i * 29) % 37) as f32 - 20.0).collect();
+        assert_eq!(max_of(&v), 16.0);
+        assert_eq!(
+            max_of(&v[..3]),
+            v[..3].iter().copied().fold(f32::MIN, f32::max)
+        );
+        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
+        for at in [0, 5, 20, 36] {
+            let mut w = v.clone();
+            w[at] = f32::NAN;
+            assert!(max_of(&w).is_nan(), "NaN at {at}");
         }
     }
 
