@@ -804,7 +804,8 @@ extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
 //
 // mla_decode_mma: the split-context MLA decode above with both products on the tensor cores,
 // for an f16 cache, at most 32 heads, a latent rank of 512 and a cache row width that is a
-// multiple of 16. Grid (splits, tokens), 256 threads; tiles of 32 positions.
+// multiple of 16. Grid (splits, tokens), 256 threads; tiles of 32 positions; each split's
+// chunk of the context is at least `min_chunk` positions (the host's choice, whole tiles).
 //   scores S[32 heads × 32 positions] = Q[heads × width] · tileᵀ: warp w computes m16 tile w/4 ×
 //     n8 tile w%4 over width/16 k-steps (the cache rows are the B fragments as they lie);
 //   per head online softmax (one warp per four heads, one lane per position);
@@ -827,7 +828,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     const float* q, const float* q_lat, float* part_ml, float* part_acc, const f16_t* cache,
     int values_per_token, int heads, int qk, int nope, int rank, int rope_dim, float scale,
     const u32* positions, const u32* sequence, const u32* block_tables, int blocks_per_sequence,
-    int block_size) {
+    int block_size, int min_chunk) {
     pdl_entry();
     extern __shared__ __align__(16) unsigned char mlam_smem[];
     const int width = rank + rope_dim;  // multiple of 16
@@ -848,7 +849,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     const int g = lane >> 2, t = lane & 3;
     const u32 pos = positions[r], seq = sequence[r];
     const int per_split = ((int)pos + splits) / splits;
-    const int chunk = max(2 * MLAM_TILE, (per_split + MLAM_TILE - 1) / MLAM_TILE * MLAM_TILE);
+    const int chunk = max(min_chunk, (per_split + MLAM_TILE - 1) / MLAM_TILE * MLAM_TILE);
     const int p_begin = s * chunk;
     const int p_end = min((int)pos + 1, p_begin + chunk);
 
