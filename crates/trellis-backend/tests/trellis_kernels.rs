@@ -2,50 +2,10 @@
 //! machine supports, every bit width and codebook, decode bit for bit and forward within f32
 //! accumulation error, for one row (GEMV) and several (GEMM), padded shapes included.
 
-use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use std::borrow::Cow;
 use trellis_backend::cpu::trellis_kernels::{Isa, PackedTrellis, forward_with};
 use trellis_codec::{BitWidth, Codebook, TrellisLinear};
-use trellis_testutil::rel_l2;
-
-/// Random words (every bit pattern is a valid walk), random signed scales, optional bias.
-fn random_trellis(
-    rng: &mut StdRng,
-    in_features: usize,
-    out_features: usize,
-    bits: BitWidth,
-    codebook: Codebook,
-    bias: bool,
-) -> TrellisLinear<'static> {
-    let k = in_features.next_multiple_of(128);
-    let n = out_features.next_multiple_of(128);
-    let words: Vec<u16> = (0..(k / 16) * (n / 16) * bits.tile_words())
-        .map(|_| rng.random())
-        .collect();
-    let scale = |rng: &mut StdRng, len: usize, s: f32| -> Vec<f16> {
-        (0..len)
-            .map(|_| {
-                let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
-                f16::from_f32(sign * s * rng.random_range(0.5f32..1.5))
-            })
-            .collect()
-    };
-    let suh = scale(rng, k, 0.05);
-    let svh = scale(rng, n, 1.0);
-    let bias = bias.then(|| scale(rng, n, 0.5));
-    TrellisLinear::new(
-        Cow::Owned(words),
-        Cow::Owned(suh),
-        Cow::Owned(svh),
-        bias.map(Cow::Owned),
-        bits,
-        codebook,
-        in_features,
-        out_features,
-    )
-    .unwrap()
-}
+use trellis_testutil::{random_trellis, rel_l2};
 
 /// Every (width, codebook) pair the format allows: half-integer widths are mul1 only.
 fn cases() -> Vec<(BitWidth, Codebook)> {

@@ -19,6 +19,7 @@ use trellis_cuda::{
     CudaRouter, CudaRouting, CudaVector,
 };
 use trellis_format::{DType, LinearWeights};
+use trellis_testutil::random_trellis;
 
 const CALLS: usize = 50;
 const RUNS: usize = 5;

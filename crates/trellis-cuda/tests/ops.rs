@@ -14,6 +14,7 @@ use trellis_backend::{
 };
 use trellis_codec::{BitWidth, Codebook};
 use trellis_format::{DType, LinearWeights};
+use trellis_testutil::random_trellis;
 
 /// Linear-layer results differ from the CPU only by f32 summation order.
 const LINEAR_TOL: f64 = 1e-4;

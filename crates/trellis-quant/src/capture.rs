@@ -403,44 +403,14 @@ impl Backend for CaptureBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::f16;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use std::borrow::Cow;
     use trellis_codec::linear::TrellisLinear;
     use trellis_codec::{BitWidth, Codebook};
 
-    /// A trellis linear of random words (every bit pattern is a valid trellis) and scales.
-    fn random_trellis(
-        rng: &mut StdRng,
-        in_features: usize,
-        out_features: usize,
-    ) -> TrellisLinear<'static> {
-        let (k, n) = (
-            in_features.next_multiple_of(128),
-            out_features.next_multiple_of(128),
-        );
+    fn random_trellis(rng: &mut StdRng, in_f: usize, out_f: usize) -> TrellisLinear<'static> {
         let bits = BitWidth::from_f64(4.0).expect("a width");
-        let words = (0..(k / 16) * (n / 16) * bits.tile_words())
-            .map(|_| rng.random())
-            .collect();
-        let mut scales = |len: usize, s: f32| -> Vec<f16> {
-            (0..len)
-                .map(|_| f16::from_f32(s * rng.random_range(-1.5f32..1.5)))
-                .collect()
-        };
-        let (suh, svh, bias) = (scales(k, 0.05), scales(n, 1.0), scales(n, 0.5));
-        TrellisLinear::new(
-            Cow::Owned(words),
-            Cow::Owned(suh),
-            Cow::Owned(svh),
-            Some(Cow::Owned(bias)),
-            bits,
-            Codebook::Mul1,
-            in_features,
-            out_features,
-        )
-        .expect("consistent shapes")
+        trellis_testutil::random_trellis(rng, in_f, out_f, bits, Codebook::Mul1, true)
     }
 
     fn inputs(rng: &mut StdRng, len: usize) -> CpuBuffer {
@@ -462,14 +432,9 @@ mod tests {
         let x = inputs(&mut rng, rows * in_f);
         let mut y = CpuBuffer(vec![0.0; rows * out_f]);
         backend.linear(&dense, &x, rows, &mut y);
-        let want = t.apply(&x.0, rows);
-        let (mut diff, mut scale) = (0.0f64, 0.0f64);
-        for (&g, &w) in y.0.iter().zip(&want) {
-            assert!(g.is_finite(), "non-finite output");
-            diff = diff.max(f64::from(g - w).abs());
-            scale = scale.max(f64::from(w).abs());
-        }
-        assert!(diff <= 1e-5 * scale, "max error {diff:.3e} of {scale:.3e}");
+        // NaN or infinity never passes max_abs_rel.
+        let err = trellis_testutil::max_abs_rel(&y.0, &t.apply(&x.0, rows));
+        assert!(err <= 1e-5, "max error {err:.3e} × max|y|");
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! `TRELLIS_FIXTURES` points. A missing fixture directory is a test failure, never a skip.
 
 use half::{bf16, f16};
+use rand::Rng;
+use rand::rngs::StdRng;
 use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use trellis_codec::{BitWidth, Codebook, TrellisLinear};
 
 /// Environment variable that overrides the fixture directory.
 pub const FIXTURES_ENV: &str = "TRELLIS_FIXTURES";
@@ -221,4 +225,43 @@ pub fn top2_margin(v: &[f32]) -> f32 {
 pub fn noise(i: usize, salt: usize) -> f32 {
     let x = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
     x as f32 / 5_003.5 - 1.0
+}
+
+/// A random trellis linear: random words (every bit pattern is a valid walk), random signed
+/// scales (suh ≈ 0.05, svh ≈ 1, bias ≈ 0.5 in magnitude), optional bias.
+pub fn random_trellis(
+    rng: &mut StdRng,
+    in_features: usize,
+    out_features: usize,
+    bits: BitWidth,
+    codebook: Codebook,
+    bias: bool,
+) -> TrellisLinear<'static> {
+    let k = in_features.next_multiple_of(128);
+    let n = out_features.next_multiple_of(128);
+    let words: Vec<u16> = (0..(k / 16) * (n / 16) * bits.tile_words())
+        .map(|_| rng.random())
+        .collect();
+    let scale = |rng: &mut StdRng, len: usize, s: f32| -> Vec<f16> {
+        (0..len)
+            .map(|_| {
+                let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                f16::from_f32(sign * s * rng.random_range(0.5f32..1.5))
+            })
+            .collect()
+    };
+    let suh = scale(rng, k, 0.05);
+    let svh = scale(rng, n, 1.0);
+    let bias = bias.then(|| scale(rng, n, 0.5));
+    TrellisLinear::new(
+        Cow::Owned(words),
+        Cow::Owned(suh),
+        Cow::Owned(svh),
+        bias.map(Cow::Owned),
+        bits,
+        codebook,
+        in_features,
+        out_features,
+    )
+    .expect("consistent random trellis")
 }

@@ -59,7 +59,8 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32, rows: usize) {
 }
 
 /// `f(x_chunk, y_chunk)` over matching chunks of two equally long slices: in parallel for
-/// prefill-sized inputs, inline for a decode step's few thousand values (no thread pool).
+/// prefill-sized inputs (from two chunks of [`PARALLEL_MIN`] values, so that every task has a
+/// whole one), inline for a decode step's few thousand values (no thread pool).
 fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
     assert_eq!(x.len(), y.len(), "elementwise operands differ in length");
     if x.len() >= 2 * PARALLEL_MIN {

@@ -5,12 +5,10 @@
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::borrow::Cow;
 use std::path::Path;
 use std::sync::OnceLock;
 use trellis_backend::Backend;
 use trellis_backend::cpu::CpuBackend;
-use trellis_codec::{BitWidth, Codebook, TrellisLinear};
 use trellis_cuda::{CudaBackend, CudaBuffer};
 use trellis_format::{DType, TensorView};
 use trellis_testutil::{max_abs_rel, rel_l2};
@@ -80,45 +78,6 @@ pub fn read_gpu(b: &CudaBuffer, len: usize) -> Vec<f32> {
     let mut v = vec![0.0; len];
     gpu().read(b, &mut v);
     v
-}
-
-/// Random trellis linear: random words (every bit pattern is a valid walk), random signed
-/// scales, optional bias.
-pub fn random_trellis(
-    rng: &mut StdRng,
-    in_features: usize,
-    out_features: usize,
-    bits: BitWidth,
-    codebook: Codebook,
-    bias: bool,
-) -> TrellisLinear<'static> {
-    let k = in_features.next_multiple_of(128);
-    let n = out_features.next_multiple_of(128);
-    let words: Vec<u16> = (0..(k / 16) * (n / 16) * bits.tile_words())
-        .map(|_| rng.random())
-        .collect();
-    let scale = |rng: &mut StdRng, len: usize, s: f32| -> Vec<f16> {
-        (0..len)
-            .map(|_| {
-                let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
-                f16::from_f32(sign * s * rng.random_range(0.5f32..1.5))
-            })
-            .collect()
-    };
-    let suh = scale(rng, k, 0.05);
-    let svh = scale(rng, n, 1.0);
-    let bias = bias.then(|| scale(rng, n, 0.5));
-    TrellisLinear::new(
-        Cow::Owned(words),
-        Cow::Owned(suh),
-        Cow::Owned(svh),
-        bias.map(Cow::Owned),
-        bits,
-        codebook,
-        in_features,
-        out_features,
-    )
-    .expect("consistent random trellis")
 }
 
 /// Raw little-endian bytes of `values` stored as `dtype` (F32, F16 or BF16).
