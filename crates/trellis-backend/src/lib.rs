@@ -120,6 +120,11 @@ pub trait Backend {
 
     // ---- uploads and allocation (load time) -------------------------------------------
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<Self::Linear>;
+    /// Weight bytes one product with `w` reads where the backend holds the linear in another
+    /// form than the file's (a dequantized trellis linear); `None`: the file's bytes.
+    fn linear_bytes(&self, _w: &Self::Linear) -> Option<u64> {
+        None
+    }
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;
     fn upload_embedding(&self, table: &TensorView<'_>) -> Result<Self::Embedding>;
     fn upload_rope(&self, spec: &RopeSpec) -> Result<Self::Rope>;

@@ -285,6 +285,24 @@ fn bad_inputs_give_clear_errors() {
         &["synth", "llama", "--out", "/tmp/never-synth"],
         &["glm4_moe_lite"],
     );
+    // Dequantized weights are a GPU path; this build may not even have CUDA.
+    fails_with(
+        &["generate", m, "--prompt", "hi", "--dequantize", "all"],
+        &["--dequantize", "--device cuda"],
+    );
+    fails_with(
+        &[
+            "generate",
+            m,
+            "--prompt",
+            "hi",
+            "--device",
+            "auto",
+            "--dequantize",
+            "all",
+        ],
+        &["cuda"],
+    );
 
     // A model directory without tokenizer.json.
     let tmp = tempfile::tempdir().unwrap();

@@ -66,8 +66,9 @@ __device__ __forceinline__ void load8_f32(const float* p, float out[8]) {
     out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
     out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
-__device__ __forceinline__ void load8_f32(const f16_t* p, float out[8]) {
-    const uint4 v = *(const uint4*)p;
+// Eight two-byte values already loaded as 16 bytes, widened to f32 (the pointer only picks
+// the type).
+__device__ __forceinline__ void widen8(const uint4 v, const f16_t*, float out[8]) {
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -75,14 +76,19 @@ __device__ __forceinline__ void load8_f32(const f16_t* p, float out[8]) {
         out[2 * i + 1] = f16_bits_to_f32((u16)(w[i] >> 16));
     }
 }
-__device__ __forceinline__ void load8_f32(const bf16_t* p, float out[8]) {
-    const uint4 v = *(const uint4*)p;
+__device__ __forceinline__ void widen8(const uint4 v, const bf16_t*, float out[8]) {
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         out[2 * i] = __uint_as_float(w[i] << 16);
         out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     }
+}
+__device__ __forceinline__ void load8_f32(const f16_t* p, float out[8]) {
+    widen8(*(const uint4*)p, p, out);
+}
+__device__ __forceinline__ void load8_f32(const bf16_t* p, float out[8]) {
+    widen8(*(const uint4*)p, p, out);
 }
 
 __device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }

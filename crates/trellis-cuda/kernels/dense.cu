@@ -7,6 +7,59 @@ struct DenseDesc {
     const float* bias;   // [out] or null
 };
 
+// One warp's dot products of weight row `w` with TM input rows, for two-byte weights in
+// 16-byte chunks of eight (16-byte aligned rows): a warp covers 256 inputs per chunk and holds
+// U chunks per lane in flight. With `early`, the first chunks are requested before waiting for
+// the previous kernel (the weights are constant; the inputs are not).
+template <typename W, int TM>
+__device__ __forceinline__ void dense_rows_vec8(const W* w, const float* x, const int* src_rows,
+                                                int row0, int nrows, int in_stride,
+                                                int in_features, bool early, int lane,
+                                                float acc[TM]) {
+    constexpr int U = TM <= 4 ? 8 : 4;
+    uint4 chunk[U];
+    int c0 = 0;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = (u * 32 + lane) * 8;
+        chunk[u] = c < in_features ? *(const uint4*)(w + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    if (early) pdl_entry();
+    const float* xr[TM];
+#pragma unroll
+    for (int m = 0; m < TM; m++) {
+        const int r = row0 + (m < nrows ? m : 0);
+        const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+        xr[m] = x + src * in_stride;
+    }
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + (u * 32 + lane) * 8;
+            if (c < in_features) {
+                float wf[8];
+                widen8(chunk[u], w, wf);
+#pragma unroll
+                for (int m = 0; m < TM; m++) {
+                    float xv[8];
+                    load8_f32(xr[m] + c, xv);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[m] = fmaf(wf[i], xv[i], acc[m]);
+                }
+            }
+        }
+        c0 += U * 256;
+        if (c0 >= in_features) break;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + (u * 32 + lane) * 8;
+            chunk[u] = c < in_features ? *(const uint4*)(w + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+// One warp per (output feature, row tile). A plain launch (no tile list) waits for the previous
+// kernel only once its first weights are requested.
 template <typename W, int TM>
 __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const int* tiles,
                                                   int rows, const int* src_rows, const float* x,
@@ -14,6 +67,8 @@ __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const 
                                                   int out_features, float* out, int out_stride) {
     int desc_index = 0, row0, nrows;
     if (tiles) {
+        // The tile list comes from an earlier kernel (MoE plans).
+        pdl_entry();
         desc_index = tiles[3 * blockIdx.y];
         if (desc_index < 0) return;
         row0 = tiles[3 * blockIdx.y + 1];
@@ -24,23 +79,37 @@ __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const 
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int o = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (o >= out_features) return;  // warp-uniform; no barriers below
+    if (o >= out_features) {  // warp-uniform; no barriers below
+        if (!tiles) pdl_entry();
+        return;
+    }
     const DenseDesc d = descs[desc_index];
     const W* w = (const W*)d.weight + (u64)o * in_features;
-    const float* xr[TM];
-#pragma unroll
-    for (int m = 0; m < TM; m++) {
-        const int r = row0 + (m < nrows ? m : 0);
-        const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
-        xr[m] = x + src * in_stride;
-    }
     float acc[TM];
 #pragma unroll
     for (int m = 0; m < TM; m++) acc[m] = 0.f;
-    for (int c = lane; c < in_features; c += 32) {
-        const float wv = to_f32(w[c]);
+    const bool vectors = (in_features & 7) == 0 && (((u64)d.weight) & 15) == 0 &&
+                         (in_stride & 3) == 0 && (((u64)x) & 15) == 0;
+    if constexpr (sizeof(W) == 2) {
+        if (vectors) {
+            dense_rows_vec8<W, TM>(w, x, src_rows, row0, nrows, in_stride, in_features,
+                                   tiles == nullptr, lane, acc);
+        }
+    }
+    if (sizeof(W) != 2 || !vectors) {
+        if (!tiles) pdl_entry();
+        const float* xr[TM];
 #pragma unroll
-        for (int m = 0; m < TM; m++) acc[m] += wv * xr[m][c];
+        for (int m = 0; m < TM; m++) {
+            const int r = row0 + (m < nrows ? m : 0);
+            const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+            xr[m] = x + src * in_stride;
+        }
+        for (int c = lane; c < in_features; c += 32) {
+            const float wv = to_f32(w[c]);
+#pragma unroll
+            for (int m = 0; m < TM; m++) acc[m] += wv * xr[m][c];
+        }
     }
 #pragma unroll
     for (int m = 0; m < TM; m++) acc[m] = warp_sum(acc[m]);
@@ -57,7 +126,6 @@ __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const 
                                     const int* src_rows, const float* x, int in_stride,          \
                                     int in_features, int out_features, float* out,               \
                                     int out_stride) {                                            \
-        pdl_entry();                                                                             \
         dense_matmul_impl<W, TM>(descs, tiles, rows, src_rows, x, in_stride, in_features,        \
                                  out_features, out, out_stride);                                 \
     }

@@ -6,7 +6,8 @@
 //! * Kernels are the CUDA C sources in `kernels/`, embedded in the binary and compiled by
 //!   NVRTC for the device's architecture at creation (cached on disk, see [`KERNEL_CACHE_ENV`]).
 //! * Weights are uploaded once: EXL3 linears keep their packed trellis words (decoded inside
-//!   the product), dense tensors keep their stored precision.
+//!   the product), dense tensors keep their stored precision; [`DequantizeSet`] chooses linears
+//!   to decode once into dense f16 instead.
 //! * Ops only enqueue work on the stream; the host waits only where it reads results
 //!   ([`Backend::read`], [`Backend::read_routing`]). Per step, [`Backend::begin_step`] copies
 //!   the token ids, positions, sequence ids and block tables into device buffers that the ops
@@ -14,6 +15,7 @@
 //!   appears), so a steady decode loop allocates nothing.
 
 mod attention;
+mod dequantize;
 mod device;
 mod linear;
 mod memory;
@@ -21,6 +23,7 @@ mod moe;
 mod ops;
 
 pub use attention::{CudaKvCache, CudaMlaKvB};
+pub use dequantize::DequantizeSet;
 pub use device::{
     GRAPH_ENV, KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV,
     compile_kernels, kernel_names, kernel_source,
@@ -33,7 +36,7 @@ use cudarc::driver::CudaGraph;
 use device::Device;
 use linear::{
     DenseTensor, RowMap, TrellisJob, TrellisTarget, linear_forward, trellis_launch, upload_dense,
-    upload_trellis,
+    upload_trellis, upload_trellis_dequantized,
 };
 use memory::{DeviceMem, Scratch, StepInputs, StepView, check_len};
 use std::collections::HashMap;
@@ -87,6 +90,8 @@ pub struct CudaBackend {
     graphs: Mutex<HashMap<GraphKey, GraphEntry>>,
     /// `run_step` uploaded this step's inputs already: the model's `begin_step` is a no-op.
     inputs_preloaded: AtomicBool,
+    /// Trellis linears decoded into dense f16 at upload (`--dequantize`).
+    dequantize: DequantizeSet,
 }
 
 /// Steps of at most this many rows are recorded as graphs (decode steps; prefill chunks are
@@ -154,7 +159,18 @@ impl CudaBackend {
             scratch: Mutex::new(Scratch::new()),
             graphs: Mutex::new(HashMap::new()),
             inputs_preloaded: AtomicBool::new(false),
+            dequantize: DequantizeSet::NONE,
         })
+    }
+
+    /// Decode the trellis linears of `set` into dense f16 weights when they are uploaded
+    /// (set before loading a model; see [`DequantizeSet`]).
+    pub fn set_dequantize(&mut self, set: DequantizeSet) {
+        self.dequantize = set;
+    }
+
+    pub fn dequantize(&self) -> DequantizeSet {
+        self.dequantize
     }
 
     /// The GPU's name as the driver reports it.
@@ -352,11 +368,23 @@ impl Backend for CudaBackend {
 
     fn upload_linear(&self, name: &str, weights: &LinearWeights<'_>) -> Result<CudaLinear> {
         Ok(match weights {
+            LinearWeights::Trellis(t) if self.dequantize.covers(name) => {
+                CudaLinear::Dense(upload_trellis_dequantized(&self.dev, name, t)?)
+            }
             LinearWeights::Trellis(t) => CudaLinear::Trellis(upload_trellis(&self.dev, name, t)?),
             LinearWeights::Dense { weight, bias } => {
                 CudaLinear::Dense(upload_dense(&self.dev, name, weight, bias.as_ref())?)
             }
         })
+    }
+
+    fn linear_bytes(&self, w: &CudaLinear) -> Option<u64> {
+        match w {
+            CudaLinear::Dense(d) if !self.dequantize.is_empty() => {
+                Some((d.in_features * d.out_features * d.dtype.size()) as u64)
+            }
+            _ => None,
+        }
     }
 
     fn upload_vector(&self, values: &[f32]) -> Result<CudaVector> {

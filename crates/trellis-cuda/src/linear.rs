@@ -44,6 +44,14 @@ pub enum DenseType {
 }
 
 impl DenseType {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            DenseType::F32 => 4,
+            DenseType::F16 | DenseType::BF16 => 2,
+        }
+    }
+
     pub fn of(view: &TensorView<'_>) -> Result<DenseType> {
         match view.dtype {
             DType::F32 => Ok(DenseType::F32),
@@ -183,6 +191,58 @@ pub(crate) fn upload_trellis(
     })
 }
 
+/// `values` as little-endian f16 bytes, or `None` if one of them does not fit f16's range.
+/// In parallel: a dequantized model converts tens of billions of values at load.
+fn f16_bytes(values: &[f32]) -> Option<Vec<u8>> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut bytes = vec![0u8; 2 * values.len()];
+    let fits = bytes
+        .par_chunks_mut(2 * CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .all(|(out, chunk)| {
+            let mut fits = true;
+            for (o, &v) in out.chunks_exact_mut(2).zip(chunk) {
+                let h = half::f16::from_f32(v);
+                fits &= h.is_finite() || !v.is_finite();
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+            fits
+        });
+    fits.then_some(bytes)
+}
+
+/// A trellis linear decoded once into dense f16 `[out, in]` weights (`--dequantize`). Falls
+/// back to f32 for a tensor whose values do not fit f16's range, so nothing turns infinite.
+pub(crate) fn upload_trellis_dequantized(
+    dev: &Device,
+    name: &str,
+    t: &TrellisLinear<'_>,
+) -> Result<DenseWeights> {
+    let weight = t.dequantize_transposed();
+    let (bytes, dtype) = match f16_bytes(&weight) {
+        Some(bytes) => (bytes, DenseType::F16),
+        None => (
+            weight.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DenseType::F32,
+        ),
+    };
+    drop(weight);
+    let tensor = DenseTensor {
+        mem: DeviceMem::from_host(dev, &bytes, name)?,
+        dtype,
+    };
+    drop(bytes);
+    let bias = match &t.bias {
+        Some(b) => {
+            let values: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            Some(DeviceMem::from_host(dev, &values, name)?)
+        }
+        None => None,
+    };
+    dense_weights(dev, name, tensor, bias, t.in_features, t.out_features)
+}
+
 pub(crate) fn upload_dense(
     dev: &Device,
     name: &str,
@@ -209,6 +269,17 @@ pub(crate) fn upload_dense(
         }
         None => None,
     };
+    dense_weights(dev, name, tensor, bias, in_features, out_features)
+}
+
+fn dense_weights(
+    dev: &Device,
+    name: &str,
+    tensor: DenseTensor,
+    bias: Option<DeviceMem<f32>>,
+    in_features: usize,
+    out_features: usize,
+) -> Result<DenseWeights> {
     let desc = DenseDesc {
         weight: tensor.mem.ptr,
         bias: bias.as_ref().map_or(0, |b| b.ptr),
@@ -861,6 +932,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn f16_bytes_round_once_and_refuse_what_overflows() {
+        let values: Vec<f32> = (0..200_000)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let bytes = super::f16_bytes(&values).expect("all in range");
+        assert_eq!(bytes.len(), 2 * values.len());
+        for (pair, &v) in bytes.chunks_exact(2).zip(&values) {
+            assert_eq!(
+                u16::from_le_bytes([pair[0], pair[1]]),
+                half::f16::from_f32(v).to_bits()
+            );
+        }
+        let mut big = values.clone();
+        big[123_456] = 1e5;
+        assert!(super::f16_bytes(&big).is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use trellis_backend::{
     RouterSpec, ScoringFunction,
 };
 use trellis_codec::{BitWidth, Codebook};
+use trellis_cuda::CudaBackend;
 use trellis_format::{DType, LinearWeights};
 use trellis_testutil::random_trellis;
 
@@ -121,6 +122,71 @@ fn trellis_linear_realistic_shapes() {
             &[1, 5, 128],
             r.random(),
         );
+    }
+}
+
+/// Each weight rounded once to f16: ≤ 2⁻¹¹ relative, and the products' errors mostly cancel.
+const DEQUANTIZED_TOL: f64 = 2e-3;
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn dequantized_trellis_linears_match_the_trellis_product() {
+    // This backend's own buffers throughout: it runs on its own stream.
+    let (c, g) = (cpu(), gpu_dequantized());
+    let mut attention_only = CudaBackend::new(0).unwrap();
+    attention_only.set_dequantize(trellis_cuda::DequantizeSet::parse("attn").unwrap());
+    let mut r = rng(31);
+    let cases = [
+        (256, 384, 3.0, Codebook::Mcg, false),
+        (500, 576, 4.0, Codebook::Mul1, true),
+        (2048, 1536, 2.5, Codebook::Mul1, false),
+        (1536, 2048, 6.0, Codebook::Inst3, false),
+    ];
+    for (in_f, out_f, bits, cb, bias) in cases {
+        let bits = BitWidth::from_f64(bits).unwrap();
+        let weights = LinearWeights::Trellis(random_trellis(&mut r, in_f, out_f, bits, cb, bias));
+        let name = "model.layers.1.self_attn.o_proj";
+        let cw = c.upload_linear(name, &weights).unwrap();
+        let gw = g.upload_linear(name, &weights).unwrap();
+        let trellis_cuda::CudaLinear::Dense(d) = &gw else {
+            panic!("{name} was not dequantized");
+        };
+        assert_eq!(d.dtype, trellis_cuda::DenseType::F16);
+        assert_eq!(g.linear_bytes(&gw), Some((in_f * out_f * 2) as u64));
+        // Names outside the chosen groups keep their trellis form.
+        let kept = attention_only.upload_linear("model.layers.1.mlp.experts.0.up_proj", &weights);
+        assert!(matches!(
+            kept.unwrap(),
+            trellis_cuda::CudaLinear::Trellis(_)
+        ));
+        for rows in [1, 7, 64] {
+            let x = uniform(&mut r, rows * in_f, 1.0);
+            let cx = trellis_backend::cpu::CpuBuffer(x.clone());
+            let mut cout = c.alloc(rows * out_f).unwrap();
+            c.linear(&cw, &cx, rows, &mut cout);
+            let mut gx = g.alloc(rows * in_f).unwrap();
+            g.write(&mut gx, &x);
+            let spare = 64;
+            let mut gout = g.alloc(rows * out_f + spare).unwrap();
+            g.fill(&mut gout, f32::NAN, rows * out_f + spare);
+            g.linear(&gw, &gx, rows, &mut gout);
+            let mut got = vec![0.0; rows * out_f + spare];
+            g.read(&gout, &mut got);
+            let what = format!(
+                "dequantized {} K={bits} {in_f}→{out_f} rows {rows}",
+                cb.name()
+            );
+            check(
+                &what,
+                &got[..rows * out_f],
+                &cout.0[..rows * out_f],
+                DEQUANTIZED_TOL,
+            );
+            assert!(
+                got[rows * out_f..].iter().all(|v| v.is_nan()),
+                "{what}: the op wrote past its output"
+            );
+        }
     }
 }
 

@@ -66,8 +66,12 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// Upload linear weights, counting them as read once per decode step.
     pub fn upload(&mut self, name: &str, w: &LinearWeights<'_>) -> Result<B::Linear> {
-        self.bytes_per_token += w.storage_bytes() as u64;
-        Ok(self.backend.upload_linear(name, w)?)
+        let uploaded = self.backend.upload_linear(name, w)?;
+        self.bytes_per_token += self
+            .backend
+            .linear_bytes(&uploaded)
+            .unwrap_or(w.storage_bytes() as u64);
+        Ok(uploaded)
     }
 
     /// Load and upload linear `prefix`.

@@ -142,8 +142,11 @@ fn upload<B: Backend>(
     name: &str,
     bytes: &mut u64,
 ) -> Result<B::Linear> {
-    *bytes += w.storage_bytes() as u64;
-    Ok(b.upload_linear(name, w)?)
+    let uploaded = b.upload_linear(name, w)?;
+    *bytes += b
+        .linear_bytes(&uploaded)
+        .unwrap_or(w.storage_bytes() as u64);
+    Ok(uploaded)
 }
 
 fn load_mlp<B: Backend>(

@@ -33,6 +33,10 @@ pub struct Report {
     model: String,
     architecture: String,
     device: &'static str,
+    /// `--dequantize` groups (GPU), when given: their weights are dense f16, and
+    /// `weight_bytes_per_token` counts them so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dequantize: Option<String>,
     threads: usize,
     features: Vec<&'static str>,
     /// The CPU kernels' instruction-set level (`TRELLIS_CPU_ISA` can lower it); on the CPU
@@ -122,6 +126,7 @@ impl super::EngineTask for BenchTask {
             model: args.model.display().to_string(),
             architecture: engine.info().architecture.clone(),
             device: engine.backend().name(),
+            dequantize: args.run.dequantize.clone(),
             threads: trellis_backend::cpu::CpuBackend::new().threads(),
             features: features(),
             cpu_isa: trellis_backend::cpu::trellis_kernels::Isa::selected().name(),

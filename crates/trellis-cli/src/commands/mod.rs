@@ -57,6 +57,11 @@ pub struct RunOptions {
     /// Tokens per prefill forward pass.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// GPU only: decode these EXL3 linears into dense f16 weights at load — `all`, or a
+    /// comma-separated list of `attn`, `experts`, `mlp` (dense MLPs and shared experts),
+    /// `head`. Plain f16 products for 2–6× the memory of those weights.
+    #[arg(long, value_name = "GROUPS")]
+    pub dequantize: Option<String>,
 }
 
 /// Work to do with a loaded engine, whichever backend it runs on.
@@ -102,23 +107,30 @@ pub fn with_engine<T: EngineTask>(
         },
         max_batch: 1,
     };
+    if run.dequantize.is_some() && run.device == Device::Cpu {
+        anyhow::bail!(
+            "--dequantize needs --device cuda (the CPU backend decodes trellis weights inside its products)"
+        );
+    }
     match run.device {
         Device::Cpu => task.run(
             load(dir, CpuBackend::new(), &options)?,
             opened.elapsed().as_secs_f64(),
         ),
         Device::Cuda => {
-            let backend = cuda_backend()?;
+            let backend = cuda_backend(run.dequantize.as_deref())?;
             task.run(
                 load(dir, backend, &options)?,
                 opened.elapsed().as_secs_f64(),
             )
         }
-        Device::Auto => match cuda_backend() {
+        Device::Auto => match cuda_backend(run.dequantize.as_deref()) {
             Ok(backend) => task.run(
                 load(dir, backend, &options)?,
                 opened.elapsed().as_secs_f64(),
             ),
+            // `--dequantize` only means something on the GPU: its errors are the user's.
+            Err(e) if run.dequantize.is_some() => Err(e),
             Err(_) => task.run(
                 load(dir, CpuBackend::new(), &options)?,
                 opened.elapsed().as_secs_f64(),
@@ -128,13 +140,20 @@ pub fn with_engine<T: EngineTask>(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_backend() -> anyhow::Result<trellis_cuda::CudaBackend> {
-    trellis_cuda::CudaBackend::new(0).context("cannot use the GPU (--device cuda)")
+fn cuda_backend(dequantize: Option<&str>) -> anyhow::Result<trellis_cuda::CudaBackend> {
+    let set = match dequantize {
+        Some(spec) => trellis_cuda::DequantizeSet::parse(spec).map_err(anyhow::Error::msg)?,
+        None => trellis_cuda::DequantizeSet::NONE,
+    };
+    let mut backend =
+        trellis_cuda::CudaBackend::new(0).context("cannot use the GPU (--device cuda)")?;
+    backend.set_dequantize(set);
+    Ok(backend)
 }
 
 /// A stand-in that never constructs, so builds without CUDA share the dispatch above.
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> anyhow::Result<CpuBackend> {
+fn cuda_backend(_dequantize: Option<&str>) -> anyhow::Result<CpuBackend> {
     anyhow::bail!("this trellis was built without CUDA (rebuild with `--features cuda`)")
 }
 

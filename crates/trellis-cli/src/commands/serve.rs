@@ -100,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (scheduler, device) = spawn_scheduler(
         &args.model,
         args.run.device,
+        args.run.dequantize.clone(),
         engine_options,
         tokenizer,
         config,
@@ -209,6 +210,7 @@ async fn wait_for_signal() {
 fn spawn_scheduler(
     path: &Path,
     device: Device,
+    dequantize: Option<String>,
     options: EngineOptions,
     tokenizer: Tokenizer,
     config: SchedulerConfig,
@@ -216,19 +218,24 @@ fn spawn_scheduler(
     let on_cpu = |path: &Path, options, tokenizer, config| {
         spawn_on(path, || Ok(CpuBackend::new()), options, tokenizer, config).map(|s| (s, "cpu"))
     };
+    let gpu_spec = dequantize.clone();
+    let on_gpu = |path: &Path, options, tokenizer, config| {
+        let make = move || super::cuda_backend(gpu_spec.as_deref());
+        spawn_on(path, make, options, tokenizer, config).map(|s| (s, "cuda"))
+    };
     match device {
+        Device::Cpu if dequantize.is_some() => anyhow::bail!(
+            "--dequantize needs --device cuda (the CPU backend decodes trellis weights inside its products)"
+        ),
         Device::Cpu => on_cpu(path, options, tokenizer, config),
-        Device::Cuda => {
-            spawn_on(path, super::cuda_backend, options, tokenizer, config).map(|s| (s, "cuda"))
-        }
-        // Probed here (and dropped) so that the engine's thread knows which backend to build.
-        Device::Auto => {
-            if super::cuda_backend().is_ok() {
-                spawn_on(path, super::cuda_backend, options, tokenizer, config).map(|s| (s, "cuda"))
-            } else {
-                on_cpu(path, options, tokenizer, config)
-            }
-        }
+        Device::Cuda => on_gpu(path, options, tokenizer, config),
+        // Probed here (and dropped) so that the engine's thread knows which backend to build;
+        // with `--dequantize` the GPU is required.
+        Device::Auto => match super::cuda_backend(dequantize.as_deref()) {
+            Ok(_) => on_gpu(path, options, tokenizer, config),
+            Err(e) if dequantize.is_some() => Err(e),
+            Err(_) => on_cpu(path, options, tokenizer, config),
+        },
     }
 }
 

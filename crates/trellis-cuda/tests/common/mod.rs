@@ -28,6 +28,17 @@ pub fn gpu() -> &'static CudaBackend {
     })
 }
 
+/// A second GPU backend that decodes every trellis linear into dense f16 at upload
+/// (`--dequantize all`).
+pub fn gpu_dequantized() -> &'static CudaBackend {
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let mut b = CudaBackend::new(0).expect("CUDA device 0 (these tests need an NVIDIA GPU)");
+        b.set_dequantize(trellis_cuda::DequantizeSet::ALL);
+        b
+    })
+}
+
 pub fn cpu() -> &'static CpuBackend {
     static CPU: OnceLock<CpuBackend> = OnceLock::new();
     CPU.get_or_init(CpuBackend::new)
