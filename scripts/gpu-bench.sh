@@ -5,6 +5,7 @@
 #
 #   scripts/gpu-bench.sh stage      here: build and copy the binary into .device-carry/
 #   scripts/gpu-bench.sh [bits...]  there: synthesize each model in /tmp, bench it, JSON in $OUT
+#                                   (DEQUANTIZE_BITS=3 adds a `--dequantize all` run at 3 bpw)
 set -uo pipefail
 CARRY=.device-carry
 
@@ -54,6 +55,13 @@ bench() {
             TRELLIS_CUDA_GRAPH=0 $t bench "$m" --device cuda --prompt-tokens 512 --gen-tokens 64 --repeat 2 \
                 --ctx-size 8192 >"$OUT/bench-${bits}bpw-512-nograph.json" 2>>"$OUT/log.txt"
             echo "bench ${bits} 512 without graphs: exit $?" >>"$OUT/log.txt"
+        fi
+        if [ "$bits" = "${DEQUANTIZE_BITS:-none}" ]; then
+            # The same decode with every EXL3 linear dequantized to f16 at load (about 60 GB of
+            # device memory at full size; off unless DEQUANTIZE_BITS names this width).
+            $t bench "$m" --device cuda --dequantize all --prompt-tokens 512 --gen-tokens 64 --repeat 2 \
+                --ctx-size 8192 >"$OUT/bench-${bits}bpw-512-dequantized.json" 2>>"$OUT/log.txt"
+            echo "bench ${bits} 512 dequantized: exit $?" >>"$OUT/log.txt"
         fi
         $t generate "$m" --device cuda --prompt "Hello" --max-tokens 8 --temperature 0 --ctx-size 8192 \
             >>"$OUT/log.txt" 2>&1
