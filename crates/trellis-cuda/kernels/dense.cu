@@ -7,6 +7,19 @@ struct DenseDesc {
     const float* bias;   // [out] or null
 };
 
+// The input row of each of the tile's TM rows (rows past `nrows` repeat the first; their
+// results are not stored).
+template <int TM>
+__device__ __forceinline__ void dense_input_rows(const float* x, const int* src_rows, int row0,
+                                                 int nrows, int in_stride, const float* xr[TM]) {
+#pragma unroll
+    for (int m = 0; m < TM; m++) {
+        const int r = row0 + (m < nrows ? m : 0);
+        const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
+        xr[m] = x + src * in_stride;
+    }
+}
+
 // One warp's dot products of weight row `w` with TM input rows, for two-byte weights in
 // 16-byte chunks of eight (16-byte aligned rows): a warp covers 256 inputs per chunk and holds
 // U chunks per lane in flight. With `early`, the first chunks are requested before waiting for
@@ -26,12 +39,7 @@ __device__ __forceinline__ void dense_rows_vec8(const W* w, const float* x, cons
     }
     if (early) pdl_entry();
     const float* xr[TM];
-#pragma unroll
-    for (int m = 0; m < TM; m++) {
-        const int r = row0 + (m < nrows ? m : 0);
-        const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
-        xr[m] = x + src * in_stride;
-    }
+    dense_input_rows<TM>(x, src_rows, row0, nrows, in_stride, xr);
     for (;;) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -99,12 +107,7 @@ __device__ __forceinline__ void dense_matmul_impl(const DenseDesc* descs, const 
     if (sizeof(W) != 2 || !vectors) {
         if (!tiles) pdl_entry();
         const float* xr[TM];
-#pragma unroll
-        for (int m = 0; m < TM; m++) {
-            const int r = row0 + (m < nrows ? m : 0);
-            const u64 src = src_rows ? (u64)src_rows[r] : (u64)r;
-            xr[m] = x + src * in_stride;
-        }
+        dense_input_rows<TM>(x, src_rows, row0, nrows, in_stride, xr);
         for (int c = lane; c < in_features; c += 32) {
             const float wv = to_f32(w[c]);
 #pragma unroll

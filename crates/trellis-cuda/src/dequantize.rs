@@ -7,8 +7,6 @@
 //! where each wins). The weights are the decoded `W̃` with both Hadamards and scales applied,
 //! rounded once to f16.
 
-use std::fmt;
-
 /// Groups of linears, chosen by the names the models upload them under.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DequantizeSet {
@@ -23,7 +21,7 @@ pub struct DequantizeSet {
     pub head: bool,
 }
 
-/// The words `--dequantize` accepts, in the order `Display` writes them.
+/// The group words `--dequantize` accepts besides `all` and `none`.
 const GROUPS: [&str; 4] = ["attn", "experts", "mlp", "head"];
 
 impl DequantizeSet {
@@ -76,22 +74,6 @@ impl DequantizeSet {
     }
 }
 
-impl fmt::Display for DequantizeSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let chosen = [self.attention, self.experts, self.mlp, self.head];
-        let words: Vec<&str> = GROUPS
-            .iter()
-            .zip(chosen)
-            .filter_map(|(w, on)| on.then_some(*w))
-            .collect();
-        if words.is_empty() {
-            f.write_str("none")
-        } else {
-            f.write_str(&words.join(","))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +85,6 @@ mod tests {
         assert!(set.covers("model.layers.3.mlp.experts.17.down_proj"));
         assert!(!set.covers("model.layers.3.mlp.shared_experts.up_proj"));
         assert!(!set.covers("lm_head"));
-        assert_eq!(set.to_string(), "attn,experts");
 
         let mlp = DequantizeSet::parse("mlp").unwrap();
         assert!(mlp.covers("model.layers.0.mlp.gate_proj"));
@@ -112,7 +93,6 @@ mod tests {
 
         assert_eq!(DequantizeSet::parse("all").unwrap(), DequantizeSet::ALL);
         assert!(DequantizeSet::parse("none").unwrap().is_empty());
-        assert_eq!(DequantizeSet::ALL.to_string(), "attn,experts,mlp,head");
         assert!(DequantizeSet::ALL.covers("lm_head"));
         let err = DequantizeSet::parse("attn,lm").unwrap_err();
         assert!(err.contains("\"lm\""), "{err}");

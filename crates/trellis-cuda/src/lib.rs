@@ -169,10 +169,6 @@ impl CudaBackend {
         self.dequantize = set;
     }
 
-    pub fn dequantize(&self) -> DequantizeSet {
-        self.dequantize
-    }
-
     /// The GPU's name as the driver reports it.
     pub fn device_name(&self) -> &str {
         &self.dev.name

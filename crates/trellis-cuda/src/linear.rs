@@ -235,7 +235,7 @@ pub(crate) fn upload_trellis_dequantized(
     drop(bytes);
     let bias = match &t.bias {
         Some(b) => {
-            let values: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            let values: Vec<f32> = b[..t.out_features].iter().map(|v| v.to_f32()).collect();
             Some(DeviceMem::from_host(dev, &values, name)?)
         }
         None => None,

@@ -107,11 +107,7 @@ pub fn with_engine<T: EngineTask>(
         },
         max_batch: 1,
     };
-    if run.dequantize.is_some() && run.device == Device::Cpu {
-        anyhow::bail!(
-            "--dequantize needs --device cuda (the CPU backend decodes trellis weights inside its products)"
-        );
-    }
+    refuse_dequantize_on_cpu(run.device, run.dequantize.as_deref())?;
     match run.device {
         Device::Cpu => task.run(
             load(dir, CpuBackend::new(), &options)?,
@@ -137,6 +133,16 @@ pub fn with_engine<T: EngineTask>(
             ),
         },
     }
+}
+
+/// `--dequantize` is a GPU option: asking for it with `--device cpu` is an error.
+pub fn refuse_dequantize_on_cpu(device: Device, dequantize: Option<&str>) -> anyhow::Result<()> {
+    if dequantize.is_some() && device == Device::Cpu {
+        anyhow::bail!(
+            "--dequantize needs --device cuda (the CPU backend decodes trellis weights inside its products)"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

@@ -218,15 +218,13 @@ fn spawn_scheduler(
     let on_cpu = |path: &Path, options, tokenizer, config| {
         spawn_on(path, || Ok(CpuBackend::new()), options, tokenizer, config).map(|s| (s, "cpu"))
     };
+    super::refuse_dequantize_on_cpu(device, dequantize.as_deref())?;
     let gpu_spec = dequantize.clone();
     let on_gpu = |path: &Path, options, tokenizer, config| {
         let make = move || super::cuda_backend(gpu_spec.as_deref());
         spawn_on(path, make, options, tokenizer, config).map(|s| (s, "cuda"))
     };
     match device {
-        Device::Cpu if dequantize.is_some() => anyhow::bail!(
-            "--dequantize needs --device cuda (the CPU backend decodes trellis weights inside its products)"
-        ),
         Device::Cpu => on_cpu(path, options, tokenizer, config),
         Device::Cuda => on_gpu(path, options, tokenizer, config),
         // Probed here (and dropped) so that the engine's thread knows which backend to build;
