@@ -37,6 +37,18 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// Index of the largest value (the lowest on ties): the greedy token of a row of logits. A NaN
+/// is never larger than anything, so it is chosen only as the first value (index 0).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// What fixes the sequence of ops of one forward pass besides the model itself: the step's
 /// tokens and batch layout and the rows whose logits are computed. A backend that records a
 /// step's ops (a CUDA graph) replays the recording only for steps whose key matches in the
@@ -148,6 +160,9 @@ pub trait Backend {
     // ---- host transfers ----------------------------------------------------------------
     fn write(&self, dst: &mut Self::Buffer, src: &[f32]);
     fn read(&self, src: &Self::Buffer, dst: &mut [f32]);
+    /// `dst[r]` = [`argmax`] of row r of `src` (rows of `width` values), for the first
+    /// `dst.len()` rows: greedy decoding reads back one id per row, not the row.
+    fn argmax_rows(&self, src: &Self::Buffer, width: usize, dst: &mut [u32]);
     /// Expert ids and weights of the first `rows` tokens (`rows × top_k` each).
     fn read_routing(&self, routing: &Self::Routing, rows: usize) -> (Vec<u32>, Vec<f32>);
 
@@ -345,5 +360,31 @@ pub trait Backend {
             self.add(out, shared_out, rows * hidden);
         }
         self.add(x, out, rows * hidden);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_never_a_later_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, -2.0, 3.0]), 1);
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, 5.0, 7.0]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -0.0, 0.0]), 1);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn cpu_argmax_rows_takes_each_row() {
+        let cpu = cpu::CpuBackend::new();
+        let values = cpu::CpuBuffer(vec![0.5, 2.0, 1.0, 9.0, -1.0, 9.0, 0.0, 0.0, 0.0]);
+        let mut ids = [u32::MAX; 2];
+        cpu.argmax_rows(&values, 3, &mut ids);
+        assert_eq!(ids, [1, 0]);
+        let mut all = [u32::MAX; 3];
+        cpu.argmax_rows(&values, 3, &mut all);
+        assert_eq!(all, [1, 0, 0]);
     }
 }

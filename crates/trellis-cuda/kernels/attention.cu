@@ -410,20 +410,31 @@ __device__ __forceinline__ void mla_stage_combined(const float* part_ml, const f
         if (lane == 0) inv_total = 1.f / total;
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < rank; c += blockDim.x) {
-        float o = 0.f;
-        for (int s0 = 0; s0 < splits; s0 += 8) {
-            float v[8];
+    // Two adjacent columns per thread (rank is even), sixteen splits' pairs requested at once:
+    // the partials cost one or two memory latencies, not one per eight splits and column
+    // (sixteen, not all 32: the caller keeps its weights in registers meanwhile).
+#define MLA_COMBINE_BATCH 16
+    for (int c = 2 * threadIdx.x; c < rank; c += 2 * blockDim.x) {
+        float o0 = 0.f, o1 = 0.f;
+        for (int s0 = 0; s0 < splits; s0 += MLA_COMBINE_BATCH) {
+            float2 v[MLA_COMBINE_BATCH];
 #pragma unroll
-            for (int u = 0; u < 8; u++) {
+            for (int u = 0; u < MLA_COMBINE_BATCH; u++) {
                 const int s = s0 + u;
-                v[u] = s < splits ? __ldcg(part_acc + (first + (u64)s * heads) * rank + c) : 0.f;
+                v[u] = s < splits ? __ldcg((const float2*)(part_acc +
+                                                            (first + (u64)s * heads) * rank + c))
+                                  : make_float2(0.f, 0.f);
             }
 #pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (s0 + u < splits) o += v[u] * split_weight[s0 + u];
+            for (int u = 0; u < MLA_COMBINE_BATCH; u++) {
+                if (s0 + u < splits) {
+                    o0 += v[u].x * split_weight[s0 + u];
+                    o1 += v[u].y * split_weight[s0 + u];
+                }
+            }
         }
-        latent[c] = o * inv_total;
+        latent[c] = o0 * inv_total;
+        latent[c + 1] = o1 * inv_total;
     }
 }
 
@@ -462,6 +473,7 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
         for (int c = threadIdx.x; c < rank; c += blockDim.x) latent[c] = src[c];
     }
     __syncthreads();
+    trace_mark(1);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = 8 * lane; c0 < rank; c0 += 32 * 8 * 2) {
         if (c0 != 8 * lane) load_columns(c0);
@@ -485,6 +497,7 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
         const int v = v0 + i;
         if (lane == 0 && i < per_warp && v < v_dim) out[((u64)r * heads + h) * v_dim + v] = sum;
     }
+    trace_mark(2);
 }
 
 #define MLA_KV_B_KERNELS(SUFFIX, W)                                                             \
@@ -507,7 +520,7 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
         mla_absorb_q_wide_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half,     \
                                scaling, interleaved, positions);                                 \
     }                                                                                            \
-    extern "C" __global__ void mla_unabsorb_wide_##SUFFIX(                                      \
+    extern "C" __global__ void __launch_bounds__(256, 2) mla_unabsorb_wide_##SUFFIX(            \
         const float* o_lat, const W* kv_b, float* out, int heads, int nope, int v_dim, int rank, \
         const float* part_ml, const float* part_acc, int splits) {                              \
         mla_unabsorb_wide_impl(o_lat, kv_b, out, heads, nope, v_dim, rank, part_ml, part_acc,    \
@@ -803,20 +816,25 @@ extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
 // ---- MLA decode on the tensor cores --------------------------------------------------------
 //
 // mla_decode_mma: the split-context MLA decode above with both products on the tensor cores,
-// for an f16 cache, at most 32 heads, a latent rank of 512 and a cache row width that is a
-// multiple of 16. Grid (splits, tokens), 256 threads; tiles of 32 positions; each split's
-// chunk of the context is at least `min_chunk` positions (the host's choice, whole tiles).
-//   scores S[32 heads × 32 positions] = Q[heads × width] · tileᵀ: warp w computes m16 tile w/4 ×
-//     n8 tile w%4 over width/16 k-steps (the cache rows are the B fragments as they lie);
-//   per head online softmax (one warp per four heads, one lane per position);
+// for an f16 cache, a latent rank of 512 and a cache row width that is a multiple of 16.
+// Grid (splits, tokens, head groups), 256 threads; a block takes one m16 tile of heads (the
+// token's heads dealt evenly over the head groups, at most 16 each) and tiles of 32 positions;
+// each split's chunk of the context is at least `min_chunk` positions (whole tiles).
+//   scores S[16 heads × 32 positions] = Q[heads × width] · tileᵀ: warp w computes n8 tile w%4
+//     over half the width (w/4 picks the half; the halves are added in shared memory), the
+//     cache rows being the B fragments as they lie;
+//   per head online softmax (one warp per two heads, one lane per position);
 //   O[heads × 512] += P[heads × 32] · tile[32 × 512]: warp w owns latent columns 64w..64w+63
-//     (two m16 × eight n8 accumulators); B fragments gathered transposed from the tile.
+//     (eight n8 accumulators); B fragments gathered transposed from the tile.
+// One block per head group rather than all heads in one block: a decode block's time is the
+// serial chain of its warps (staging, the score MMAs, softmax, accumulate, partials), and a
+// head group halves every part of that chain for 17–32 heads.
 // Queries and probabilities are split into fp16 hi + lo halves and both multiplied (f32-level
 // accuracy); cached values are fp16 already; fp32 accumulation. Padded heads have zero queries.
 // Outputs as mla_decode (per split max, sum and unnormalised accumulators for mla_combine).
 
 #define MLAM_TILE 32
-#define MLAM_HEADS 32
+#define MLAM_HEADS 16
 #define MLAM_RANK 512
 
 __device__ __forceinline__ void split_f16(float v, u16& hi, u16& lo) {
@@ -836,8 +854,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     u16* qhi = (u16*)mlam_smem;
     u16* qlo = qhi + MLAM_HEADS * xs;
     u16* lat = qlo + MLAM_HEADS * xs;
-    float* sc = (float*)(lat + MLAM_TILE * xs);  // [heads][MLAM_TILE + 1]
-    u16* phi = (u16*)(sc + MLAM_HEADS * (MLAM_TILE + 1));
+    float* sc = (float*)(lat + MLAM_TILE * xs);  // [2 width halves][heads][MLAM_TILE + 1]
+    u16* phi = (u16*)(sc + 2 * MLAM_HEADS * (MLAM_TILE + 1));
     u16* plo = phi + MLAM_HEADS * (MLAM_TILE + 8);
     float* run_max = (float*)(plo + MLAM_HEADS * (MLAM_TILE + 8));
     float* run_sum = run_max + MLAM_HEADS;
@@ -845,6 +863,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     u64* slots = (u64*)(corr + MLAM_HEADS);
 
     const int s = blockIdx.x, r = blockIdx.y, splits = gridDim.x;
+    const int per_group = (heads + gridDim.z - 1) / gridDim.z;  // ≤ MLAM_HEADS (host)
+    const int h0 = blockIdx.z * per_group, nh = min(per_group, heads - h0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const u32 pos = positions[r], seq = sequence[r];
@@ -853,9 +873,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
     const int p_begin = s * chunk;
     const int p_end = min((int)pos + 1, p_begin + chunk);
 
-    // Queries [latent ‖ rope] of every head, split into hi + lo; padded heads are zero. 16-byte
-    // loads, all of a thread's in flight at once (the host checks the alignment: rank, nope and
-    // qk multiples of 4).
+    // Queries [latent ‖ rope] of the group's heads, split into hi + lo; padded heads are zero.
+    // 16-byte loads, all of a thread's in flight at once (the host checks the alignment: rank,
+    // nope and qk multiples of 4).
 #define MLAM_QBATCH ((MLAM_HEADS * (MLAM_RANK + 64) / 4 + 255) / 256)
     {
         const int w4 = width >> 2, r4 = rank >> 2;
@@ -863,9 +883,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
 #pragma unroll
         for (int u = 0; u < MLAM_QBATCH; u++) {
             const int i = tid + 256 * u;
-            const int h = i / w4, c4 = i - h * w4;
+            const int hl = i / w4, c4 = i - hl * w4;
+            const int h = h0 + hl;
             v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (h < heads)
+            if (hl < nh)
                 v[u] = c4 < r4 ? *(const float4*)(q_lat + ((u64)r * heads + h) * rank + 4 * c4)
                                : *(const float4*)(q + ((u64)r * heads + h) * qk + nope +
                                                   4 * (c4 - r4));
@@ -873,30 +894,33 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
 #pragma unroll
         for (int u = 0; u < MLAM_QBATCH; u++) {
             const int i = tid + 256 * u;
-            const int h = i / w4, c4 = i - h * w4;
-            if (h < MLAM_HEADS) {
+            const int hl = i / w4, c4 = i - hl * w4;
+            if (hl < MLAM_HEADS) {
                 const float e[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     u16 hi, lo;
                     split_f16(e[k], hi, lo);
-                    qhi[h * xs + 4 * c4 + k] = hi;
-                    qlo[h * xs + 4 * c4 + k] = lo;
+                    qhi[hl * xs + 4 * c4 + k] = hi;
+                    qlo[hl * xs + 4 * c4 + k] = lo;
                 }
             }
         }
     }
+    trace_mark(1);
     if (tid < MLAM_HEADS) {
         run_max[tid] = NEG_INF;
         run_sum[tid] = 0.f;
     }
-    float acc[2][8][4];
+    float acc[8][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][nt][e] = 0.f;
+        for (int e = 0; e < 4; e++) acc[nt][e] = 0.f;
+    // The width half of warp w's scores (16-column steps, the first half the longer).
+    const int steps = width >> 4, first_half = (steps + 1) >> 1;
+    const int k_begin = (warp >> 2) ? 16 * first_half : 0;
+    const int k_end = (warp >> 2) ? width : 16 * first_half;
 
     for (int p0 = p_begin; p0 < p_end; p0 += MLAM_TILE) {
         const int np = min(MLAM_TILE, p_end - p0);
@@ -907,21 +931,24 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
             slots[tid] = ((u64)block * block_size + p % (u32)block_size) * values_per_token;
         }
         __syncthreads();
-        // The tile's cached rows (16-byte loads; rows past the context are zero).
+        trace_mark(2);
+        // The tile's cached rows (16-byte loads, all of a thread's in flight at once: the
+        // tile is one memory latency, not three; rows past the context are zero).
         const int v8 = width >> 3;
-        for (int i0 = tid; i0 < MLAM_TILE * v8; i0 += 256 * 4) {
-            uint4 v[4];
+#define MLAM_TILE_LOADS ((MLAM_TILE * (MLAM_RANK + 64) / 8 + 255) / 256)
+        {
+            uint4 v[MLAM_TILE_LOADS];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + 256 * u;
+            for (int u = 0; u < MLAM_TILE_LOADS; u++) {
+                const int i = tid + 256 * u;
                 const int pp = i / v8, c8 = i - pp * v8;
                 v[u] = make_uint4(0u, 0u, 0u, 0u);
                 if (i < MLAM_TILE * v8 && pp < np)
                     v[u] = *(const uint4*)(cache + slots[pp] + 8 * c8);
             }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + 256 * u;
+            for (int u = 0; u < MLAM_TILE_LOADS; u++) {
+                const int i = tid + 256 * u;
                 if (i < MLAM_TILE * v8) {
                     const int pp = i / v8, c8 = i - pp * v8;
                     u32* dst = (u32*)(lat + pp * xs + 8 * c8);
@@ -933,14 +960,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
             }
         }
         __syncthreads();
-        // Scores: warp w → heads 16·(w/4) .., positions 8·(w%4) ..
+        trace_mark(3);
+        // Scores: warp w → positions 8·(w%4) .. over width half w/4.
         {
-            const int mt = warp >> 2, nt = warp & 3;
+            const int nt = warp & 3;
             float c_hi[4] = {0.f, 0.f, 0.f, 0.f}, c_lo[4] = {0.f, 0.f, 0.f, 0.f};
-            const u16* qa = qhi + (mt * 16 + g) * xs + 2 * t;
-            const u16* qb = qlo + (mt * 16 + g) * xs + 2 * t;
+            const u16* qa = qhi + g * xs + 2 * t;
+            const u16* qb = qlo + g * xs + 2 * t;
             const u16* lb = lat + (nt * 8 + g) * xs + 2 * t;
-            for (int k0 = 0; k0 < width; k0 += 16) {
+            for (int k0 = k_begin; k0 < k_end; k0 += 16) {
                 const u32 b0 = *(const u32*)(lb + k0), b1 = *(const u32*)(lb + k0 + 8);
                 mma_f16_f32(c_hi, *(const u32*)(qa + k0), *(const u32*)(qa + 8 * xs + k0),
                             *(const u32*)(qa + k0 + 8), *(const u32*)(qa + 8 * xs + k0 + 8), b0,
@@ -949,19 +977,21 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
                             *(const u32*)(qb + k0 + 8), *(const u32*)(qb + 8 * xs + k0 + 8), b0,
                             b1);
             }
-            const int h0 = mt * 16 + g, pp = nt * 8 + 2 * t;
+            float* half_scores = sc + (warp >> 2) * MLAM_HEADS * (MLAM_TILE + 1);
+            const int pp = nt * 8 + 2 * t;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int h = h0 + (e >> 1) * 8, p = pp + (e & 1);
-                sc[h * (MLAM_TILE + 1) + p] = p < np ? (c_hi[e] + c_lo[e]) * scale : NEG_INF;
-            }
+            for (int e = 0; e < 4; e++)
+                half_scores[(g + (e >> 1) * 8) * (MLAM_TILE + 1) + pp + (e & 1)] = c_hi[e] + c_lo[e];
         }
         __syncthreads();
-        // Online softmax: warp w takes heads w, w + 8, w + 16, w + 24; lane = position.
+        trace_mark(4);
+        // Online softmax: warp w takes heads w and w + 8; lane = position.
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < 2; k++) {
             const int h = warp + 8 * k;
-            const float sv = sc[h * (MLAM_TILE + 1) + lane];
+            const float* row = sc + h * (MLAM_TILE + 1) + lane;
+            const float sv =
+                lane < np ? (row[0] + row[MLAM_HEADS * (MLAM_TILE + 1)]) * scale : NEG_INF;
             const float old = run_max[h];
             const float mx = fmaxf(old, warp_max(sv));
             const float e = lane < np ? expf(sv - mx) : 0.f;
@@ -978,66 +1008,52 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_decode_mma(
             }
         }
         __syncthreads();
+        trace_mark(5);
         // Accumulate: warp w owns latent columns 64w .. 64w + 63.
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-            const float c0 = corr[mt * 16 + g], c1 = corr[mt * 16 + g + 8];
+        {
+            const float c0 = corr[g], c1 = corr[g + 8];
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) {
-                acc[mt][nt][0] *= c0;
-                acc[mt][nt][1] *= c0;
-                acc[mt][nt][2] *= c1;
-                acc[mt][nt][3] *= c1;
+                acc[nt][0] *= c0;
+                acc[nt][1] *= c0;
+                acc[nt][2] *= c1;
+                acc[nt][3] *= c1;
             }
         }
 #pragma unroll
         for (int k0 = 0; k0 < MLAM_TILE; k0 += 16) {
-            u32 ahi[2][4], alo[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                const int ra = (mt * 16 + g) * (MLAM_TILE + 8) + k0 + 2 * t;
-                const int rb = ra + 8 * (MLAM_TILE + 8);
-                ahi[mt][0] = *(const u32*)(phi + ra);
-                ahi[mt][1] = *(const u32*)(phi + rb);
-                ahi[mt][2] = *(const u32*)(phi + ra + 8);
-                ahi[mt][3] = *(const u32*)(phi + rb + 8);
-                alo[mt][0] = *(const u32*)(plo + ra);
-                alo[mt][1] = *(const u32*)(plo + rb);
-                alo[mt][2] = *(const u32*)(plo + ra + 8);
-                alo[mt][3] = *(const u32*)(plo + rb + 8);
-            }
+            const int ra = g * (MLAM_TILE + 8) + k0 + 2 * t;
+            const int rb = ra + 8 * (MLAM_TILE + 8);
+            const u32 ahi0 = *(const u32*)(phi + ra), ahi1 = *(const u32*)(phi + rb);
+            const u32 ahi2 = *(const u32*)(phi + ra + 8), ahi3 = *(const u32*)(phi + rb + 8);
+            const u32 alo0 = *(const u32*)(plo + ra), alo1 = *(const u32*)(plo + rb);
+            const u32 alo2 = *(const u32*)(plo + ra + 8), alo3 = *(const u32*)(plo + rb + 8);
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) {
                 const int col = warp * 64 + nt * 8 + g;
                 const u16* l0 = lat + (k0 + 2 * t) * xs + col;
                 const u32 b0 = (u32)l0[0] | ((u32)l0[xs] << 16);
                 const u32 b1 = (u32)l0[8 * xs] | ((u32)l0[9 * xs] << 16);
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
-                    mma_f16_f32(acc[mt][nt], ahi[mt][0], ahi[mt][1], ahi[mt][2], ahi[mt][3], b0,
-                                b1);
-                    mma_f16_f32(acc[mt][nt], alo[mt][0], alo[mt][1], alo[mt][2], alo[mt][3], b0,
-                                b1);
-                }
+                mma_f16_f32(acc[nt], ahi0, ahi1, ahi2, ahi3, b0, b1);
+                mma_f16_f32(acc[nt], alo0, alo1, alo2, alo3, b0, b1);
             }
         }
     }
     __syncthreads();
+    trace_mark(6);
     const u64 base = (u64)r * splits + s;
-    if (tid < heads) {
-        part_ml[(base * heads + tid) * 2] = run_max[tid];
-        part_ml[(base * heads + tid) * 2 + 1] = run_sum[tid];
+    if (tid < nh) {
+        part_ml[(base * heads + h0 + tid) * 2] = run_max[tid];
+        part_ml[(base * heads + h0 + tid) * 2 + 1] = run_sum[tid];
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    for (int nt = 0; nt < 8; nt++) {
+        const int col = warp * 64 + nt * 8 + 2 * t;
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            const int col = warp * 64 + nt * 8 + 2 * t;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int h = mt * 16 + g + (e >> 1) * 8;
-                if (h < heads) part_acc[(base * heads + h) * rank + col + (e & 1)] = acc[mt][nt][e];
-            }
+        for (int e = 0; e < 4; e++) {
+            const int hl = g + (e >> 1) * 8;
+            if (hl < nh) part_acc[(base * heads + h0 + hl) * rank + col + (e & 1)] = acc[nt][e];
         }
     }
+    trace_mark(7);
 }

@@ -30,10 +30,57 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+#ifdef TRELLIS_TRACE
+// Launch timeline for analysis (TRELLIS_CUDA_TRACE=1 compiles it in): block (0, 0, 0) of every
+// launch records the global nanosecond time at which it entered and at which its wait for the
+// predecessor returned, in launch order. The release times of successive launches give each
+// kernel's share of the critical path as it runs inside a step graph, which per-launch event
+// timing and ncu (both serialise the kernels) cannot show.
+#define TRACE_CAPACITY 65536
+__device__ u64 trellis_trace[TRACE_CAPACITY][2];
+__device__ u32 trellis_trace_next;
+
+__device__ __forceinline__ u64 global_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Phase marks of block (0, 0, 0): trace_mark(k) records the time at which that block passed
+// mark k (1 ≤ k < TRACE_MARKS) of its launch, so the host can split a kernel's time into its
+// phases as it runs in the graph. Nothing when the trace is not compiled in.
+#define TRACE_MARKS 8
+__device__ u64 trellis_marks[TRACE_CAPACITY][TRACE_MARKS];
+// This launch's slot, kept by the thread that took it (thread 0 of block (0, 0, 0)).
+__shared__ u32 trellis_trace_slot;
+
+__device__ __forceinline__ void trace_mark(int k) {
+    if ((blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x) == 0) {
+        const u64 now = global_ns();
+        trellis_marks[trellis_trace_slot][k] = now;
+    }
+}
+#else
+#define trace_mark(k)
+#endif
+
 __device__ __forceinline__ void pdl_entry() {
+#ifdef TRELLIS_TRACE
+    const u64 entered = global_ns();
+#endif
     pdl_wait();
     pdl_launch_dependents();
+#ifdef TRELLIS_TRACE
+    if ((blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x) == 0) {
+        const u32 slot = atomicAdd(&trellis_trace_next, 1u) & (TRACE_CAPACITY - 1);
+        trellis_trace_slot = slot;
+        trellis_trace[slot][0] = entered;
+        trellis_trace[slot][1] = global_ns();
+        for (int k = 1; k < TRACE_MARKS; k++) trellis_marks[slot][k] = 0;
+    }
+#endif
 }
+
 
 // Storage element types, distinct so that overloads pick the right widening.
 struct f16_t {

@@ -124,3 +124,55 @@ extern "C" __global__ void fill_f32(float* x, float value, u64 len) {
          i += (u64)gridDim.x * blockDim.x)
         x[i] = value;
 }
+
+// dst[r] = the index of the largest value of row r (`width` values), the lowest on ties; a NaN
+// is never larger than anything, so it wins only as value 0 — the host argmax's result. Grid
+// (rows), ARGMAX_THREADS threads: each thread scans a stride of the row, then the block
+// reduces (value, index) pairs.
+#define ARGMAX_THREADS 512
+__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
+    return best_i < 0 || v > best_v || (v == best_v && i < best_i);
+}
+
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_rows(const float* src, int width, u32* dst) {
+    pdl_entry();
+    __shared__ float best_values[ARGMAX_THREADS / 32];
+    __shared__ int best_indices[ARGMAX_THREADS / 32];
+    const float* row = src + (u64)blockIdx.x * width;
+    float best_v = 0.f;
+    int best_i = -1;
+    for (int i = threadIdx.x; i < width; i += ARGMAX_THREADS) {
+        const float v = row[i];
+        if (v == v && argmax_better(v, i, best_v, best_i)) {
+            best_v = v;
+            best_i = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(FULL_MASK, best_v, o);
+        const int i = __shfl_xor_sync(FULL_MASK, best_i, o);
+        if (i >= 0 && argmax_better(v, i, best_v, best_i)) {
+            best_v = v;
+            best_i = i;
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        best_values[warp] = best_v;
+        best_indices[warp] = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < ARGMAX_THREADS / 32; w++) {
+            if (best_indices[w] >= 0 &&
+                argmax_better(best_values[w], best_indices[w], best_v, best_i)) {
+                best_v = best_values[w];
+                best_i = best_indices[w];
+            }
+        }
+        // A NaN first value stays the choice, as in the host loop; so does an all-NaN row.
+        dst[blockIdx.x] = (width > 0 && row[0] != row[0]) || best_i < 0 ? 0u : (u32)best_i;
+    }
+}

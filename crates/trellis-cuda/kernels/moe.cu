@@ -4,6 +4,7 @@
 #define MOE_MAX_EXPERTS 256
 #define MOE_MAX_TOP_K 32
 #define ROUTE_THREADS 512
+#define ROUTE_ROW_REGS 8  // router input values per thread held in registers (hidden ≤ 4096)
 
 // Rust's f32::total_cmp as a signed integer key.
 __device__ __forceinline__ int total_order_key(float v) {
@@ -106,9 +107,42 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
             gs[e * row_stride + c] = a.gate[(u64)(e0 + e) * hidden + c];
         }
     }
+    // The norm's weights and the selection bias are constant too: requested before the wait,
+    // so that the norm and the finisher do not wait for them afterwards.
+    float norm_w[ROUTE_ROW_REGS];
+    const bool rows_in_regs = hidden <= ROUTE_ROW_REGS * ROUTE_THREADS;
+    if (a.norm_w && rows_in_regs) {
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            norm_w[i] = c < hidden ? a.norm_w[c] : 0.f;
+        }
+    }
+    const float bias = a.selection_bias && tid < experts ? a.selection_bias[tid] : 0.f;
     pdl_entry();
     // The router input.
-    if (a.norm_w) {
+    if (a.norm_w && rows_in_regs) {
+        float xv[ROUTE_ROW_REGS];
+        float sum_sq = 0.f;
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            xv[i] = c < hidden ? xr[c] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) sum_sq += xv[i] * xv[i];
+        sum_sq = block_sum(sum_sq, scratch);
+        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            if (c < hidden) {
+                const float v = norm_w[i] * (xv[i] * inv);
+                hs[c] = v;
+                if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
+            }
+        }
+    } else if (a.norm_w) {
         float sum_sq = 0.f;
         for (int c = tid; c < hidden; c += ROUTE_THREADS) sum_sq += xr[c] * xr[c];
         sum_sq = block_sum(sum_sq, scratch);
@@ -123,6 +157,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     }
     __syncthreads();
 
+    trace_mark(1);
     // Logits: thread (e, l) sums inputs l, l + 8, l + 16, ... of expert e serially.
     const int chunks = hidden / 8;
     float* lane_sums = (float*)chosen;  // [per_block·8] ≤ 256 + 32 values
@@ -154,8 +189,10 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     __syncthreads();
     if (tid == 0) is_last = atomicAdd(&a.tickets[r], 1u) == gridDim.x - 1;
     __syncthreads();
+    trace_mark(2);
     if (!is_last) return;
     __threadfence();
+    trace_mark(3);
 
     // Scores (one expert per thread, same arithmetic as the reference).
     for (int e = tid; e < experts; e += ROUTE_THREADS) scores[e] = __ldcg(a.logits + (u64)r * experts + e);
@@ -180,8 +217,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         for (int e = tid; e < experts; e += ROUTE_THREADS)
             scores[e] = __fdiv_rn(1.f, __fadd_rn(1.f, exp_rounded(-scores[e])));
     }
-    for (int e = tid; e < experts; e += ROUTE_THREADS)
-        select[e] = a.selection_bias ? __fadd_rn(scores[e], a.selection_bias[e]) : scores[e];
+    // experts ≤ MOE_MAX_EXPERTS < ROUTE_THREADS: thread e holds expert e's bias.
+    if (tid < experts) select[tid] = a.selection_bias ? __fadd_rn(scores[tid], bias) : scores[tid];
     __syncthreads();
 
     if (a.n_group > 1 && tid == 0) {
@@ -223,40 +260,58 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     }
     __syncthreads();
 
+    trace_mark(4);
     // The reference picks, top_k times, the untaken expert with the largest selection score
     // (lowest id on ties): expert e is chosen iff fewer than top_k experts precede it in
     // (score descending, id ascending) order. Chosen experts are listed by ascending id.
-    for (int e = tid; e < experts; e += ROUTE_THREADS) {
-        const float v = select[e];
+    // Thread e counts the experts ahead of it (eight shared loads in flight per step) and one
+    // ballot per warp numbers the chosen: no serial scans (they cost ~4 µs of a decode layer).
+    __shared__ int warp_chosen[ROUTE_THREADS / 32];
+    const int warp = tid >> 5, lane = tid & 31;
+    bool is_chosen = false;
+    if (tid < experts) {  // experts ≤ MOE_MAX_EXPERTS < ROUTE_THREADS
+        const float v = select[tid];
         int ahead = 0;
-        for (int j = 0; j < experts; j++) ahead += (select[j] > v) || (select[j] == v && j < e);
-        chosen[e] = ahead < top_k;
+        for (int j0 = 0; j0 < experts; j0 += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u;
+                if (j < experts) {
+                    const float sj = select[j];
+                    ahead += (sj > v) || (sj == v && j < tid);
+                }
+            }
+        }
+        is_chosen = ahead < top_k;
     }
+    const u32 chosen_bits = __ballot_sync(FULL_MASK, is_chosen);
+    if (lane == 0) warp_chosen[warp] = __popc(chosen_bits);
     __syncthreads();
+    trace_mark(6);
     int* picked = chosen + MOE_MAX_EXPERTS;
-    for (int e = tid; e < experts; e += ROUTE_THREADS) {
-        if (chosen[e]) {
-            int slot = 0;
-            for (int j = 0; j < e; j++) slot += chosen[j];
-            if (slot < top_k) picked[slot] = e;
-        }
+    if (is_chosen) {
+        int slot = __popc(chosen_bits & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; w++) slot += warp_chosen[w];
+        if (slot < top_k) picked[slot] = tid;
     }
     __syncthreads();
+    // Weights: thread i takes pick i; the normalising sum runs in pick order, as the reference's.
+    __shared__ float weight_sum;
     if (tid == 0) {
-        float w[MOE_MAX_TOP_K];
-        for (int i = 0; i < top_k; i++) w[i] = scores[picked[i]];
-        if (a.normalize) {
-            float sum = 0.f;
-            for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, w[i]);
-            sum = __fadd_rn(sum, 1e-20f);
-            for (int i = 0; i < top_k; i++) w[i] = __fdiv_rn(w[i], sum);
-        }
-        for (int i = 0; i < top_k; i++) {
-            a.ids[(u64)r * top_k + i] = (u32)picked[i];
-            a.weights[(u64)r * top_k + i] = __fmul_rn(w[i], a.scaling);
-        }
+        float sum = 0.f;
+        for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, scores[picked[i]]);
+        weight_sum = __fadd_rn(sum, 1e-20f);
         a.tickets[r] = 0u;
     }
+    __syncthreads();
+    trace_mark(7);
+    if (tid < top_k) {
+        float w = scores[picked[tid]];
+        if (a.normalize) w = __fdiv_rn(w, weight_sum);
+        a.ids[(u64)r * top_k + tid] = (u32)picked[tid];
+        a.weights[(u64)r * top_k + tid] = __fmul_rn(w, a.scaling);
+    }
+    trace_mark(5);
     if (!a.tiles) return;  // block-uniform
     if (gridDim.y == 1) {
         // One token (decode): its experts, ascending, are already the sorted pairs and the

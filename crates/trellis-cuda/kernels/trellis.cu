@@ -650,6 +650,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
         linear_stage<TM>(st, sw, sx, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
                          inv_rms);
         __syncthreads();
+        if (kb == kt0) trace_mark(1);
         // The next batch's loads fly while this one is decoded.
         if (kb + MM_KTILES < kt1)
             linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
@@ -688,6 +689,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
             acc[m][h] = v;
         }
     }
+    trace_mark(2);
     const int col_in_block = warp * 16 + (lane >> 2);
     if ((lane & 3) == 0) {
 #pragma unroll
@@ -712,6 +714,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
         u32* ticket = a.tickets + (u64)tile_slot * gridDim.x + blockIdx.x;
         if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(a.splits - 1);
         __syncthreads();
+        trace_mark(3);
         if (!is_last) return;
         // Every split's partial is visible (each wrote, fenced, then took its ticket).
         for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
@@ -738,7 +741,9 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
             }
         }
     }
+    trace_mark(4);
     if (a.combine.out) moe_combine_last(a.combine, o, nb, is_last);  // launch-uniform
+    trace_mark(5);
 }
 
 template <int TM>

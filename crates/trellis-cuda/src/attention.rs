@@ -429,10 +429,13 @@ fn mla_unabsorb(
     );
 }
 
-/// Shapes `mla_decode_mma` takes (see `kernels/attention.cu`).
+/// Shapes `mla_decode_mma` takes (see `kernels/attention.cu`): heads per block (one m16 tile;
+/// a token's heads are dealt over ⌈heads / 16⌉ blocks), positions per tile, latent rank.
 const MLAM_TILE: usize = 32;
-const MLAM_HEADS: usize = 32;
+const MLAM_HEADS: usize = 16;
 const MLAM_RANK: usize = 512;
+/// Most head groups (grid z) the tensor-core decode takes: 128 heads.
+const MLAM_MAX_HEAD_GROUPS: usize = 8;
 
 /// The tensor-core MLA decode when the shapes and the cache allow, leaving its split partials
 /// to be combined; `None` (nothing enqueued) otherwise.
@@ -451,14 +454,15 @@ fn mla_decode_mma(
     let (heads, rank, rope_dim) = (spec.heads, spec.kv_lora_rank, spec.qk_rope_dim);
     let width = rank + rope_dim;
     let xs = width + 8;
-    let shared = 2 * (3 * MLAM_HEADS * xs)
-        + 4 * MLAM_HEADS * (MLAM_TILE + 1)
+    let shared = 2 * (2 * MLAM_HEADS + MLAM_TILE) * xs
+        + 4 * 2 * MLAM_HEADS * (MLAM_TILE + 1)
         + 2 * 2 * MLAM_HEADS * (MLAM_TILE + 8)
         + 4 * 3 * MLAM_HEADS
         + 8 * MLAM_TILE;
+    let head_groups = heads.div_ceil(MLAM_HEADS);
     if !dev.mma
         || !cache.is_f16()
-        || heads > MLAM_HEADS
+        || head_groups > MLAM_MAX_HEAD_GROUPS
         || rank != MLAM_RANK
         || rope_dim > 64
         || !width.is_multiple_of(16)
@@ -482,10 +486,10 @@ fn mla_decode_mma(
             .next_multiple_of(MLAM_TILE)
             .max(min_tiles * MLAM_TILE)
     };
-    let min_tiles = if positions.div_ceil(chunk_of(1)) <= FUSED_COMBINE_MAX_SPLITS {
-        1
-    } else {
-        2
+    let min_tiles = match dev.mla_min_tiles {
+        Some(tiles) => tiles,
+        None if positions.div_ceil(chunk_of(1)) <= FUSED_COMBINE_MAX_SPLITS => 1,
+        None => 2,
     };
     let chunk = chunk_of(min_tiles);
     let splits = positions.div_ceil(chunk);
@@ -508,7 +512,7 @@ fn mla_decode_mma(
     args.arg(to_i32(min_tiles * MLAM_TILE));
     dev.launch(
         &dev.kernels.mla_decode_mma,
-        Grid::new((splits, rows, 1), 256).shared(shared),
+        Grid::new((splits, rows, head_groups), 256).shared(shared),
         &mut args,
     );
     Some(SplitPartials {

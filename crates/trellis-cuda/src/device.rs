@@ -4,6 +4,7 @@
 //! the backend is created. The PTX is cached on disk (keyed by a hash of the source, the options
 //! and the NVRTC version) and in the process, so only the first start pays for compilation.
 
+use crate::trace::{LaunchTrace, TRACE_ENV};
 use cudarc::driver::result as driver_result;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError};
@@ -58,6 +59,9 @@ pub const MMA16_ENV: &str = "TRELLIS_CUDA_MMA16";
 /// Env var: `0` turns off programmatic dependent launch (each kernel then starts only after
 /// its predecessor has completed; see `pdl_entry` in `kernels/common.cu`).
 pub const PDL_ENV: &str = "TRELLIS_CUDA_PDL";
+/// Env var: least 32-position tiles per context split of the tensor-core MLA decode (default:
+/// one while the unabsorb can combine the splits itself, else two), for measuring.
+pub const MLA_MIN_TILES_ENV: &str = "TRELLIS_CUDA_MLA_MIN_TILES";
 /// Waves of blocks a split-k trellis launch aims for by default. Measured on the H200 (full GLM,
 /// 3.0 bpw, one call, waves 2 / 3 / 4 / 6 / 8): decode after 512 tokens 153.1 / 152.4 / 152.0 /
 /// 151.0 / 147.0 tok/s, prefill of 512 tokens 1,802 / 1,755 / 1,698 / 1,651 / 1,592 tok/s.
@@ -120,17 +124,27 @@ fn nvrtc_version() -> (i32, i32) {
 
 /// Compile the kernels for `arch` (e.g. `compute_90`), or take them from a cache.
 pub fn compile_kernels(arch: &str) -> Result<String, BackendError> {
+    compile_kernels_with(arch, false)
+}
+
+/// [`compile_kernels`], with the launch timeline compiled in when `trace` (see
+/// [`crate::TRACE_ENV`]).
+pub fn compile_kernels_with(arch: &str, trace: bool) -> Result<String, BackendError> {
     static COMPILED: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
     let memo = COMPILED.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(ptx) = memo.lock().expect("kernel memo").get(arch) {
+    let memo_key = format!("{arch}{}", if trace { " traced" } else { "" });
+    if let Some(ptx) = memo.lock().expect("kernel memo").get(&memo_key) {
         return Ok(ptx.clone());
     }
     let source = kernel_source();
-    let options = vec![
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
         "-lineinfo".to_string(),
     ];
+    if trace {
+        options.push("-DTRELLIS_TRACE".to_string());
+    }
     let (major, minor) = nvrtc_version();
     let key = fnv1a(&[
         source.as_bytes(),
@@ -141,7 +155,7 @@ pub fn compile_kernels(arch: &str) -> Result<String, BackendError> {
     if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         memo.lock()
             .expect("kernel memo")
-            .insert(arch.to_string(), text.clone());
+            .insert(memo_key, text.clone());
         return Ok(text);
     }
     let opts = CompileOptions {
@@ -170,7 +184,7 @@ pub fn compile_kernels(arch: &str) -> Result<String, BackendError> {
     }
     memo.lock()
         .expect("kernel memo")
-        .insert(arch.to_string(), text.clone());
+        .insert(memo_key, text.clone());
     Ok(text)
 }
 
@@ -233,6 +247,7 @@ kernel_table!(
     silu_mul,
     gelu_tanh_mul,
     copy_rows,
+    argmax_rows,
     rope,
     fill_f32,
     trellis_prep,
@@ -468,6 +483,10 @@ pub(crate) struct Device {
     /// Kernels are launched with programmatic stream serialization (see [`PDL_ENV`]; needs
     /// compute capability 9.0+, where every kernel waits for its predecessors on entry).
     pdl: bool,
+    /// The launch timeline, when recorded (see [`crate::TRACE_ENV`]).
+    pub trace: Option<LaunchTrace>,
+    /// Least tiles per MLA decode split, when set (see [`MLA_MIN_TILES_ENV`]).
+    pub mla_min_tiles: Option<usize>,
 }
 
 impl Device {
@@ -507,7 +526,8 @@ impl Device {
             .map_err(|e| cuda_error(format!("multiprocessor count: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let arch = format!("compute_{}{}", compute_capability.0, compute_capability.1);
-        let ptx = compile_kernels(&arch)?;
+        let traced = std::env::var_os(TRACE_ENV).is_some_and(|v| v != "0");
+        let ptx = compile_kernels_with(&arch, traced)?;
         let module = ctx
             .load_module(Ptx::from_src(ptx))
             .map_err(|e| cuda_error(format!("loading the compiled kernels: {e}")))?;
@@ -539,10 +559,15 @@ impl Device {
             &kernels.mla_decode_f16,
             &kernels.mla_decode_mma,
         ] {
+            // What the block may add to its static shared memory (a traced build has some).
+            let fixed = k
+                .func
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(|e| cuda_error(format!("{}'s shared memory: {e}", k.name)))?;
             k.func
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    max_shared,
+                    max_shared - fixed,
                 )
                 .map_err(|e| cuda_error(format!("raising {}'s shared memory: {e}", k.name)))?;
         }
@@ -578,12 +603,20 @@ impl Device {
             pdl: compute_capability.0 >= 9
                 && !sync_each_launch
                 && std::env::var_os(PDL_ENV).is_none_or(|v| v != "0"),
+            trace: traced.then(|| LaunchTrace::new(module)),
+            mla_min_tiles: std::env::var(MLA_MIN_TILES_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&t| t > 0),
         })
     }
 
     /// Enqueue `kernel` on the stream. A failed launch is a bug in this crate (bad geometry or
     /// arguments) or a lost device; ops have no error channel, so it panics with the kernel name.
     pub fn launch(&self, kernel: &Kernel, grid: Grid, args: &mut Args<'_>) {
+        if let Some(trace) = &self.trace {
+            trace.launch(kernel.name, grid.blocks);
+        }
         if self.capture.is_replaying() {
             return;
         }

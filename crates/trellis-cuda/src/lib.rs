@@ -21,16 +21,18 @@ mod linear;
 mod memory;
 mod moe;
 mod ops;
+mod trace;
 
 pub use attention::{CudaKvCache, CudaMlaKvB};
 pub use dequantize::DequantizeSet;
 pub use device::{
-    GRAPH_ENV, KERNEL_CACHE_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV, UNFUSED_ENV,
-    compile_kernels, kernel_names, kernel_source,
+    GRAPH_ENV, KERNEL_CACHE_ENV, MLA_MIN_TILES_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV,
+    UNFUSED_ENV, compile_kernels, compile_kernels_with, kernel_names, kernel_source,
 };
 pub use linear::{CudaLinear, DenseType, DenseWeights, TrellisWeights};
 pub use moe::{CudaExperts, CudaRouter, CudaRouting};
 pub use ops::CudaRope;
+pub use trace::TRACE_ENV;
 
 use cudarc::driver::CudaGraph;
 use device::Device;
@@ -286,6 +288,11 @@ impl Drop for CudaBackend {
     /// With [`PROFILE_ENV`] set, the per-kernel totals not yet taken by `kernel_profile` go to
     /// stderr (so a profiled `trellis bench` run reports where its device time went).
     fn drop(&mut self) {
+        if let Some(trace) = &self.dev.trace
+            && self.dev.stream.synchronize().is_ok()
+        {
+            eprint!("{}", trace.report(&self.dev.stream));
+        }
         if self.dev.profile.is_none() {
             return;
         }
@@ -468,6 +475,26 @@ impl Backend for CudaBackend {
         src.mem.read(&self.dev, dst);
     }
 
+    fn argmax_rows(&self, src: &CudaBuffer, width: usize, dst: &mut [u32]) {
+        let rows = dst.len();
+        if rows == 0 {
+            return;
+        }
+        assert!(
+            rows * width <= src.len,
+            "argmax over {rows} rows of {width} in a buffer of {}",
+            src.len
+        );
+        let mut scratch = self.scratch();
+        let ids = scratch.argmax_ids.ensure(&self.dev, rows);
+        ops::argmax_rows(&self.dev, src.ptr(), width, rows, ids);
+        scratch
+            .argmax_ids
+            .get()
+            .expect("allocated by ensure")
+            .read(&self.dev, dst);
+    }
+
     fn read_routing(&self, routing: &CudaRouting, rows: usize) -> (Vec<u32>, Vec<f32>) {
         let n = rows * routing.top_k;
         let mut ids = vec![0u32; n];
@@ -496,6 +523,9 @@ impl Backend for CudaBackend {
         key: &StepKey<'_>,
         step: &mut dyn FnMut() -> Result<(), E>,
     ) -> Result<(), E> {
+        if let Some(trace) = &self.dev.trace {
+            trace.begin_step();
+        }
         let rows = key.tokens.len();
         if !self.dev.graphs || rows == 0 || rows > GRAPH_MAX_ROWS || key.batch.rows() != rows {
             return step();
@@ -520,15 +550,18 @@ impl Backend for CudaBackend {
                 r
             }
             StepAction::Replay => {
-                self.dev.capture.set_replaying(true);
-                let r = step();
-                self.dev.capture.set_replaying(false);
-                if r.is_ok()
-                    && let Some(GraphEntry::Recorded(rec)) = graphs.get(&gkey)
+                // The graph goes first and the host's walk through the step (launches
+                // suppressed: only its checks and bookkeeping run) overlaps the GPU's work
+                // instead of delaying it (≈ 0.1 ms a token). The walk cannot fail where the
+                // recorded one, with the same key, succeeded.
+                if let Some(GraphEntry::Recorded(rec)) = graphs.get(&gkey)
                     && let Err(e) = rec.graph.launch()
                 {
                     panic!("CUDA graph launch failed: {e}");
                 }
+                self.dev.capture.set_replaying(true);
+                let r = step();
+                self.dev.capture.set_replaying(false);
                 r
             }
             StepAction::Record => match self.record(step) {

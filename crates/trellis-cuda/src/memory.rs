@@ -278,6 +278,8 @@ pub(crate) struct Scratch {
     /// MLA decode: per split (max, sum) and unnormalised accumulators of every head.
     pub mla_ml: Growable<f32>,
     pub mla_acc: Growable<f32>,
+    /// Greedy decoding: the id chosen in each row of logits.
+    pub argmax_ids: Growable<u32>,
 }
 
 impl Scratch {
@@ -299,6 +301,7 @@ impl Scratch {
             o_lat: Growable::new("MLA latent outputs"),
             mla_ml: Growable::new("MLA split softmax states"),
             mla_acc: Growable::new("MLA split accumulators"),
+            argmax_ids: Growable::new("greedy token ids"),
         }
     }
 }

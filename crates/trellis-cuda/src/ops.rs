@@ -125,6 +125,17 @@ pub(crate) fn copy_rows(dev: &Device, src: u64, width: usize, rows: &[u32], dst:
     }
 }
 
+/// `ids[r]` = the greedy choice of row r of `src` (`rows` rows of `width` values).
+pub(crate) fn argmax_rows(dev: &Device, src: u64, width: usize, rows: usize, ids: u64) {
+    let mut args = Args::new();
+    args.arg(src).arg(to_i32(width)).arg(ids);
+    dev.launch(
+        &dev.kernels.argmax_rows,
+        Grid::new((rows, 1, 1), 512),
+        &mut args,
+    );
+}
+
 /// Rope parameters on the device.
 pub struct CudaRope {
     pub(crate) inv_freq: crate::memory::DeviceMem<f32>,

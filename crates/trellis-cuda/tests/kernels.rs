@@ -1,7 +1,7 @@
 //! Host-side checks that need no GPU: the kernel sources compile under NVRTC (when the NVRTC
 //! library can be loaded), and creating a backend without a GPU is an error, not a panic.
 
-use trellis_cuda::{CudaBackend, compile_kernels, kernel_names};
+use trellis_cuda::{CudaBackend, compile_kernels, compile_kernels_with, kernel_names};
 
 /// Needs only libnvrtc (no driver, no GPU): `LD_LIBRARY_PATH=<cuda>/lib64 cargo test -p
 /// trellis-cuda --test kernels -- --ignored`.
@@ -22,6 +22,12 @@ fn kernels_compile_with_nvrtc() {
             );
         }
     }
+    // The launch timeline (TRELLIS_CUDA_TRACE) is compiled in only on request: it must compile
+    // too, and define the ring the host reads.
+    let traced = compile_kernels_with("compute_90", true).unwrap_or_else(|e| panic!("{e}"));
+    assert!(traced.contains("trellis_trace_next") && traced.contains("globaltimer"));
+    let plain = compile_kernels("compute_90").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!plain.contains("globaltimer"));
 }
 
 /// On a machine without a driver or GPU this must be an `Err` (checked in CI); on a GPU

@@ -346,6 +346,47 @@ fn copy_rows_gathers_in_chunks() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
+fn argmax_rows_matches_the_host_choice() {
+    let mut r = rng(11);
+    let width = 151_936;
+    let mut rows: Vec<Vec<f32>> = (0..6).map(|_| uniform(&mut r, width, 8.0)).collect();
+    // Ties (the lowest index wins), a NaN first value (it stays the choice), NaNs elsewhere
+    // (never chosen), an all-NaN row, −∞ everywhere but one value, and signed zeros.
+    rows[1][70_000] = 9.0;
+    rows[1][1_000] = 9.0;
+    rows[1][150_000] = 9.0;
+    rows[2][0] = f32::NAN;
+    rows[3][5] = f32::NAN;
+    rows[3][6] = 100.0;
+    rows[3][7] = f32::NAN;
+    rows[4] = vec![f32::NAN; width];
+    rows[5] = vec![f32::NEG_INFINITY; width];
+    rows[5][123_456] = -0.0;
+    let mut short = vec![0.0f32; 3];
+    short[2] = 0.0;
+    for (what, rows) in [("vocabulary rows", rows), ("three zeros", vec![short])] {
+        let width = rows[0].len();
+        let flat: Vec<f32> = rows.concat();
+        let want: Vec<u32> = rows
+            .iter()
+            .map(|row| trellis_backend::argmax(row))
+            .collect();
+        let mut from_cpu = vec![u32::MAX; rows.len()];
+        cpu().argmax_rows(
+            &trellis_backend::cpu::CpuBuffer(flat.clone()),
+            width,
+            &mut from_cpu,
+        );
+        assert_eq!(from_cpu, want, "{what}: CPU backend");
+        let mut from_gpu = vec![u32::MAX; rows.len()];
+        gpu().argmax_rows(&gpu_buffer(&flat, 64), width, &mut from_gpu);
+        assert_eq!(from_gpu, want, "{what}: GPU");
+    }
+    assert_eq!(trellis_backend::argmax(&[1.0, f32::NAN, 3.0, 3.0]), 2);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
 fn rope_interleaved_and_neox() {
     let mut r = rng(7);
     let rows = 9;

@@ -99,6 +99,14 @@ pub trait CausalLm<B: Backend> {
     /// Logits of the rows requested in the last forward pass, `[logit_rows.len(), vocab]`.
     fn read_logits(&self, backend: &B, dst: &mut [f32]);
 
+    /// The greedy token ([`trellis_backend::argmax`]) of each of the first `dst.len()` logit
+    /// rows of the last forward pass, chosen by the backend where the logits are (a GPU then
+    /// copies back one id, not the vocabulary's logits). `false` if this model's logits need a
+    /// host-side transform first: the caller then reads them with `read_logits`.
+    fn greedy_tokens(&self, _backend: &B, _dst: &mut [u32]) -> bool {
+        false
+    }
+
     /// A cache layout for `token_slots` tokens in blocks of `block_size`.
     fn kv_layout(&self, token_slots: usize, block_size: usize, dtype: KvDtype) -> KvCacheLayout {
         let info = self.info();

@@ -567,6 +567,12 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let len = self.ws.logit_rows * self.info.vocab_size;
         b.read(&self.ws.logits, &mut dst[..len]);
     }
+
+    fn greedy_tokens(&self, b: &B, dst: &mut [u32]) -> bool {
+        let rows = dst.len().min(self.ws.logit_rows);
+        b.argmax_rows(&self.ws.logits, self.info.vocab_size, &mut dst[..rows]);
+        true
+    }
 }
 
 impl<B: Backend> Layerwise<B> for Llama<B> {

@@ -213,6 +213,10 @@ impl Backend for CaptureBackend {
         self.cpu.read(src, dst)
     }
 
+    fn argmax_rows(&self, src: &CpuBuffer, width: usize, dst: &mut [u32]) {
+        self.cpu.argmax_rows(src, width, dst)
+    }
+
     fn read_routing(&self, routing: &CpuRouting, rows: usize) -> (Vec<u32>, Vec<f32>) {
         self.cpu.read_routing(routing, rows)
     }

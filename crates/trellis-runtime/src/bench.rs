@@ -1,7 +1,7 @@
 //! Speed measurement: prefill a random prompt, decode a fixed number of tokens (greedy, EOS
 //! ignored), repeat, and report each run. Front ends add memory and roofline figures.
 
-use crate::engine::{Engine, Result, argmax};
+use crate::engine::{Engine, Result};
 use std::ops::ControlFlow;
 use trellis_backend::Backend;
 
@@ -43,13 +43,13 @@ pub fn run<B: Backend>(engine: &mut Engine<B>, options: &BenchOptions) -> Result
     let prompt = random_prompt(options.prompt_tokens, vocab, options.seed);
     let warm = &prompt[..prompt.len().min(8)];
     engine.reset();
-    engine.generate_with(warm, options.gen_tokens.min(4), argmax, &mut |_| {
+    engine.generate_greedy_with(warm, options.gen_tokens.min(4), &mut |_| {
         ControlFlow::Continue(())
     })?;
     let mut runs = Vec::with_capacity(options.repeat);
     for _ in 0..options.repeat {
         engine.reset();
-        let stats = engine.generate_with(&prompt, options.gen_tokens, argmax, &mut |_| {
+        let stats = engine.generate_greedy_with(&prompt, options.gen_tokens, &mut |_| {
             ControlFlow::Continue(())
         })?;
         runs.push(BenchRun {

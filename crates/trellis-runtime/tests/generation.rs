@@ -165,3 +165,41 @@ fn context_limit_ends_with_length() {
         "the context holds 40; the last token is emitted without being cached"
     );
 }
+
+/// The backend's greedy choice (one id read back) is the host's argmax of the same logits, step
+/// by step, and a greedy generation through it equals one that reads every step's logits.
+#[test]
+fn greedy_steps_on_the_backend_equal_the_host_argmax() {
+    let (mut engine, _, prompt) = setup();
+    let mut host_tokens = Vec::new();
+    engine
+        .generate_with(&prompt, 12, trellis_runtime::engine::argmax, &mut |t| {
+            host_tokens.push(t);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    engine.reset();
+    let mut backend_tokens = Vec::new();
+    let stats = engine
+        .generate_greedy_with(&prompt, 12, &mut |t| {
+            backend_tokens.push(t);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(stats.generated_tokens, 12);
+    assert_eq!(backend_tokens, host_tokens);
+    let distinct: std::collections::HashSet<_> = host_tokens.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "a constant stream proves little: {host_tokens:?}"
+    );
+
+    // One step each way from the same state.
+    engine.reset();
+    engine.prefill(&prompt).unwrap();
+    let snapshot = engine.history().to_vec();
+    let host = trellis_runtime::engine::argmax(engine.step(host_tokens[0]).unwrap());
+    engine.reset();
+    engine.prefill(&snapshot).unwrap();
+    assert_eq!(engine.step_greedy(host_tokens[0]).unwrap(), host);
+}

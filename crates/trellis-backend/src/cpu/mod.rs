@@ -353,6 +353,12 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(&src.0[..dst.len()]);
     }
 
+    fn argmax_rows(&self, src: &CpuBuffer, width: usize, dst: &mut [u32]) {
+        for (row, id) in src.0.chunks(width.max(1)).zip(dst.iter_mut()) {
+            *id = crate::argmax(row);
+        }
+    }
+
     fn read_routing(&self, routing: &CpuRouting, rows: usize) -> (Vec<u32>, Vec<f32>) {
         let n = rows * routing.top_k;
         (routing.ids[..n].to_vec(), routing.weights[..n].to_vec())
