@@ -255,6 +255,26 @@ pub trait Backend {
         out: &mut Self::Buffer,
     );
 
+    /// [`Backend::mla_append`] then [`Backend::mla_attention`] — the step's latent rows
+    /// written, then attended over — which a backend may do in fewer launches.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_append_attention(
+        &self,
+        ckv: &Self::Buffer,
+        kv_norm: &Self::Vector,
+        q: &mut Self::Buffer,
+        kv_b: &Self::MlaKvB,
+        rope: &Self::Rope,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        out: &mut Self::Buffer,
+    ) {
+        self.mla_append(ckv, kv_norm, rope, spec, batch, cache, layer);
+        self.mla_attention(q, kv_b, rope, spec, batch, cache, layer, out);
+    }
+
     /// Choose experts and their weights for each token.
     fn moe_route(
         &self,

@@ -142,7 +142,8 @@ GQA_ATTENTION(gqa_attention_f16, f16_t)
 
 // ---- MLA ------------------------------------------------------------------------------------
 
-// One block per token: RMS-normalise the latent, rotate the shared rope key, write the row.
+// One block per token (row r): RMS-normalise the latent, rotate the shared rope key, write
+// the row.
 template <typename C>
 __device__ __forceinline__ void mla_append_impl(const float* ckv, const float* norm_weight,
                                                 const float* inv_freq, int half, float scaling,
@@ -150,9 +151,8 @@ __device__ __forceinline__ void mla_append_impl(const float* ckv, const float* n
                                                 int rank, int rope_dim, float eps,
                                                 const u32* positions, const u32* sequence,
                                                 const u32* block_tables, int blocks_per_sequence,
-                                                int block_size) {
+                                                int block_size, int r) {
     __shared__ float scratch[32];
-    const int r = blockIdx.x;
     const float* src = ckv + (u64)r * (rank + rope_dim);
     float sum_sq = 0.f;
     for (int c = threadIdx.x; c < rank; c += blockDim.x) sum_sq += src[c] * src[c];
@@ -192,7 +192,7 @@ __device__ __forceinline__ void mla_append_impl(const float* ckv, const float* n
         pdl_entry();                                                                              \
         mla_append_impl(ckv, norm_weight, inv_freq, half, scaling, interleaved, cache,            \
                         values_per_token, rank, rope_dim, eps, positions, sequence,               \
-                        block_tables, blocks_per_sequence, block_size);                           \
+                        block_tables, blocks_per_sequence, block_size, blockIdx.x);               \
     }
 MLA_APPEND(mla_append_f32, float)
 MLA_APPEND(mla_append_f16, f16_t)
@@ -529,6 +529,28 @@ __device__ __forceinline__ void mla_unabsorb_wide_impl(const float* o_lat, const
 MLA_KV_B_KERNELS(f32, float)
 MLA_KV_B_KERNELS(f16, f16_t)
 MLA_KV_B_KERNELS(bf16, bf16_t)
+
+// The decode absorb (f16 kv_b) with the step's MLA append in the same launch: blocks
+// (0, heads, r) append token r's latent row to the f16 cache (mla_append's work) while the
+// others absorb. The append only has to be done before mla_decode, the launch after this one,
+// so it needs no launch of its own (one launch fewer per layer).
+extern "C" __global__ void mla_absorb_q_append_wide_f16(
+    float* q, const f16_t* kv_b, float* q_lat, int heads, int nope, int qk, int v_dim, int rank,
+    const float* inv_freq, int half, float scaling, int interleaved, const u32* positions,
+    const float* ckv, const float* kv_norm, f16_t* cache, int values_per_token, int rope_dim,
+    float eps, const u32* sequence, const u32* block_tables, int blocks_per_sequence,
+    int block_size) {
+    if ((int)blockIdx.y == heads) {  // block-uniform
+        pdl_entry();
+        if (blockIdx.x == 0)
+            mla_append_impl(ckv, kv_norm, inv_freq, half, scaling, interleaved, cache,
+                            values_per_token, rank, rope_dim, eps, positions, sequence,
+                            block_tables, blocks_per_sequence, block_size, blockIdx.z);
+        return;
+    }
+    mla_absorb_q_wide_impl(q, kv_b, q_lat, heads, nope, qk, v_dim, rank, inv_freq, half,
+                           scaling, interleaved, positions);
+}
 
 // Scores of one head against each cached [latent ‖ rope key] row, softmax, and the
 // probability-weighted sum of latents. One block per (head, token).

@@ -195,7 +195,7 @@ pub(crate) fn mla_append(
     rope: &CudaRope,
     spec: &MlaSpec,
     step: &StepView,
-    cache: &mut CudaKvCache,
+    cache: &CudaKvCache,
     layer: usize,
 ) {
     if step.rows == 0 {
@@ -222,14 +222,24 @@ pub(crate) fn mla_append(
     dev.launch(kernel, Grid::new((step.rows, 1, 1), 256), &mut args);
 }
 
+/// The step's latent rows to append before attending (`kv_a` output and the latent norm's
+/// weights), for [`mla_attention`] to fold into its absorb launch where it can.
+pub(crate) struct MlaAppend {
+    pub ckv: u64,
+    pub kv_norm: u64,
+}
+
 /// Rotate the queries' rope part in place, absorb W_UK into the no-rope part, attend over the
-/// latent cache, and map the latent result through W_UV. `max_position` is the largest
-/// position of the step (it sizes the split of the context over blocks).
+/// latent cache, and map the latent result through W_UV; with `append`, first write the step's
+/// latent rows into the cache (in the absorb launch when the decode forms apply, f16 `kv_b`
+/// and cache). `max_position` is the largest position of the step (it sizes the split of the
+/// context over blocks).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mla_attention(
     dev: &Device,
     scratch: &mut Scratch,
     max_position: usize,
+    append: Option<MlaAppend>,
     q: u64,
     kv_b: &CudaMlaKvB,
     rope: &CudaRope,
@@ -242,6 +252,15 @@ pub(crate) fn mla_attention(
     let rows = step.rows;
     if rows == 0 {
         return;
+    }
+    let fold_append = append.is_some()
+        && kv_b_wide_form(rows, spec.kv_lora_rank)
+        && kv_b.weight.dtype == DenseType::F16
+        && cache.is_f16();
+    if let Some(a) = &append
+        && !fold_append
+    {
+        mla_append(dev, a.ckv, a.kv_norm, rope, spec, step, cache, layer);
     }
     let (heads, nope, rope_dim, v_dim, rank) = (
         spec.heads,
@@ -279,11 +298,31 @@ pub(crate) fn mla_attention(
         .arg(rope.scaling)
         .arg(i32::from(rope.interleaved))
         .arg(step.positions);
-    dev.launch(
-        absorb,
-        Grid::new((rank.div_ceil(64), heads, rows), 256),
-        &mut args,
-    );
+    match append.filter(|_| fold_append) {
+        Some(a) => {
+            args.arg(a.ckv)
+                .arg(a.kv_norm)
+                .arg(cache.layer_ptr(layer))
+                .arg(to_i32(cache.layout.values_per_token))
+                .arg(to_i32(rope_dim))
+                .arg(spec.latent_norm_eps)
+                .arg(step.sequence)
+                .arg(step.block_tables)
+                .arg(to_i32(step.blocks_per_sequence))
+                .arg(to_i32(step.block_size));
+            // Grid row `heads` appends (one block per token).
+            dev.launch(
+                &k.mla_absorb_q_append_wide_f16,
+                Grid::new((rank.div_ceil(64), heads + 1, rows), 256),
+                &mut args,
+            );
+        }
+        None => dev.launch(
+            absorb,
+            Grid::new((rank.div_ceil(64), heads, rows), 256),
+            &mut args,
+        ),
+    }
 
     if let Some(partials) = mla_decode_mma(
         dev,

@@ -258,6 +258,7 @@ kernel_table!(
     gqa_attention_f16,
     mla_append_f32,
     mla_append_f16,
+    mla_absorb_q_append_wide_f16,
     mla_absorb_q_f32,
     mla_absorb_q_f16,
     mla_absorb_q_bf16,

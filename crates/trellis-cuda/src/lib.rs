@@ -754,6 +754,43 @@ impl Backend for CudaBackend {
             &self.dev,
             &mut self.scratch(),
             max_position,
+            None,
+            q.ptr(),
+            kv_b,
+            rope,
+            spec,
+            &step,
+            cache,
+            layer,
+            out.ptr(),
+        );
+    }
+
+    fn mla_append_attention(
+        &self,
+        ckv: &CudaBuffer,
+        kv_norm: &CudaVector,
+        q: &mut CudaBuffer,
+        kv_b: &CudaMlaKvB,
+        rope: &CudaRope,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        out: &mut CudaBuffer,
+    ) {
+        let step = self.step_view();
+        self.check_batch(batch, &step);
+        let max_position = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        let append = attention::MlaAppend {
+            ckv: ckv.ptr(),
+            kv_norm: kv_norm.mem.ptr,
+        };
+        attention::mla_attention(
+            &self.dev,
+            &mut self.scratch(),
+            max_position,
+            Some(append),
             q.ptr(),
             kv_b,
             rope,

@@ -678,16 +678,25 @@ fn mla_case(
         let mut cq = trellis_backend::cpu::CpuBuffer(q.clone());
         c.mla_append(&cckv, &cnorm, &crope, spec, &batch, &mut cc, 2);
         let gckv = gpu_buffer(&ckv, 0);
-        g.mla_append(&gckv, &gnorm, &grope, spec, &batch, &mut gc, 2);
         if rows > 512 {
             // A long prefill only fills the cache (attention over it on the CPU is slow).
+            g.mla_append(&gckv, &gnorm, &grope, spec, &batch, &mut gc, 2);
             continue;
         }
         let mut cout = c.alloc(rows * ow).unwrap();
         c.mla_attention(&mut cq, &ckv_b, &crope, spec, &batch, &cc, 2, &mut cout);
         let mut gq = gpu_buffer(&q, 0);
         let mut gout = poisoned(rows * ow);
-        g.mla_attention(&mut gq, &gkv_b, &grope, spec, &batch, &gc, 2, &mut gout);
+        // Odd steps take the fused form (the append folded into the absorb launch where the
+        // decode kernels apply), even ones the two ops: both against the CPU's two ops.
+        if si % 2 == 1 {
+            g.mla_append_attention(
+                &gckv, &gnorm, &mut gq, &gkv_b, &grope, spec, &batch, &mut gc, 2, &mut gout,
+            );
+        } else {
+            g.mla_append(&gckv, &gnorm, &grope, spec, &batch, &mut gc, 2);
+            g.mla_attention(&mut gq, &gkv_b, &grope, spec, &batch, &gc, 2, &mut gout);
+        }
         let what = format!(
             "mla {} heads rank {} {weight_dtype:?} kv_b, {dtype:?} cache, step {si} ({rows} rows)",
             spec.heads, spec.kv_lora_rank

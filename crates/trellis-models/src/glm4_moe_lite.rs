@@ -401,8 +401,10 @@ impl<B: Backend> Layer<B> {
                 &mut [(q, &mut ws.q), (&attn.kv_a, &mut ws.ckv)],
             ),
         }
-        b.mla_append(&ws.ckv, &attn.kv_norm, rope, mla, batch, cache, cache_layer);
-        b.mla_attention(
+        // The latent of this step's tokens joins the cache, then every head attends over it.
+        b.mla_append_attention(
+            &ws.ckv,
+            &attn.kv_norm,
             &mut ws.q,
             &attn.kv_b,
             rope,
