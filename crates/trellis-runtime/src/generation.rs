@@ -244,38 +244,42 @@ pub fn generate<B: Backend>(
     // Shared by the sampling and the token callbacks, which the loop holds at once.
     let state = RefCell::new(SequenceState::new(tokenizer, &eos, vocab, prompt, request)?);
     let failure: RefCell<Option<GenerationError>> = RefCell::new(None);
-    let stats = engine.generate_with(
-        prompt,
-        request.max_tokens,
-        |logits| match state.borrow_mut().choose(logits) {
-            Ok(t) => t,
+    let choose = |logits: &[f32]| match state.borrow_mut().choose(logits) {
+        Ok(t) => t,
+        Err(e) => {
+            // Ends the loop at the next callback; the token is never emitted.
+            failure.borrow_mut().get_or_insert(e);
+            0
+        }
+    };
+    let mut on_token = |token| {
+        if failure.borrow().is_some() {
+            return ControlFlow::Break(());
+        }
+        let accepted = match state.borrow_mut().accept(token) {
+            Ok(a) => a,
             Err(e) => {
-                // Ends the loop at the next callback; the token is never emitted.
-                failure.borrow_mut().get_or_insert(e);
-                0
-            }
-        },
-        &mut |token| {
-            if failure.borrow().is_some() {
+                *failure.borrow_mut() = Some(e);
                 return ControlFlow::Break(());
             }
-            let accepted = match state.borrow_mut().accept(token) {
-                Ok(a) => a,
-                Err(e) => {
-                    *failure.borrow_mut() = Some(e);
-                    return ControlFlow::Break(());
-                }
-            };
-            let flow = on_event(TokenEvent {
-                token: Some(token),
-                text: &accepted.text,
-            });
-            if accepted.stop.is_some() {
-                return ControlFlow::Break(());
-            }
-            flow
-        },
-    )?;
+        };
+        let flow = on_event(TokenEvent {
+            token: Some(token),
+            text: &accepted.text,
+        });
+        if accepted.stop.is_some() {
+            return ControlFlow::Break(());
+        }
+        flow
+    };
+    // Plain greedy decoding (no bias or penalty on the logits) lets the backend choose: a GPU
+    // then copies back one id per token, not the logits.
+    let plain_greedy = state.borrow().sampler.is_plain_greedy();
+    let stats = if plain_greedy {
+        engine.generate_greedy_with(prompt, request.max_tokens, &mut on_token)
+    } else {
+        engine.generate_with(prompt, request.max_tokens, choose, &mut on_token)
+    }?;
     if let Some(e) = failure.into_inner() {
         return Err(e);
     }

@@ -418,6 +418,12 @@ impl Sampler {
         }
     }
 
+    /// Whether each choice is the plain argmax of the model's logits (greedy, and no logit
+    /// bias or penalty changes them), which the caller may leave to the backend.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.is_greedy() && self.params.logit_bias.is_empty() && !self.penalties_active()
+    }
+
     fn penalties_active(&self) -> bool {
         let p = &self.params;
         p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
@@ -873,6 +879,25 @@ mod tests {
             .collect();
         let s: f64 = e.iter().sum();
         e.iter().map(|x| x / s).collect()
+    }
+
+    #[test]
+    fn plain_greedy_only_when_nothing_changes_the_logits() {
+        let plain = |p: SamplingParams| Sampler::new(p, 8).unwrap().is_plain_greedy();
+        assert!(plain(SamplingParams::greedy()));
+        assert!(plain(SamplingParams {
+            top_k: 1,
+            ..params(0.8)
+        }));
+        assert!(!plain(params(0.8)));
+        assert!(!plain(SamplingParams {
+            repetition_penalty: 1.1,
+            ..SamplingParams::greedy()
+        }));
+        assert!(!plain(SamplingParams {
+            logit_bias: vec![(3, 2.0)],
+            ..SamplingParams::greedy()
+        }));
     }
 
     #[test]
