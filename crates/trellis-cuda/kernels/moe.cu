@@ -289,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     const u32 chosen_bits = __ballot_sync(FULL_MASK, is_chosen);
     if (lane == 0) warp_chosen[warp] = __popc(chosen_bits);
     __syncthreads();
-    trace_mark(6);
+    trace_mark(5);
     int* picked = chosen + MOE_MAX_EXPERTS;
     if (is_chosen) {
         int slot = __popc(chosen_bits & ((1u << lane) - 1u));
@@ -313,7 +313,6 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         if (lane == 0) a.tickets[r] = 0u;
     }
     trace_mark(7);
-    trace_mark(5);
     if (!a.tiles) return;  // block-uniform
     if (gridDim.y == 1) {
         // One token (decode): its experts, ascending, are already the sorted pairs and the
