@@ -69,8 +69,7 @@ impl LaunchTrace {
 
     /// The report: per kernel and grid, its mean share (µs) of the last steps that have the
     /// shape of the last one with the mean times of its phase marks, and the order of the first
-    /// launches of such a step. The stream must be
-    /// idle (the caller synchronises).
+    /// launches of such a step. The stream must be idle (the caller synchronises).
     pub fn report(&self, stream: &Arc<CudaStream>) -> String {
         let log = self.log.lock().expect("trace");
         let read = |name: &str| -> Result<Vec<u8>, String> {
