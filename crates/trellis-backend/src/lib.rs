@@ -37,16 +37,38 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
-/// Index of the largest value (the lowest on ties): the greedy token of a row of logits. A NaN
-/// is never larger than anything, so it is chosen only as the first value (index 0).
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
+/// The greedy token of a row of logits: the index of the largest value, the lowest on ties.
+/// NaN never wins and +∞ does; `None` when no value is above −∞ (no finite logit to choose).
+pub fn argmax(values: &[f32]) -> Option<u32> {
+    let max = max_value(values);
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    values.iter().position(|&v| v == max).map(|i| i as u32)
+}
+
+/// What [`Backend::argmax_rows`] writes for a row with no finite logit ([`argmax`]'s `None`).
+pub const NO_CHOICE: u32 = u32::MAX;
+
+/// Width of the independent accumulators in [`max_value`], so that it vectorises.
+const MAX_LANES: usize = 16;
+
+/// The largest value, ignoring NaN; −∞ when there is none.
+pub fn max_value(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; MAX_LANES];
+    let chunks = values.chunks_exact(MAX_LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            // `>` is false for NaN, so NaN never becomes the maximum.
+            *lane = if v > *lane { v } else { *lane };
         }
     }
-    best as u32
+    let mut max = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(tail) {
+        max = if v > max { v } else { max };
+    }
+    max
 }
 
 /// What fixes the sequence of ops of one forward pass besides the model itself: the step's
@@ -160,8 +182,8 @@ pub trait Backend {
     // ---- host transfers ----------------------------------------------------------------
     fn write(&self, dst: &mut Self::Buffer, src: &[f32]);
     fn read(&self, src: &Self::Buffer, dst: &mut [f32]);
-    /// `dst[r]` = [`argmax`] of row r of `src` (rows of `width` values), for the first
-    /// `dst.len()` rows: greedy decoding reads back one id per row, not the row.
+    /// `dst[r]` = [`argmax`] of row r of `src` (rows of `width` values), or [`NO_CHOICE`], for
+    /// the first `dst.len()` rows: greedy decoding reads back one id per row, not the row.
     fn argmax_rows(&self, src: &Self::Buffer, width: usize, dst: &mut [u32]);
     /// Expert ids and weights of the first `rows` tokens (`rows × top_k` each).
     fn read_routing(&self, routing: &Self::Routing, rows: usize) -> (Vec<u32>, Vec<f32>);
@@ -388,23 +410,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn argmax_takes_the_first_largest_and_never_a_later_nan() {
-        assert_eq!(argmax(&[1.0, 3.0, -2.0, 3.0]), 1);
-        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), 2);
-        assert_eq!(argmax(&[f32::NAN, 5.0, 7.0]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -0.0, 0.0]), 1);
-        assert_eq!(argmax(&[]), 0);
+    fn argmax_takes_the_first_largest_and_never_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, -2.0, 3.0]), Some(1));
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), Some(2));
+        assert_eq!(argmax(&[f32::NAN, 5.0, 7.0]), Some(2));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -0.0, 0.0]), Some(1));
+        assert_eq!(argmax(&[2.0, f32::INFINITY, f32::INFINITY]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), None);
+        assert_eq!(argmax(&[]), None);
+        let long: Vec<f32> = (0..100).map(|i| ((i * 37) % 101) as f32).collect();
+        assert_eq!(argmax(&long), Some(30)); // 30 · 37 = 1110 = 100 (mod 101)
     }
 
     #[test]
     fn cpu_argmax_rows_takes_each_row() {
         let cpu = cpu::CpuBackend::new();
-        let values = cpu::CpuBuffer(vec![0.5, 2.0, 1.0, 9.0, -1.0, 9.0, 0.0, 0.0, 0.0]);
-        let mut ids = [u32::MAX; 2];
+        let nan = f32::NAN;
+        let values = cpu::CpuBuffer(vec![
+            0.5, 2.0, 1.0, 9.0, -1.0, 9.0, 0.0, 0.0, 0.0, nan, nan, nan,
+        ]);
+        let mut ids = [7; 2];
         cpu.argmax_rows(&values, 3, &mut ids);
         assert_eq!(ids, [1, 0]);
-        let mut all = [u32::MAX; 3];
+        let mut all = [7; 4];
         cpu.argmax_rows(&values, 3, &mut all);
-        assert_eq!(all, [1, 0, 0]);
+        assert_eq!(all, [1, 0, 0, NO_CHOICE]);
     }
 }

@@ -125,10 +125,10 @@ extern "C" __global__ void fill_f32(float* x, float value, u64 len) {
         x[i] = value;
 }
 
-// dst[r] = the index of the largest value of row r (`width` values), the lowest on ties; a NaN
-// is never larger than anything, so it wins only as value 0 — the host argmax's result. Grid
-// (rows), ARGMAX_THREADS threads: each thread scans a stride of the row, then the block
-// reduces (value, index) pairs.
+// dst[r] = the index of the largest value of row r (`width` values), the lowest on ties; NaN
+// and −∞ never win, and a row without anything above −∞ gets 0xFFFFFFFF (NO_CHOICE) — the host
+// argmax's rule. Grid (rows), ARGMAX_THREADS threads: each thread scans a stride of the row,
+// then the block reduces (value, index) pairs.
 #define ARGMAX_THREADS 512
 __device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
     return best_i < 0 || v > best_v || (v == best_v && i < best_i);
@@ -144,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     int best_i = -1;
     for (int i = threadIdx.x; i < width; i += ARGMAX_THREADS) {
         const float v = row[i];
-        if (v == v && argmax_better(v, i, best_v, best_i)) {
+        if (v > NEG_INF && argmax_better(v, i, best_v, best_i)) {
             best_v = v;
             best_i = i;
         }
@@ -172,7 +172,6 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
                 best_i = best_indices[w];
             }
         }
-        // A NaN first value stays the choice, as in the host loop; so does an all-NaN row.
-        dst[blockIdx.x] = (width > 0 && row[0] != row[0]) || best_i < 0 ? 0u : (u32)best_i;
+        dst[blockIdx.x] = best_i < 0 ? 0xFFFFFFFFu : (u32)best_i;
     }
 }

@@ -269,6 +269,39 @@ impl CudaBackend {
             .expect("an op that reads the step's tokens or positions ran before begin_step")
     }
 
+    /// MLA attention of the step, after appending its latent rows when `append` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_mla(
+        &self,
+        append: Option<attention::MlaAppend>,
+        q: &mut CudaBuffer,
+        kv_b: &CudaMlaKvB,
+        rope: &CudaRope,
+        spec: &MlaSpec,
+        batch: &Batch<'_>,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaBuffer,
+    ) {
+        let step = self.step_view();
+        self.check_batch(batch, &step);
+        let max_position = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        attention::mla_attention(
+            &self.dev,
+            &mut self.scratch(),
+            max_position,
+            append,
+            q.ptr(),
+            kv_b,
+            rope,
+            spec,
+            &step,
+            cache,
+            layer,
+            out.ptr(),
+        );
+    }
+
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
         self.scratch.lock().expect("scratch")
     }
@@ -747,23 +780,7 @@ impl Backend for CudaBackend {
         layer: usize,
         out: &mut CudaBuffer,
     ) {
-        let step = self.step_view();
-        self.check_batch(batch, &step);
-        let max_position = batch.positions.iter().copied().max().unwrap_or(0) as usize;
-        attention::mla_attention(
-            &self.dev,
-            &mut self.scratch(),
-            max_position,
-            None,
-            q.ptr(),
-            kv_b,
-            rope,
-            spec,
-            &step,
-            cache,
-            layer,
-            out.ptr(),
-        );
+        self.attend_mla(None, q, kv_b, rope, spec, batch, cache, layer, out);
     }
 
     fn mla_append_attention(
@@ -779,27 +796,11 @@ impl Backend for CudaBackend {
         layer: usize,
         out: &mut CudaBuffer,
     ) {
-        let step = self.step_view();
-        self.check_batch(batch, &step);
-        let max_position = batch.positions.iter().copied().max().unwrap_or(0) as usize;
         let append = attention::MlaAppend {
             ckv: ckv.ptr(),
             kv_norm: kv_norm.mem.ptr,
         };
-        attention::mla_attention(
-            &self.dev,
-            &mut self.scratch(),
-            max_position,
-            Some(append),
-            q.ptr(),
-            kv_b,
-            rope,
-            spec,
-            &step,
-            cache,
-            layer,
-            out.ptr(),
-        );
+        self.attend_mla(Some(append), q, kv_b, rope, spec, batch, cache, layer, out);
     }
 
     fn moe_route(

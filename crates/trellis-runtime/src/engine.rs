@@ -42,6 +42,8 @@ pub enum EngineError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("the model produced no finite logit to choose a token from")]
+    NoFiniteLogits,
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -418,14 +420,16 @@ impl<B: Backend> Engine<B> {
     /// vocabulary's logits and the host does not scan them (≈ 0.25 ms a token on the H200).
     pub fn step_greedy(&mut self, token: u32) -> Result<u32> {
         self.forward_chunks(std::slice::from_ref(&token), false, |_| {})?;
-        let mut id = [0u32];
+        let mut id = [NO_CHOICE];
         if self.model.greedy_tokens(&self.backend, &mut id) {
-            return Ok(id[0]);
+            return (id[0] != NO_CHOICE)
+                .then_some(id[0])
+                .ok_or(EngineError::NoFiniteLogits);
         }
         let vocab = self.info().vocab_size;
         self.model
             .read_logits(&self.backend, &mut self.logits[..vocab]);
-        Ok(argmax(&self.logits[..vocab]))
+        argmax(&self.logits[..vocab]).ok_or(EngineError::NoFiniteLogits)
     }
 
     /// Make the cache hold exactly `prompt` up to the point where it can be reused: keep the
@@ -494,7 +498,7 @@ impl<B: Backend> Engine<B> {
         mut choose: impl FnMut(&[f32]) -> u32,
         on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
     ) -> Result<GenerationStats> {
-        let (mut stats, next) = self.prefill_for_generation(prompt, &mut choose)?;
+        let (mut stats, next) = self.prefill_for_generation(prompt, &mut |l| Ok(choose(l)))?;
         self.decode_loop(&mut stats, next, max_tokens, Some(&mut choose), on_token)?;
         Ok(stats)
     }
@@ -507,7 +511,9 @@ impl<B: Backend> Engine<B> {
         max_tokens: usize,
         on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
     ) -> Result<GenerationStats> {
-        let (mut stats, next) = self.prefill_for_generation(prompt, &mut argmax)?;
+        let (mut stats, next) = self.prefill_for_generation(prompt, &mut |l| {
+            argmax(l).ok_or(EngineError::NoFiniteLogits)
+        })?;
         self.decode_loop(&mut stats, next, max_tokens, None, on_token)?;
         Ok(stats)
     }
@@ -517,11 +523,11 @@ impl<B: Backend> Engine<B> {
     fn prefill_for_generation(
         &mut self,
         prompt: &[u32],
-        choose: &mut dyn FnMut(&[f32]) -> u32,
+        choose: &mut dyn FnMut(&[f32]) -> Result<u32>,
     ) -> Result<(GenerationStats, u32)> {
         let start = Instant::now();
         let (logits, prefilled) = self.prefill_reusing(prompt)?;
-        let first = choose(logits);
+        let first = choose(logits)?;
         let prefill_seconds = start.elapsed().as_secs_f64();
         let stats = GenerationStats {
             prompt_tokens: prompt.len(),
@@ -570,7 +576,7 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-pub use trellis_backend::argmax;
+use trellis_backend::{NO_CHOICE, argmax};
 
 /// A caller's choice of the next token from the logits (a sampler).
 type ChooseToken<'c> = dyn FnMut(&[f32]) -> u32 + 'c;

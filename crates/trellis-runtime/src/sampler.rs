@@ -20,6 +20,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BinaryHeap;
+use trellis_backend::max_value;
 
 /// Default number of recent tokens the penalties look at (`penalty_window`).
 pub const DEFAULT_PENALTY_WINDOW: usize = 64;
@@ -678,35 +679,9 @@ fn sanitize(logit: f32) -> f32 {
 /// Width of the independent accumulators in the reductions below, so they vectorise.
 const LANES: usize = 16;
 
-/// The largest value, ignoring NaN; −∞ when there is none.
-fn max_value(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            // `>` is false for NaN, so NaN never becomes the maximum.
-            *lane = if v > *lane { v } else { *lane };
-        }
-    }
-    let mut max = f32::NEG_INFINITY;
-    for &v in lanes.iter().chain(tail) {
-        max = if v > max { v } else { max };
-    }
-    max
-}
-
 /// Index of the largest value, lowest index on ties; NaN never wins, +∞ does.
 fn argmax(values: &[f32]) -> Result<u32, SamplingError> {
-    let max = max_value(values);
-    if max == f32::NEG_INFINITY {
-        return Err(SamplingError::NoFiniteLogits);
-    }
-    let index = values
-        .iter()
-        .position(|&v| v == max)
-        .expect("the maximum is one of the values");
-    Ok(index as u32)
+    trellis_backend::argmax(values).ok_or(SamplingError::NoFiniteLogits)
 }
 
 fn sum(values: &[f32]) -> f64 {

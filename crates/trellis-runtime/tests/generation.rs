@@ -173,10 +173,15 @@ fn greedy_steps_on_the_backend_equal_the_host_argmax() {
     let (mut engine, _, prompt) = setup();
     let mut host_tokens = Vec::new();
     engine
-        .generate_with(&prompt, 12, trellis_runtime::engine::argmax, &mut |t| {
-            host_tokens.push(t);
-            ControlFlow::Continue(())
-        })
+        .generate_with(
+            &prompt,
+            12,
+            |l| trellis_backend::argmax(l).unwrap(),
+            &mut |t| {
+                host_tokens.push(t);
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
     engine.reset();
     let mut backend_tokens = Vec::new();
@@ -198,7 +203,7 @@ fn greedy_steps_on_the_backend_equal_the_host_argmax() {
     engine.reset();
     engine.prefill(&prompt).unwrap();
     let snapshot = engine.history().to_vec();
-    let host = trellis_runtime::engine::argmax(engine.step(host_tokens[0]).unwrap());
+    let host = trellis_backend::argmax(engine.step(host_tokens[0]).unwrap()).unwrap();
     engine.reset();
     engine.prefill(&snapshot).unwrap();
     assert_eq!(engine.step_greedy(host_tokens[0]).unwrap(), host);

@@ -355,7 +355,7 @@ impl Backend for CpuBackend {
 
     fn argmax_rows(&self, src: &CpuBuffer, width: usize, dst: &mut [u32]) {
         for (row, id) in src.0.chunks(width.max(1)).zip(dst.iter_mut()) {
-            *id = crate::argmax(row);
+            *id = crate::argmax(row).unwrap_or(crate::NO_CHOICE);
         }
     }
 
