@@ -520,7 +520,10 @@ impl Backend for CudaBackend {
         );
         let mut scratch = self.scratch();
         let ids = scratch.argmax_ids.ensure(&self.dev, rows);
-        ops::argmax_rows(&self.dev, src.ptr(), width, rows, ids);
+        let parts = scratch
+            .argmax_parts
+            .ensure(&self.dev, rows * ops::ARGMAX_SCRATCH_PER_ROW);
+        ops::argmax_rows(&self.dev, src.ptr(), width, rows, ids, parts);
         scratch
             .argmax_ids
             .get()

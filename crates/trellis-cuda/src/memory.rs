@@ -280,6 +280,8 @@ pub(crate) struct Scratch {
     pub mla_acc: Growable<f32>,
     /// Greedy decoding: the id chosen in each row of logits.
     pub argmax_ids: Growable<u32>,
+    /// Greedy decoding: each row's per-block candidates and ticket (see `ops::argmax_rows`).
+    pub argmax_parts: Growable<u32>,
 }
 
 impl Scratch {
@@ -302,6 +304,7 @@ impl Scratch {
             mla_ml: Growable::new("MLA split softmax states"),
             mla_acc: Growable::new("MLA split accumulators"),
             argmax_ids: Growable::new("greedy token ids"),
+            argmax_parts: Growable::new("greedy choice candidates"),
         }
     }
 }

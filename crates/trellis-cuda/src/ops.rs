@@ -125,15 +125,33 @@ pub(crate) fn copy_rows(dev: &Device, src: u64, width: usize, rows: &[u32], dst:
     }
 }
 
-/// `ids[r]` = the greedy choice of row r of `src` (`rows` rows of `width` values).
-pub(crate) fn argmax_rows(dev: &Device, src: u64, width: usize, rows: usize, ids: u64) {
-    let mut args = Args::new();
-    args.arg(src).arg(to_i32(width)).arg(ids);
-    dev.launch(
-        &dev.kernels.argmax_rows,
-        Grid::new((rows, 1, 1), 512),
-        &mut args,
-    );
+/// Parts per row of `argmax_rows` at most (`ARGMAX_MAX_PARTS` in `kernels/elementwise.cu`),
+/// and the scratch values each row needs: the parts' values and indices, and a ticket.
+pub(crate) const ARGMAX_MAX_PARTS: usize = 64;
+pub(crate) const ARGMAX_SCRATCH_PER_ROW: usize = 2 * ARGMAX_MAX_PARTS + 1;
+/// Threads per block of `argmax_rows`, and about how many values each thread scans.
+const ARGMAX_THREADS: u32 = 256;
+const ARGMAX_VALUES_PER_THREAD: usize = 16;
+
+/// `ids[r]` = the greedy choice of row r of `src` (`rows` rows of `width` values); `parts` is
+/// `rows × ARGMAX_SCRATCH_PER_ROW` zeroed values (the kernel leaves them zeroed).
+pub(crate) fn argmax_rows(dev: &Device, src: u64, width: usize, rows: usize, ids: u64, parts: u64) {
+    let per_part = ARGMAX_THREADS as usize * ARGMAX_VALUES_PER_THREAD;
+    let blocks = width.div_ceil(per_part).clamp(1, ARGMAX_MAX_PARTS);
+    // Rows go in the grid's y, which holds at most 65,535.
+    for first in (0..rows).step_by(65_535) {
+        let count = (rows - first).min(65_535);
+        let mut args = Args::new();
+        args.arg(src + 4 * (first * width) as u64)
+            .arg(to_i32(width))
+            .arg(ids + 4 * first as u64)
+            .arg(parts + 4 * (first * ARGMAX_SCRATCH_PER_ROW) as u64);
+        dev.launch(
+            &dev.kernels.argmax_rows,
+            Grid::new((blocks, count, 1), ARGMAX_THREADS),
+            &mut args,
+        );
+    }
 }
 
 /// Rope parameters on the device.

@@ -378,9 +378,13 @@ fn argmax_rows_matches_the_host_choice() {
             &mut from_cpu,
         );
         assert_eq!(from_cpu, want, "{what}: CPU backend");
-        let mut from_gpu = vec![u32::MAX; rows.len()];
-        gpu().argmax_rows(&gpu_buffer(&flat, 64), width, &mut from_gpu);
-        assert_eq!(from_gpu, want, "{what}: GPU");
+        // Twice: the launch leaves its tickets as it found them.
+        let on_gpu = gpu_buffer(&flat, 64);
+        for call in 0..2 {
+            let mut from_gpu = vec![u32::MAX; rows.len()];
+            gpu().argmax_rows(&on_gpu, width, &mut from_gpu);
+            assert_eq!(from_gpu, want, "{what}: GPU, call {call}");
+        }
     }
     assert_eq!(trellis_backend::argmax(&[f32::NAN; 4]), None);
 }
