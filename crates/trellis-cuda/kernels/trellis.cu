@@ -417,7 +417,6 @@ struct LinearArgs {
     LinearOut o[LIN_MAX_OUT];
     int rows, in_stride, in_features, k_pad, ktiles_per_split, splits, residual, outputs;
     float eps;
-    int max_nw;  // most u32 words per tile among the weights (sizes the shared word area)
     MoeCombineArgs combine;
 };
 
@@ -427,6 +426,16 @@ __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.f 
 // one Hadamard block for this warp's rows) from global memory to shared memory, so that the
 // next batch's loads are in flight while the current one is decoded.
 #define MM_WORD_REGS ((MM_KTILES * 8 * 64 / 4 + MM_THREADS - 1) / MM_THREADS)  // K ≤ 8
+// Shared-memory words per staged k-tile (8 n-tiles of up to 64 words, K ≤ 8), whatever the
+// width: with a constant stride the decode loop's tile offsets are immediates of its loads.
+#define MM_TILE_WORDS (8 * 64)
+
+// Where 16-byte chunk `idx` of a batch goes in shared memory: chunk o of k-tile c (2·nw
+// chunks each) at c · MM_TILE_WORDS / 4 + o.
+__device__ __forceinline__ int staged_chunk(int idx, int nw, u32 tile_magic) {
+    const int c = (int)__umulhi((u32)idx, tile_magic);
+    return c * (MM_TILE_WORDS / 4) + idx - c * 2 * nw;
+}
 template <int TM>
 struct LinearStage {
     uint4 words[MM_WORD_REGS];
@@ -436,21 +445,30 @@ struct LinearStage {
     float nw[4];
 };
 
+// ⌈2^32 / (2·nw)⌉: `__umulhi(i, m)` is then i / (2·nw), the k-tile of 16-byte chunk i of a
+// batch, exactly for every i of a batch. Each batch's load divided by the runtime width four
+// times (~150 instructions a batch, a fifth of the decode loop's).
+__device__ __forceinline__ u32 chunk_tile_magic(int nw) {
+    return 0xFFFFFFFFu / (u32)(2 * nw) + 1u;
+}
+
 // The weights' part of a batch (packed words, suh, norm weights): constant for the launch, so
 // it may be loaded before waiting for the previous kernel.
 template <int TM>
 __device__ __forceinline__ void linear_load_weights(LinearStage<TM>& st, const TrellisDesc& d,
                                                     int kb, int tiles_n, int nb, int nw,
-                                                    const LinearArgs& a) {
+                                                    u32 tile_magic, const LinearArgs& a) {
     const int lane = threadIdx.x & 31;
     const int chunk4 = 2 * nw, batch4 = MM_KTILES * chunk4;
 #pragma unroll
     for (int i = 0; i < MM_WORD_REGS; i++) {
         const int idx = threadIdx.x + i * MM_THREADS;
         if (idx < batch4) {
-            const int c = idx / chunk4, o = idx - c * chunk4;
-            st.words[i] =
-                ((const uint4*)(d.words + ((u64)(kb + c) * tiles_n + (u64)nb * 8) * nw))[o];
+            const int c = (int)__umulhi((u32)idx, tile_magic), o = idx - c * chunk4;
+            // In 16-byte units, 32-bit: 64-bit address arithmetic per chunk cost ~25
+            // instructions a chunk (a tensor's words stay far below 64 GB).
+            const u32 at = ((u32)(kb + c) * (u32)tiles_n + (u32)nb * 8u) * (u32)(nw >> 2) + (u32)o;
+            st.words[i] = ((const uint4*)d.words)[at];
         }
     }
 #pragma unroll
@@ -485,22 +503,22 @@ __device__ __forceinline__ void linear_load_inputs(LinearStage<TM>& st, int kb, 
 
 template <int TM>
 __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDesc& d, int kb,
-                                            int tiles_n, int nb, int nw, int row0, int nrows,
-                                            const LinearArgs& a) {
-    linear_load_weights<TM>(st, d, kb, tiles_n, nb, nw, a);
+                                            int tiles_n, int nb, int nw, u32 tile_magic,
+                                            int row0, int nrows, const LinearArgs& a) {
+    linear_load_weights<TM>(st, d, kb, tiles_n, nb, nw, tile_magic, a);
     linear_load_inputs<TM>(st, kb, row0, nrows, a);
 }
 
 template <int TM>
 __device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw, float* sx, int nw,
-                                             int nrows, bool gated, bool normed,
+                                             u32 tile_magic, int nrows, bool gated, bool normed,
                                              const float* inv_rms) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int batch4 = MM_KTILES * 2 * nw;
 #pragma unroll
     for (int i = 0; i < MM_WORD_REGS; i++) {
         const int idx = threadIdx.x + i * MM_THREADS;
-        if (idx < batch4) ((uint4*)sw)[idx] = st.words[i];
+        if (idx < batch4) ((uint4*)sw)[staged_chunk(idx, nw, tile_magic)] = st.words[i];
     }
 #pragma unroll
     for (int k = 0; k < (TM + 7) / 8; k++) {
@@ -605,6 +623,39 @@ __device__ __forceinline__ void moe_combine_last(const MoeCombineArgs& m, const 
     if (threadIdx.x == 0) m.tickets[nb] = 0u;
 }
 
+// The output transform of a finished row tile (its products summed in `sz`, [rows][128]) for
+// column block nb: out = H̃(sz) ⊙ svh + bias, or out += that. One warp per row. The scales,
+// biases and prior outputs are all requested before the transform: loaded one element at a
+// time behind each store (which they might alias), they cost four round trips to memory.
+__device__ __forceinline__ void finish_tile_rows(const LinearArgs& a, const TrellisDesc& d,
+                                                 const LinearOut& o, const float* sz, int nb,
+                                                 int row0, int nrows) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
+        float* out = o.out + (u64)(row0 + m) * o.out_stride + nb * 128;
+        float scale[4], bias[4], prior[4], v[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int c = nb * 128 + lane + 32 * q;
+            const bool inside = c < o.out_features;
+            scale[q] = inside ? f16_bits_to_f32(d.svh[c]) : 0.f;
+            bias[q] = inside && d.bias ? f16_bits_to_f32(d.bias[c]) : 0.f;
+            prior[q] = inside && a.residual ? out[lane + 32 * q] : 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) v[q] = sz[m * 128 + lane + 32 * q];
+        fwht128_warp(v);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            if (nb * 128 + lane + 32 * q < o.out_features) {
+                float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), scale[q]);
+                if (d.bias) y = __fadd_rn(y, bias[q]);
+                out[lane + 32 * q] = a.residual ? __fadd_rn(prior[q], y) : y;
+            }
+        }
+    }
+}
+
 template <int TM, int CB>
 __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const TrellisDesc& d,
                                                     const LinearOut& o, int nb, int tile_slot,
@@ -615,7 +666,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     const int bits_x2 = d.bits_x2;
     const int nw = 4 * bits_x2;
     u32* sw = smem;
-    float* sx = (float*)(smem + MM_KTILES * 8 * a.max_nw);  // [TM][128] transformed inputs
+    float* sx = (float*)(smem + MM_KTILES * MM_TILE_WORDS);  // [TM][128] transformed inputs
     float* sz = sx + TM * 128;  // [TM][128] products of this block
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int tiles_n = o.n_pad >> 4;
@@ -629,7 +680,6 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     for (int h = 0; h < 2; h++)
 #pragma unroll
         for (int j = 0; j < 3; j++) words[h][j] = shared_address(sw + warp * nw + lp.w[h][j]);
-    const u32 tile_stride = 8 * nw * 4;  // bytes from one k-tile's words to the next
 
     float acc[TM][2];
 #pragma unroll
@@ -639,7 +689,8 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     // inputs, so their latency overlaps its tail (row tiles from the router were waited for
     // already: the descriptor depends on them).
     LinearStage<TM> st;
-    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
+    const u32 tile_magic = chunk_tile_magic(nw);
+    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, tile_magic, a);
     if (!a.tiles) pdl_entry();
 
     // The first batch's inputs are requested before the norm's full-row pass, so the two
@@ -647,14 +698,17 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
     if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {  // kt0, kt1 are multiples of MM_KTILES
-        linear_stage<TM>(st, sw, sx, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
-                         inv_rms);
+        linear_stage<TM>(st, sw, sx, nw, tile_magic, nrows, a.x_up != nullptr,
+                         a.norm_w != nullptr, inv_rms);
         __syncthreads();
         if (kb == kt0) trace_mark(1);
         // The next batch's loads fly while this one is decoded.
         if (kb + MM_KTILES < kt1)
-            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
-#pragma unroll 1
+            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, tile_magic, row0, nrows,
+                            a);
+        // Unrolled so that the tile offsets are immediates (eight tiles spill taller tiles'
+        // accumulators under the register budget of three blocks per SM).
+#pragma unroll(TM == 1 ? MM_KTILES : 1)
         for (int c = 0; c < MM_KTILES; c++) {
             float xv[TM][4];
 #pragma unroll
@@ -666,7 +720,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
                 xv[m][3] = xr[9];
             }
             u32 w2[4];
-            decode_tile8_at<CB>(words, c * tile_stride, lp, w2);
+            decode_tile8_at<CB>(words, c * MM_TILE_WORDS * 4, lp, w2);
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const float2 w = half2_to_float2(w2[k]);
@@ -717,30 +771,31 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
         trace_mark(3);
         if (!is_last) return;
         // Every split's partial is visible (each wrote, fenced, then took its ticket).
-        for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
-            const int m = i >> 7, c = i & 127;
-            sz[i] = ordered_sum_cg(o.partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
-                                   (u64)a.rows * n_pad, a.splits);
+        const u64 split_stride = (u64)a.rows * n_pad;
+        if (nrows == 1 && a.splits > 8) {
+            // One row: both halves of the block sum half the splits each (8 loads in flight
+            // per thread), so that 9–16 splits cost one round trip to memory, not two; the
+            // halves meet in the free input area.
+            const int c = threadIdx.x & 127, half = threadIdx.x >> 7;
+            const int lo_splits = (a.splits + 1) / 2;
+            const float* p = o.partial + (u64)row0 * n_pad + nb * 128 + c;
+            const float part = half == 0 ? ordered_sum_cg(p, split_stride, lo_splits)
+                                         : ordered_sum_cg(p + lo_splits * split_stride,
+                                                          split_stride, a.splits - lo_splits);
+            (half == 0 ? sz : sx)[c] = part;
+            __syncthreads();
+            if (half == 0) sz[c] = __fadd_rn(sz[c], sx[c]);
+        } else {
+            for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
+                const int m = i >> 7, c = i & 127;
+                sz[i] = ordered_sum_cg(o.partial + (u64)(row0 + m) * n_pad + nb * 128 + c,
+                                       split_stride, a.splits);
+            }
         }
         if (threadIdx.x == 0) *ticket = 0u;
     }
     __syncthreads();
-    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) v[q] = sz[m * 128 + lane + 32 * q];
-        fwht128_warp(v);
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const int c = nb * 128 + lane + 32 * q;
-            if (c < o.out_features) {
-                float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
-                if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
-                float* dst = o.out + (u64)(row0 + m) * o.out_stride + c;
-                *dst = a.residual ? __fadd_rn(*dst, y) : y;
-            }
-        }
-    }
+    finish_tile_rows(a, d, o, sz, nb, row0, nrows);
     trace_mark(4);
     if (a.combine.out) moe_combine_last(a.combine, o, nb, is_last);  // launch-uniform
     trace_mark(5);
@@ -840,14 +895,14 @@ __device__ __forceinline__ void ldmatrix_a(u32 a[4], const u16* base) {
 
 template <int TM>
 __device__ __forceinline__ void mma_stage(const LinearStage<TM>& st, u32* sw, u16* xhi, u16* xlo,
-                                          int nw, int nrows, bool gated, bool normed,
-                                          const float* inv_rms) {
+                                          int nw, u32 tile_magic, int nrows, bool gated,
+                                          bool normed, const float* inv_rms) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int batch4 = MM_KTILES * 2 * nw;
 #pragma unroll
     for (int i = 0; i < MM_WORD_REGS; i++) {
         const int idx = threadIdx.x + i * MM_THREADS;
-        if (idx < batch4) ((uint4*)sw)[idx] = st.words[i];
+        if (idx < batch4) ((uint4*)sw)[staged_chunk(idx, nw, tile_magic)] = st.words[i];
     }
 #pragma unroll
     for (int k = 0; k < TM / 8; k++) {
@@ -886,7 +941,7 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
     const int bits_x2 = d.bits_x2;
     const int nw = 4 * bits_x2;
     u32* sw = smem;
-    u16* xhi = (u16*)(smem + MM_KTILES * 8 * a.max_nw);
+    u16* xhi = (u16*)(smem + MM_KTILES * MM_TILE_WORDS);
     u16* xlo = xhi + TM * MMA_XS;
     float* sz = (float*)xhi;  // [TM][128] products, after the main loop (aliases the inputs)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -913,7 +968,8 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
     // As in the SIMT form: the first weights are requested before waiting for the kernel that
     // writes the inputs (row tiles from the router were waited for: descriptors depend on them).
     LinearStage<TM> st;
-    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, a);
+    const u32 tile_magic = chunk_tile_magic(nw);
+    if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, tile_magic, a);
     if (!a.tiles) pdl_entry();
 
     // The first batch's inputs are requested before the norm's full-row pass, so the two
@@ -921,14 +977,15 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
     if (kt0 < kt1) linear_load_inputs<TM>(st, kt0, row0, nrows, a);
     if (a.norm_w) tile_inv_rms(a, row0, nrows, inv_rms);
     for (int kb = kt0; kb < kt1; kb += MM_KTILES) {
-        mma_stage<TM>(st, sw, xhi, xlo, nw, nrows, a.x_up != nullptr, a.norm_w != nullptr,
-                      inv_rms);
+        mma_stage<TM>(st, sw, xhi, xlo, nw, tile_magic, nrows, a.x_up != nullptr,
+                      a.norm_w != nullptr, inv_rms);
         __syncthreads();
         if (kb + MM_KTILES < kt1)
-            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, row0, nrows, a);
+            linear_load<TM>(st, d, kb + MM_KTILES, tiles_n, nb, nw, tile_magic, row0, nrows,
+                            a);
 #pragma unroll 1
         for (int c = 0; c < MM_KTILES; c++) {
-            const u32* tw = sw + (c * 8 + warp) * nw;
+            const u32* tw = sw + c * MM_TILE_WORDS + warp * nw;
             u32 w2[4];
             decode_tile8<CB>(tw, lp, w2);
 #pragma unroll
@@ -980,22 +1037,7 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
         if (threadIdx.x == 0) *ticket = 0u;
         __syncthreads();
     }
-    for (int m = warp; m < nrows; m += MM_THREADS / 32) {
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) v[q] = sz[m * 128 + lane + 32 * q];
-        fwht128_warp(v);
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const int c = nb * 128 + lane + 32 * q;
-            if (c < o.out_features) {
-                float y = __fmul_rn(__fmul_rn(v[q], HADAMARD_SCALE), f16_bits_to_f32(d.svh[c]));
-                if (d.bias) y = __fadd_rn(y, f16_bits_to_f32(d.bias[c]));
-                float* dst = o.out + (u64)(row0 + m) * o.out_stride + c;
-                *dst = a.residual ? __fadd_rn(*dst, y) : y;
-            }
-        }
-    }
+    finish_tile_rows(a, d, o, sz, nb, row0, nrows);
     if (a.combine.out) moe_combine_last(a.combine, o, nb, is_last);  // launch-uniform
 }
 

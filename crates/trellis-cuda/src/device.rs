@@ -45,7 +45,7 @@ pub const UNFUSED_ENV: &str = "TRELLIS_CUDA_UNFUSED_LINEAR";
 /// Env var: time every launch with events (synchronising after each) and keep per-kernel
 /// totals, readable with `CudaBackend::kernel_profile` (slows everything down; for analysis).
 pub const PROFILE_ENV: &str = "TRELLIS_CUDA_PROFILE";
-/// Env var: how many waves of blocks split-k trellis linears aim for (default 4).
+/// Env var: how many waves of blocks split-k trellis linears aim for (default 2).
 pub const SPLIT_WAVES_ENV: &str = "TRELLIS_CUDA_SPLIT_WAVES";
 /// Env var: `0` turns off recording decode steps as CUDA graphs (each op then launches its
 /// kernels directly).

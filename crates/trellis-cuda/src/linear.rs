@@ -385,6 +385,8 @@ fn tile_kernel(kernels: &[Kernel], tile_rows: usize) -> &Kernel {
 /// k-tiles staged per matmul iteration and threads per block (`MM_KTILES`, `MM_THREADS`).
 const MM_KTILES: usize = 8;
 const MM_THREADS: u32 = 256;
+/// Shared-memory words per staged k-tile in the single-launch kernels (`MM_TILE_WORDS`).
+const MM_TILE_WORDS: usize = 8 * 64;
 
 /// Activations in and out of a linear launch: device addresses and row strides (in values).
 #[derive(Clone, Copy, Debug)]
@@ -435,7 +437,6 @@ struct LinearArgs {
     residual: i32,
     outputs: i32,
     eps: f32,
-    max_nw: i32,
     combine: MoeCombineArgs,
 }
 
@@ -462,7 +463,6 @@ pub(crate) struct TrellisTarget {
     /// Device descriptor table (indexed by the row tiles' descriptors).
     pub table: u64,
     pub shape: TrellisShape,
-    pub max_bits_x2: i32,
     pub out: u64,
     pub out_stride: usize,
 }
@@ -472,7 +472,6 @@ impl TrellisTarget {
         TrellisTarget {
             table: t.table.ptr,
             shape: t.shape,
-            max_bits_x2: t.desc.bits_x2,
             out,
             out_stride: t.shape.out_features,
         }
@@ -548,7 +547,6 @@ pub(crate) fn trellis_forward(
             targets: &[TrellisTarget {
                 table,
                 shape,
-                max_bits_x2,
                 out: io.out,
                 out_stride: io.out_stride,
             }],
@@ -565,6 +563,50 @@ pub(crate) fn can_share_launch(targets: &[TrellisTarget]) -> bool {
             t.shape.in_features == targets[0].shape.in_features
                 && t.shape.k_pad == targets[0].shape.k_pad
         })
+}
+
+/// Blocks of a SIMT trellis launch that fit on one SM at once: the minimum each kernel's
+/// `__launch_bounds__` fits its registers to (`kernels/trellis.cu`). None for the tensor-core
+/// kernels: splitting their 64-row tiles further to even out waves measured slower (prefill).
+fn simt_blocks_per_sm(tile_rows: usize, mma: bool) -> Option<usize> {
+    match (mma, tile_rows) {
+        (true, _) => None,
+        (false, 1 | 2) => Some(3),
+        (false, 4 | 8) => Some(2),
+        _ => Some(1),
+    }
+}
+
+/// How a launch of `base_blocks` blocks splits its `tiles_k` k-tiles: `(k-tiles per split,
+/// splits)`, whole staging batches each. Small launches split until the grid has about
+/// `wanted_blocks` blocks, so that every SM works. Unsplit launches of more than one wave of
+/// `resident` blocks (when given) also weigh the last wave: the GLM lm_head's 1,210 column
+/// blocks in waves of 396 ran a fourth wave of 22 blocks as long as the others (a quarter of
+/// its time); two halves of the reduction took it from 207 to 182 µs.
+fn split_reduction(
+    base_blocks: usize,
+    tiles_k: usize,
+    wanted_blocks: usize,
+    resident: Option<usize>,
+) -> (usize, usize) {
+    let base_blocks = base_blocks.max(1);
+    let max_splits = (tiles_k / MM_KTILES).max(1);
+    let shape = |wanted: usize| {
+        let per_split = tiles_k.div_ceil(wanted).next_multiple_of(MM_KTILES);
+        (per_split, tiles_k.div_ceil(per_split))
+    };
+    let first = shape(wanted_blocks.div_ceil(base_blocks).clamp(1, max_splits));
+    let Some(resident) = resident.filter(|&r| first.1 == 1 && base_blocks > r) else {
+        return first;
+    };
+    // Time ∝ waves × (k-tiles of a block + one batch of fixed cost: staging and finish).
+    let cost = |(per_split, splits): (usize, usize)| {
+        (base_blocks * splits).div_ceil(resident) * (per_split + MM_KTILES)
+    };
+    (first.1..=max_splits)
+        .map(shape)
+        .min_by_key(|&candidate| cost(candidate))
+        .unwrap_or(first)
 }
 
 /// The single-launch trellis linear (see `trellis_linear_tm*` in `kernels/trellis.cu`).
@@ -595,11 +637,15 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         map.num_tiles
     };
     let base_blocks = column_blocks * busy_tiles;
-    let wanted = (dev.split_waves * dev.sm_count)
-        .div_ceil(base_blocks.max(1))
-        .clamp(1, (tiles_k / MM_KTILES).max(1));
-    let ktiles_per_split = tiles_k.div_ceil(wanted).next_multiple_of(MM_KTILES);
-    let splits = tiles_k.div_ceil(ktiles_per_split);
+    let mma = map.tile_rows == MMA_TILE_ROWS
+        || (dev.mma16 && (MMA16_MIN_ROWS..=MMA16_TILE_ROWS).contains(&map.tile_rows));
+    let resident = simt_blocks_per_sm(map.tile_rows, mma).map(|b| b * dev.sm_count);
+    let (ktiles_per_split, splits) = split_reduction(
+        base_blocks,
+        tiles_k,
+        dev.split_waves * dev.sm_count,
+        resident,
+    );
     let n_pad_total: usize = job.targets.iter().map(|t| t.shape.n_pad).sum();
     let partial = if splits > 1 {
         scratch.partial.ensure(dev, splits * rows * n_pad_total)
@@ -615,7 +661,6 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         dev,
         split_tickets + if combine.is_some() { column_blocks } else { 0 },
     );
-    let max_bits_x2 = job.targets.iter().map(|t| t.max_bits_x2).max().unwrap_or(2);
 
     let mut args = LinearArgs {
         tiles: map.tiles,
@@ -633,7 +678,6 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         residual: i32::from(job.residual),
         outputs: to_i32(job.targets.len()),
         eps: job.norm.map_or(0.0, |(_, eps)| eps),
-        max_nw: 4 * max_bits_x2,
         combine: combine.map_or_else(MoeCombineArgs::default, |c| MoeCombineArgs {
             pair_of: c.pair_of,
             weights: c.weights,
@@ -664,7 +708,8 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         partial_offset += splits * rows * t.shape.n_pad;
     }
 
-    let words_bytes = MM_KTILES * 8 * 4 * (max_bits_x2 as usize) * 4;
+    // Staged words: MM_KTILES k-tiles at a constant stride of `MM_TILE_WORDS` (any width).
+    let words_bytes = MM_KTILES * MM_TILE_WORDS * 4;
     let mut launch = Args::new();
     launch.arg_struct(&args);
     if map.tile_rows == MMA_TILE_ROWS {
@@ -868,7 +913,31 @@ pub(crate) fn unsupported(what: impl Into<String>) -> BackendError {
 
 #[cfg(test)]
 mod tests {
+    use super::{MM_KTILES, split_reduction};
     use trellis_codec::BitWidth;
+
+    #[test]
+    fn split_reduction_covers_the_gpu_and_weighs_the_last_wave() {
+        // H200: 132 SMs, three one-row blocks each, two waves wanted (the default).
+        let (wanted, resident) = (2 * 132, Some(3 * 132));
+        // Small launches split until the grid has about `wanted` blocks, as before.
+        assert_eq!(split_reduction(24 * 5, 128, wanted, resident), (48, 3));
+        assert_eq!(split_reduction(16, 320, wanted, resident), (24, 14));
+        assert_eq!(split_reduction(11, 128, wanted, resident), (8, 16));
+        // GLM's lm_head: 1,210 column blocks would leave a fourth wave of 22 blocks.
+        assert_eq!(split_reduction(1210, 128, wanted, resident), (64, 2));
+        // A launch that fills its waves exactly stays whole, and tensor-core launches too.
+        assert_eq!(split_reduction(792, 128, wanted, resident), (128, 1));
+        assert_eq!(split_reduction(1210, 128, wanted, None), (128, 1));
+        for base in [1, 7, 100, 396, 397, 1210, 5000] {
+            for tiles_k in [8, 16, 96, 128, 320, 1024] {
+                let (per_split, splits) = split_reduction(base, tiles_k, wanted, resident);
+                assert_eq!(per_split % MM_KTILES, 0, "{base} × {tiles_k}");
+                assert!(per_split * splits >= tiles_k && per_split * (splits - 1) < tiles_k);
+                assert!(splits <= (tiles_k / MM_KTILES).max(1), "{base} × {tiles_k}");
+            }
+        }
+    }
     use trellis_codec::tile::{position_to_row_col, tile_states};
 
     /// The matmul kernel's per-lane state extraction (`plan` in `trellis_matmul_body`),

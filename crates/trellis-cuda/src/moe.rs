@@ -381,7 +381,6 @@ pub(crate) fn route(
 pub(crate) struct WithShared {
     key: u64,
     tables: [DeviceMem<TrellisDesc>; 3],
-    max_bits_x2: [i32; 3],
 }
 
 /// The shared expert's three trellis projections, if they fit the routed experts' padded
@@ -427,22 +426,13 @@ pub(crate) fn moe_block(
     if dev.unfused_linear || router.hidden != experts.hidden {
         return false;
     }
-    let ExpertTables::Trellis {
-        tables,
-        shapes,
-        max_bits_x2,
-    } = &experts.tables
-    else {
+    let ExpertTables::Trellis { tables, shapes, .. } = &experts.tables else {
         return false;
     };
     // Tables with the shared expert appended (id = count), built once.
     let mut with_shared = experts.with_shared.lock().expect("shared expert tables");
-    let (tables, max_bits_x2, shared_id) = match shared {
-        None => (
-            [tables[0].ptr, tables[1].ptr, tables[2].ptr],
-            *max_bits_x2,
-            -1,
-        ),
+    let (tables, shared_id) = match shared {
+        None => ([tables[0].ptr, tables[1].ptr, tables[2].ptr], -1),
         Some(mlp) => {
             let Some(descs) = shared_descs(experts, mlp) else {
                 return false;
@@ -465,13 +455,11 @@ pub(crate) fn moe_block(
                 *with_shared = Some(WithShared {
                     key,
                     tables: [upload(0), upload(1), upload(2)],
-                    max_bits_x2: [0, 1, 2].map(|p| max_bits_x2[p].max(descs[p].bits_x2)),
                 });
             }
             let w = with_shared.as_ref().expect("built above");
             (
                 [w.tables[0].ptr, w.tables[1].ptr, w.tables[2].ptr],
-                w.max_bits_x2,
                 to_i32(experts.count),
             )
         }
@@ -532,7 +520,6 @@ pub(crate) fn moe_block(
     let target = |p: usize, out: u64, out_stride: usize| TrellisTarget {
         table: tables[p],
         shape: shapes[p],
-        max_bits_x2: max_bits_x2[p],
         out,
         out_stride,
     };
