@@ -187,6 +187,17 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return scratch[0];
 }
 
+// Takes a ticket of a split reduction: adds one to *t and returns the old count, with release
+// and acquire semantics at GPU scope. Called by one thread after a block barrier, it publishes
+// every write the block made before the barrier; the block that takes the last ticket then
+// sees all other blocks' writes (its threads, after a barrier). Every thread fencing
+// sequentially consistent (`__threadfence`) before the atomic cost more.
+__device__ __forceinline__ u32 take_ticket(u32* t) {
+    u32 old;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(t) : "memory");
+    return old;
+}
+
 // Σ_s p[s·stride] for s < n in order, with loads issued eight at a time (L2-latency bound
 // reductions over split-k or split-context partials).
 __device__ __forceinline__ float ordered_sum_cg(const float* p, u64 stride, int n) {

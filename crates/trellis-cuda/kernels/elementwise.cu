@@ -188,13 +188,11 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
         }
         row_parts[blockIdx.x] = __float_as_uint(best_v);
         row_parts[ARGMAX_MAX_PARTS + blockIdx.x] = (u32)best_i;
-        __threadfence();
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+        is_last = take_ticket(ticket) == gridDim.x - 1;
     }
     __syncthreads();
     if (!is_last || warp != 0) return;
-    // Every part is visible: each was written and fenced before its block took the ticket.
-    __threadfence();
+    // Every part is visible: each was written before its block took the ticket.
     best_v = 0.f;
     best_i = -1;
     for (int p = lane; p < (int)gridDim.x; p += 32) {

@@ -186,13 +186,11 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         for (int c = 8 * chunks; c < hidden; c++) sum = __fadd_rn(sum, __fmul_rn(gr[c], hs[c]));
         a.logits[(u64)r * experts + e0 + tid] = sum;
     }
-    __threadfence();
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(&a.tickets[r], 1u) == gridDim.x - 1;
+    if (tid == 0) is_last = take_ticket(&a.tickets[r]) == gridDim.x - 1;
     __syncthreads();
     trace_mark(2);
     if (!is_last) return;
-    __threadfence();
     trace_mark(3);
 
     // Scores (one expert per thread, same arithmetic as the reference).
@@ -332,12 +330,10 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         }
         return;
     }
-    __threadfence();
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(&a.tickets[gridDim.y], 1u) == gridDim.y - 1;
+    if (tid == 0) is_last = take_ticket(&a.tickets[gridDim.y]) == gridDim.y - 1;
     __syncthreads();
     if (!is_last) return;
-    __threadfence();
     moe_plan_body(a.ids, gridDim.y, top_k, experts, a.shared_id, a.tile_rows, a.max_tiles,
                   a.pair_src, a.pair_desc, a.pair_of, a.tiles);
     if (tid == 0) a.tickets[gridDim.y] = 0u;

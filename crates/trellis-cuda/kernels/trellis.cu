@@ -601,24 +601,39 @@ __device__ __forceinline__ void tile_inv_rms(const LinearArgs& a, int row0, int 
 // MoeCombineArgs). `flag` is a block-shared int for the ticket's answer.
 __device__ __forceinline__ void moe_combine_last(const MoeCombineArgs& m, const LinearOut& o,
                                                  int nb, int& flag) {
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) flag = atomicAdd(m.tickets + nb, 1u) == gridDim.y - 1;
+    if (threadIdx.x == 0) flag = take_ticket(m.tickets + nb) == gridDim.y - 1;
     __syncthreads();
     if (!flag) return;
-    __threadfence();
+    // Eight pairs at a time: their rows and weights, then their values, each batch of loads
+    // in flight together (a chain of dependent loads per pair cost two round trips each).
+    const int pairs = m.top_k + (m.has_shared ? 1 : 0);
     for (int i = threadIdx.x; i < 128; i += blockDim.x) {
         const int c = nb * 128 + i;
         if (c >= o.out_features) continue;
-        float acc = 0.f;
-        for (int j = 0; j < m.top_k; j++) {
-            const float v = __ldcg(o.out + (u64)m.pair_of[j] * o.out_stride + c);
-            acc = __fadd_rn(acc, __fmul_rn(m.weights[j], v));
-        }
-        if (m.has_shared)
-            acc = __fadd_rn(acc, __ldcg(o.out + (u64)m.pair_of[m.top_k] * o.out_stride + c));
         float* dst = m.out + c;
-        *dst = m.residual ? __fadd_rn(*dst, acc) : acc;
+        const float prior = m.residual ? *dst : 0.f;
+        float acc = 0.f;
+        for (int j0 = 0; j0 < pairs; j0 += 8) {
+            int rows[8];
+            float weights[8], v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u;
+                rows[u] = j < pairs ? __ldcg(m.pair_of + j) : 0;
+                weights[u] = j < m.top_k ? m.weights[j] : 1.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                v[u] = j0 + u < pairs ? __ldcg(o.out + (u64)rows[u] * o.out_stride + c) : 0.f;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u;
+                if (j < m.top_k) acc = __fadd_rn(acc, __fmul_rn(weights[u], v[u]));
+                else if (j < pairs) acc = __fadd_rn(acc, v[u]);  // the shared expert's row
+            }
+        }
+        *dst = m.residual ? __fadd_rn(prior, acc) : acc;
     }
     if (threadIdx.x == 0) m.tickets[nb] = 0u;
 }
@@ -763,14 +778,13 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
                 }
             }
         }
-        __threadfence();
         __syncthreads();
         u32* ticket = a.tickets + (u64)tile_slot * gridDim.x + blockIdx.x;
-        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(a.splits - 1);
+        if (threadIdx.x == 0) is_last = take_ticket(ticket) == (u32)(a.splits - 1);
         __syncthreads();
         trace_mark(3);
         if (!is_last) return;
-        // Every split's partial is visible (each wrote, fenced, then took its ticket).
+        // Every split's partial is visible (each wrote, then took its ticket).
         const u64 split_stride = (u64)a.rows * n_pad;
         if (nrows == 1 && a.splits > 8) {
             // One row: both halves of the block sum half the splits each (8 loads in flight
@@ -1023,10 +1037,9 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
         float* part = o.partial + ((u64)blockIdx.z * a.rows + row0) * n_pad + nb * 128;
         for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS)
             part[(u64)(i >> 7) * n_pad + (i & 127)] = sz[i];
-        __threadfence();
         __syncthreads();
         u32* ticket = a.tickets + (u64)tile_slot * gridDim.x + blockIdx.x;
-        if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == (u32)(a.splits - 1);
+        if (threadIdx.x == 0) is_last = take_ticket(ticket) == (u32)(a.splits - 1);
         __syncthreads();
         if (!is_last) return;
         for (int i = threadIdx.x; i < nrows * 128; i += MM_THREADS) {
