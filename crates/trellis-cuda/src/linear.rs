@@ -915,6 +915,7 @@ pub(crate) fn unsupported(what: impl Into<String>) -> BackendError {
 mod tests {
     use super::{MM_KTILES, split_reduction};
     use trellis_codec::BitWidth;
+    use trellis_codec::tile::{position_to_row_col, tile_states};
 
     #[test]
     fn split_reduction_covers_the_gpu_and_weighs_the_last_wave() {
@@ -938,7 +939,6 @@ mod tests {
             }
         }
     }
-    use trellis_codec::tile::{position_to_row_col, tile_states};
 
     /// The matmul kernel's per-lane state extraction (`plan` in `trellis_matmul_body`),
     /// transcribed: lane L, slot j reads words i0, i1 of the tile and funnel-shifts by s.
