@@ -467,8 +467,8 @@ __device__ __forceinline__ void linear_load_weights(LinearStage<TM>& st, const T
             const int c = (int)__umulhi((u32)idx, tile_magic), o = idx - c * chunk4;
             // In 16-byte units, 32-bit: 64-bit address arithmetic per chunk cost ~25
             // instructions a chunk (a tensor's words stay far below 64 GB).
-            const u32 at = ((u32)(kb + c) * (u32)tiles_n + (u32)nb * 8u) * (u32)(nw >> 2) + (u32)o;
-            st.words[i] = ((const uint4*)d.words)[at];
+            const u32 tile = (u32)(kb + c) * (u32)tiles_n + (u32)nb * 8u;
+            st.words[i] = ((const uint4*)d.words)[tile * (u32)(nw >> 2) + (u32)o];
         }
     }
 #pragma unroll
