@@ -416,6 +416,10 @@ struct LinearArgs {
     u32* tickets;  // [row tiles][all column blocks]
     LinearOut o[LIN_MAX_OUT];
     int rows, in_stride, in_features, k_pad, ktiles_per_split, splits, residual, outputs;
+    // The row tiles were final before the previous launch began (the experts' down launch,
+    // after gate+up: both follow the routing), so blocks may read them and request their
+    // first weights before waiting, as launches without tiles do.
+    int tiles_settled;
     float eps;
     MoeCombineArgs combine;
 };
@@ -706,7 +710,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     LinearStage<TM> st;
     const u32 tile_magic = chunk_tile_magic(nw);
     if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, tile_magic, a);
-    if (!a.tiles) pdl_entry();
+    if (!a.tiles || a.tiles_settled) pdl_entry();
 
     // The first batch's inputs are requested before the norm's full-row pass, so the two
     // round trips to memory overlap (the inputs are only scaled later, in the stage).
@@ -818,8 +822,9 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
 template <int TM>
 __device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
     int desc_index = 0, row0, nrows;
-    // Without row tiles the body waits for the previous kernel itself, after its first loads.
-    if (a.tiles) pdl_entry();
+    // Without row tiles (or with settled ones) the body waits for the previous kernel itself,
+    // after its first loads.
+    if (a.tiles && !a.tiles_settled) pdl_entry();
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];
         if (desc_index < 0) return;  // block-uniform, before any barrier
@@ -984,7 +989,7 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
     LinearStage<TM> st;
     const u32 tile_magic = chunk_tile_magic(nw);
     if (kt0 < kt1) linear_load_weights<TM>(st, d, kt0, tiles_n, nb, nw, tile_magic, a);
-    if (!a.tiles) pdl_entry();
+    if (!a.tiles || a.tiles_settled) pdl_entry();
 
     // The first batch's inputs are requested before the norm's full-row pass, so the two
     // round trips to memory overlap (the inputs are only scaled later, in the stage).
@@ -1058,8 +1063,9 @@ template <int MT>
 __device__ __forceinline__ void trellis_mma_impl(const LinearArgs& a) {
     constexpr int TM = 16 * MT;
     int desc_index = 0, row0, nrows;
-    // Without row tiles the body waits for the previous kernel itself, after its first loads.
-    if (a.tiles) pdl_entry();
+    // Without row tiles (or with settled ones) the body waits for the previous kernel itself,
+    // after its first loads.
+    if (a.tiles && !a.tiles_settled) pdl_entry();
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];
         if (desc_index < 0) return;  // block-uniform, before any barrier

@@ -866,6 +866,7 @@ impl Backend for CudaBackend {
                         residual: false,
                         targets: &targets[..n],
                         combine: None,
+                        tiles_settled: false,
                     },
                 );
             }
@@ -903,6 +904,7 @@ impl Backend for CudaBackend {
                         residual: true,
                         targets: &[TrellisTarget::of(t, residual.ptr())],
                         combine: None,
+                        tiles_settled: false,
                     },
                 );
             }
@@ -1005,6 +1007,7 @@ impl CudaBackend {
                         residual: false,
                         targets: &targets[..n],
                         combine: None,
+                        tiles_settled: false,
                     },
                 );
             }

@@ -436,6 +436,7 @@ struct LinearArgs {
     splits: i32,
     residual: i32,
     outputs: i32,
+    tiles_settled: i32,
     eps: f32,
     combine: MoeCombineArgs,
 }
@@ -493,6 +494,10 @@ pub(crate) struct TrellisJob<'a> {
     pub targets: &'a [TrellisTarget],
     /// The MoE combine to fold into this launch (the experts' down projection of one token).
     pub combine: Option<MoeCombine>,
+    /// The map's row tiles were written before the previous launch began (the experts' down
+    /// launch follows gate+up, which waited for the routing): the blocks may read them and
+    /// request their first weights before waiting for the previous launch.
+    pub tiles_settled: bool,
 }
 
 /// `out (+)= Σ_j weights[j] · y[pair_of[j]] (+ y[pair_of[top_k]], the shared expert)` over the
@@ -551,6 +556,7 @@ pub(crate) fn trellis_forward(
                 out_stride: io.out_stride,
             }],
             combine: None,
+            tiles_settled: false,
         },
     );
 }
@@ -677,6 +683,7 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
         splits: to_i32(splits),
         residual: i32::from(job.residual),
         outputs: to_i32(job.targets.len()),
+        tiles_settled: i32::from(job.tiles_settled && map.tiles != 0),
         eps: job.norm.map_or(0.0, |(_, eps)| eps),
         combine: combine.map_or_else(MoeCombineArgs::default, |c| MoeCombineArgs {
             pair_of: c.pair_of,

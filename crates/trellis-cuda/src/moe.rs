@@ -536,6 +536,7 @@ pub(crate) fn moe_block(
             residual: false,
             targets: &[target(0, gate, inter), target(1, up, inter)],
             combine: None,
+            tiles_settled: false,
         },
     );
     // One token's combine is done by the down launch's last finishers (one launch fewer).
@@ -559,6 +560,7 @@ pub(crate) fn moe_block(
             residual: false,
             targets: &[target(2, down, hidden)],
             combine: fold,
+            tiles_settled: true,
         },
     );
     if !folded {
