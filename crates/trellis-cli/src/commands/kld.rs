@@ -1,5 +1,6 @@
 use anyhow::{Context, bail};
 use std::path::PathBuf;
+use trellis_backend::argmax;
 use trellis_runtime::engine::Engine;
 
 #[derive(clap::Args)]
@@ -151,15 +152,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|&v| v as f64 - log_z).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
-}
-
 /// Per-position KL(reference ‖ model) and agreement.
 pub fn compare(
     windows: &[Vec<u32>],
@@ -177,6 +169,7 @@ pub fn compare(
             let (lr, lm) = (log_softmax(rr), log_softmax(mr));
             let kl: f64 = lr.iter().zip(&lm).map(|(&a, &b)| a.exp() * (a - b)).sum();
             klds.push(kl.max(0.0));
+            // Top-1 agreement by the engine's own greedy rule.
             if argmax(rr) == argmax(mr) {
                 agree += 1;
             }
