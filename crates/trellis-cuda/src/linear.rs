@@ -584,11 +584,16 @@ fn simt_blocks_per_sm(tile_rows: usize, mma: bool) -> Option<usize> {
 }
 
 /// How a launch of `base_blocks` blocks splits its `tiles_k` k-tiles: `(k-tiles per split,
-/// splits)`, whole staging batches each. Small launches split until the grid has about
-/// `wanted_blocks` blocks, so that every SM works. Unsplit launches of more than one wave of
-/// `resident` blocks (when given) also weigh the last wave: the GLM lm_head's 1,210 column
-/// blocks in waves of 396 ran a fourth wave of 22 blocks as long as the others (a quarter of
-/// its time); two halves of the reduction took it from 207 to 182 µs (traces of two calls).
+/// splits)`, whole staging batches each, the last split taking what is left.
+///
+/// SIMT launches, whose `resident` blocks per wave are known, take the split of least modelled
+/// time: waves × (batches of a block + one batch of fixed cost: first loads, ticket, finish),
+/// fewer splits on ties. That fills the GPU, never runs a short last wave (the GLM lm_head's
+/// 1,210 column blocks in waves of 396 ran a fourth wave of 22 blocks as long as the others;
+/// two halves of the reduction took it from 207 to 182 µs), and gives o_proj two batches a
+/// block (40 batches over 16 column blocks: 20 splits, where aiming for about `wanted_blocks`
+/// blocks gave 14 of three). Tensor-core launches split until the grid has about
+/// `wanted_blocks` blocks (evening out their waves measured slower for prefill).
 fn split_reduction(
     base_blocks: usize,
     tiles_k: usize,
@@ -596,23 +601,22 @@ fn split_reduction(
     resident: Option<usize>,
 ) -> (usize, usize) {
     let base_blocks = base_blocks.max(1);
-    let max_splits = (tiles_k / MM_KTILES).max(1);
-    let shape = |wanted: usize| {
-        let per_split = tiles_k.div_ceil(wanted).next_multiple_of(MM_KTILES);
+    let batches = (tiles_k / MM_KTILES).max(1);
+    // `splits` cut into whole batches: (k-tiles per split, splits left non-empty).
+    let shape = |splits: usize| {
+        let per_split = tiles_k.div_ceil(splits).next_multiple_of(MM_KTILES);
         (per_split, tiles_k.div_ceil(per_split))
     };
-    let first = shape(wanted_blocks.div_ceil(base_blocks).clamp(1, max_splits));
-    let Some(resident) = resident.filter(|&r| first.1 == 1 && base_blocks > r) else {
-        return first;
+    let Some(resident) = resident else {
+        return shape(wanted_blocks.div_ceil(base_blocks).clamp(1, batches));
     };
-    // Time ∝ waves × (k-tiles of a block + one batch of fixed cost: staging and finish).
     let cost = |(per_split, splits): (usize, usize)| {
-        (base_blocks * splits).div_ceil(resident) * (per_split + MM_KTILES)
+        (base_blocks * splits).div_ceil(resident) * (per_split / MM_KTILES + 1)
     };
-    (first.1..=max_splits)
+    (1..=batches)
         .map(shape)
         .min_by_key(|&candidate| cost(candidate))
-        .unwrap_or(first)
+        .unwrap_or((tiles_k, 1))
 }
 
 /// The single-launch trellis linear (see `trellis_linear_tm*` in `kernels/trellis.cu`).
@@ -928,21 +932,29 @@ mod tests {
     fn split_reduction_covers_the_gpu_and_weighs_the_last_wave() {
         // H200: 132 SMs, three one-row blocks each, two waves wanted (the default).
         let (wanted, resident) = (2 * 132, Some(3 * 132));
-        // Small launches split until the grid has about `wanted` blocks, as before.
+        // GLM decode, one wave each: experts' gate+up (5 row tiles × 24 column blocks) and
+        // down (5 × 16), o_proj (16 column blocks over 5,120 inputs), q_a + kv_a (11), q_b (40
+        // over 768 inputs).
         assert_eq!(split_reduction(24 * 5, 128, wanted, resident), (48, 3));
-        assert_eq!(split_reduction(16, 320, wanted, resident), (24, 14));
+        assert_eq!(split_reduction(16 * 5, 96, wanted, resident), (24, 4));
+        assert_eq!(split_reduction(16, 320, wanted, resident), (16, 20));
         assert_eq!(split_reduction(11, 128, wanted, resident), (8, 16));
+        assert_eq!(split_reduction(40, 48, wanted, resident), (8, 6));
         // GLM's lm_head: 1,210 column blocks would leave a fourth wave of 22 blocks.
         assert_eq!(split_reduction(1210, 128, wanted, resident), (64, 2));
-        // A launch that fills its waves exactly stays whole, and tensor-core launches too.
+        // A launch that fills its waves exactly stays whole; tensor-core launches split to
+        // about `wanted` blocks.
         assert_eq!(split_reduction(792, 128, wanted, resident), (128, 1));
         assert_eq!(split_reduction(1210, 128, wanted, None), (128, 1));
+        assert_eq!(split_reduction(24, 128, wanted, None), (16, 8));
         for base in [1, 7, 100, 396, 397, 1210, 5000] {
             for tiles_k in [8, 16, 96, 128, 320, 1024] {
-                let (per_split, splits) = split_reduction(base, tiles_k, wanted, resident);
-                assert_eq!(per_split % MM_KTILES, 0, "{base} × {tiles_k}");
-                assert!(per_split * splits >= tiles_k && per_split * (splits - 1) < tiles_k);
-                assert!(splits <= (tiles_k / MM_KTILES).max(1), "{base} × {tiles_k}");
+                for resident in [resident, None] {
+                    let (per_split, splits) = split_reduction(base, tiles_k, wanted, resident);
+                    assert_eq!(per_split % MM_KTILES, 0, "{base} × {tiles_k}");
+                    assert!(per_split * splits >= tiles_k && per_split * (splits - 1) < tiles_k);
+                    assert!(splits <= (tiles_k / MM_KTILES).max(1), "{base} × {tiles_k}");
+                }
             }
         }
     }
