@@ -26,7 +26,8 @@ __device__ __forceinline__ float exp_rounded(float x) { return (float)exp((doubl
 //      logits in the CPU reference's exact summation order without FMA (eight strided partial
 //      sums, added in order, then the tail), so they match it bit for bit;
 //   3. takes the token's ticket: the token's last block applies the scoring and the selection
-//      (the reference's serial algorithm; exponentials in double, rounded once);
+//      (the reference's serial algorithm; exponentials in double, rounded once), with one warp
+//      where the rule allows (route_select_warp), else with the whole block;
 //   4. with `plan` set, takes the launch's ticket: the last token's finisher groups the
 //      (token, expert) pairs by expert for the expert launches (moe_plan_body); a single
 //      token's finisher writes its plan directly.
@@ -57,142 +58,102 @@ struct RouteArgs {
     int hidden, experts, top_k, softmax_scoring, n_group, topk_group, top_two_sum, normalize;
     float scaling, eps;
     int per_block, shared_id, tile_rows, max_tiles;
+    // Sigmoid scoring, no group limit, ≤ 64 experts, top_k ≤ 32: the selection is one warp's
+    // (route_select_warp), else the block's (route_select_block).
+    int route_by_warp;
 };
 
-extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const RouteArgs a) {
-    extern __shared__ float dyn[];
-    __shared__ float scores[MOE_MAX_EXPERTS];
-    __shared__ __align__(16) float select[MOE_MAX_EXPERTS];
-    __shared__ int chosen[MOE_MAX_EXPERTS + MOE_MAX_TOP_K];
-    __shared__ float scratch[32];
-    __shared__ int is_last;
-    const int g = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
-    const int hidden = a.hidden, experts = a.experts, top_k = a.top_k;
-    const int row_stride = hidden + 8;
-    float* gs = dyn;
-    float* hs = dyn + a.per_block * row_stride;
-    const float* xr = a.x + (u64)r * hidden;
-    const int e0 = g * a.per_block;
-    const int ne = min(a.per_block, experts - e0);
+// One token's plan when its experts, ascending, are already the sorted pairs (the shared
+// expert last): entries p = start, start + stride, ... of the `max_tiles` row tiles.
+__device__ __forceinline__ void one_token_plan(const RouteArgs& a, const int* picked, int start,
+                                               int stride) {
+    const int pairs = a.top_k + (a.shared_id >= 0 ? 1 : 0);
+    for (int p = start; p < a.max_tiles; p += stride) {
+        const bool used = p < pairs;
+        const int e = p < a.top_k ? picked[p] : a.shared_id;
+        if (used) {
+            a.pair_src[p] = 0;
+            a.pair_desc[p] = e;
+            a.pair_of[p] = p;
+        }
+        a.tiles[3 * p] = used ? e : -1;
+        a.tiles[3 * p + 1] = used ? p : 0;
+        a.tiles[3 * p + 2] = used ? 1 : 0;
+    }
+}
 
-    // Stage this block's gate rows (16-byte loads when rows are 16-byte aligned). They are
-    // constant, so this happens before waiting for the kernel that writes x.
-    if ((hidden & 3) == 0) {
-        // Eight loads in flight per thread (one memory latency per batch).
-        const int v4 = hidden >> 2;
-        for (int i0 = tid; i0 < ne * v4; i0 += ROUTE_THREADS * 8) {
-            float4 v[8];
+// The selection of token r by one warp, without block barriers: sigmoid scores, no group
+// limit, ≤ 64 experts, top_k ≤ 32 (`route_by_warp`). Lane l holds experts l and l + 32. Each of
+// the top_k rounds is a warp argmax over (selection score, −id) among the untaken experts:
+// the reference's serial pick of the largest score, the lowest id on ties. Writes ids and
+// weights (ascending id, as the reference lists them) and the chosen ids to `picked`.
+__device__ __forceinline__ void route_select_warp(const RouteArgs& a, int r, float bias_low,
+                                                  float bias_high, int* picked,
+                                                  float* picked_score) {
+    const int lane = threadIdx.x & 31, experts = a.experts, top_k = a.top_k;
+    float score[2], key[2];
+    bool live[2], taken[2] = {false, false};
 #pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + ROUTE_THREADS * u;
-                const int e = i / v4, c4 = i - e * v4;
-                v[u] = i < ne * v4 ? ((const float4*)(a.gate + (u64)(e0 + e) * hidden))[c4]
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + ROUTE_THREADS * u;
-                if (i < ne * v4) {
-                    const int e = i / v4, c4 = i - e * v4;
-                    float* dst = gs + e * row_stride + 4 * c4;
-                    dst[0] = v[u].x;
-                    dst[1] = v[u].y;
-                    dst[2] = v[u].z;
-                    dst[3] = v[u].w;
-                }
-            }
-        }
-    } else {
-        for (int i = tid; i < ne * hidden; i += ROUTE_THREADS) {
-            const int e = i / hidden, c = i - e * hidden;
-            gs[e * row_stride + c] = a.gate[(u64)(e0 + e) * hidden + c];
-        }
+    for (int h = 0; h < 2; h++) {
+        const int e = lane + 32 * h;
+        live[h] = e < experts;
+        const float logit = live[h] ? __ldcg(a.logits + (u64)r * experts + e) : 0.f;
+        score[h] = __fdiv_rn(1.f, __fadd_rn(1.f, exp_rounded(-logit)));
+        key[h] = a.selection_bias ? __fadd_rn(score[h], h == 0 ? bias_low : bias_high) : score[h];
     }
-    // The norm's weights and the selection bias are constant too: requested before the wait,
-    // so that the norm and the finisher do not wait for them afterwards.
-    float norm_w[ROUTE_ROW_REGS];
-    const bool rows_in_regs = hidden <= ROUTE_ROW_REGS * ROUTE_THREADS;
-    if (a.norm_w && rows_in_regs) {
+    for (int k = 0; k < top_k; k++) {
+        int id = -1;
+        float v = 0.f;
 #pragma unroll
-        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
-            const int c = tid + ROUTE_THREADS * i;
-            norm_w[i] = c < hidden ? a.norm_w[c] : 0.f;
-        }
-    }
-    const float bias = a.selection_bias && tid < experts ? a.selection_bias[tid] : 0.f;
-    pdl_entry();
-    // The router input.
-    if (a.norm_w && rows_in_regs) {
-        float xv[ROUTE_ROW_REGS];
-        float sum_sq = 0.f;
-#pragma unroll
-        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
-            const int c = tid + ROUTE_THREADS * i;
-            xv[i] = c < hidden ? xr[c] : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < ROUTE_ROW_REGS; i++) sum_sq += xv[i] * xv[i];
-        sum_sq = block_sum(sum_sq, scratch);
-        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
-#pragma unroll
-        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
-            const int c = tid + ROUTE_THREADS * i;
-            if (c < hidden) {
-                const float v = norm_w[i] * (xv[i] * inv);
-                hs[c] = v;
-                if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
+        for (int h = 0; h < 2; h++) {
+            if (live[h] && !taken[h] && (id < 0 || key[h] > v)) {
+                id = lane + 32 * h;
+                v = key[h];
             }
         }
-    } else if (a.norm_w) {
-        float sum_sq = 0.f;
-        for (int c = tid; c < hidden; c += ROUTE_THREADS) sum_sq += xr[c] * xr[c];
-        sum_sq = block_sum(sum_sq, scratch);
-        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
-        for (int c = tid; c < hidden; c += ROUTE_THREADS) {
-            const float v = a.norm_w[c] * (xr[c] * inv);
-            hs[c] = v;
-            if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
-        }
-    } else {
-        for (int c = tid; c < hidden; c += ROUTE_THREADS) hs[c] = xr[c];
-    }
-    __syncthreads();
-
-    trace_mark(1);
-    // Logits: thread (e, l) sums inputs l, l + 8, l + 16, ... of expert e serially.
-    const int chunks = hidden / 8;
-    float* lane_sums = (float*)chosen;  // [per_block·8] ≤ 256 + 32 values
-    if (tid < ne * 8) {
-        const int e = tid >> 3, l = tid & 7;
-        const float* gr = gs + e * row_stride;
-        float acc = 0.f;
-        // The sum is a serial chain (the reference's order); the products go ahead of it.
-        int c = 0;
-        for (; c + 8 <= chunks; c += 8) {
-            float p[8];
 #pragma unroll
-            for (int u = 0; u < 8; u++) p[u] = __fmul_rn(gr[8 * (c + u) + l], hs[8 * (c + u) + l]);
-#pragma unroll
-            for (int u = 0; u < 8; u++) acc = __fadd_rn(acc, p[u]);
+        for (int off = 16; off > 0; off >>= 1) {
+            const float ov = __shfl_xor_sync(FULL_MASK, v, off);
+            const int oid = __shfl_xor_sync(FULL_MASK, id, off);
+            if (oid >= 0 && (id < 0 || ov > v || (ov == v && oid < id))) {
+                v = ov;
+                id = oid;
+            }
         }
-        for (; c < chunks; c++) acc = __fadd_rn(acc, __fmul_rn(gr[8 * c + l], hs[8 * c + l]));
-        lane_sums[tid] = acc;
+        taken[0] = taken[0] || id == lane;
+        taken[1] = taken[1] || id == lane + 32;
     }
-    __syncthreads();
-    if (tid < ne) {
-        float sum = 0.f;
-        for (int l = 0; l < 8; l++) sum = __fadd_rn(sum, lane_sums[8 * tid + l]);
-        const float* gr = gs + tid * row_stride;
-        for (int c = 8 * chunks; c < hidden; c++) sum = __fadd_rn(sum, __fmul_rn(gr[c], hs[c]));
-        a.logits[(u64)r * experts + e0 + tid] = sum;
+    const u32 low = __ballot_sync(FULL_MASK, taken[0]), high = __ballot_sync(FULL_MASK, taken[1]);
+    const u32 below = (1u << lane) - 1u;
+    if (taken[0]) {
+        picked[__popc(low & below)] = lane;
+        picked_score[__popc(low & below)] = score[0];
     }
-    __syncthreads();
-    if (tid == 0) is_last = take_ticket(&a.tickets[r]) == gridDim.x - 1;
-    __syncthreads();
-    trace_mark(2);
-    if (!is_last) return;
-    trace_mark(3);
+    if (taken[1]) {
+        picked[__popc(low) + __popc(high & below)] = lane + 32;
+        picked_score[__popc(low) + __popc(high & below)] = score[1];
+    }
+    __syncwarp();
+    // Lane i takes pick i; every lane forms the normalising sum in pick order from shuffles.
+    const int pick = lane < top_k ? picked[lane] : 0;
+    const float w = lane < top_k ? picked_score[lane] : 0.f;
+    float sum = 0.f;
+    for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, __shfl_sync(FULL_MASK, w, i));
+    sum = __fadd_rn(sum, 1e-20f);
+    if (lane < top_k) {
+        a.ids[(u64)r * top_k + lane] = (u32)pick;
+        a.weights[(u64)r * top_k + lane] = __fmul_rn(a.normalize ? __fdiv_rn(w, sum) : w, a.scaling);
+    }
+    if (lane == 0) a.tickets[r] = 0u;
+}
 
+// The selection of token r by the whole block (any rule): thread e scores expert e (`bias`:
+// its selection bias), thread 0 applies the group limit, and the chosen experts, ascending,
+// go to `picked`.
+__device__ __forceinline__ void route_select_block(const RouteArgs& a, int r, float bias,
+                                                   float* scores, float* select, int* picked,
+                                                   float* scratch) {
+    const int tid = threadIdx.x, experts = a.experts, top_k = a.top_k;
     // Scores (one expert per thread, same arithmetic as the reference).
     for (int e = tid; e < experts; e += ROUTE_THREADS) scores[e] = __ldcg(a.logits + (u64)r * experts + e);
     __syncthreads();
@@ -288,7 +249,6 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
     if (lane == 0) warp_chosen[warp] = __popc(chosen_bits);
     __syncthreads();
     trace_mark(5);
-    int* picked = chosen + MOE_MAX_EXPERTS;
     if (is_chosen) {
         int slot = __popc(chosen_bits & ((1u << lane) - 1u));
         for (int w = 0; w < warp; w++) slot += warp_chosen[w];
@@ -310,25 +270,164 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const Rout
         }
         if (lane == 0) a.tickets[r] = 0u;
     }
-    trace_mark(7);
-    if (!a.tiles) return;  // block-uniform
-    if (gridDim.y == 1) {
-        // One token (decode): its experts, ascending, are already the sorted pairs and the
-        // shared expert comes last, so the plan needs neither the launch's ticket nor a scan.
-        const int pairs = top_k + (a.shared_id >= 0 ? 1 : 0);
-        for (int p = tid; p < a.max_tiles; p += ROUTE_THREADS) {
-            const bool used = p < pairs;
-            const int e = p < top_k ? picked[p] : a.shared_id;
-            if (used) {
-                a.pair_src[p] = 0;
-                a.pair_desc[p] = e;
-                a.pair_of[p] = p;
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) moe_route(const RouteArgs a) {
+    extern __shared__ float dyn[];
+    __shared__ float scores[MOE_MAX_EXPERTS];
+    __shared__ __align__(16) float select[MOE_MAX_EXPERTS];
+    __shared__ int chosen[MOE_MAX_EXPERTS + MOE_MAX_TOP_K];
+    __shared__ float scratch[32];
+    __shared__ int is_last;
+    const int g = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
+    const int hidden = a.hidden, experts = a.experts, top_k = a.top_k;
+    const int row_stride = hidden + 8;
+    float* gs = dyn;
+    float* hs = dyn + a.per_block * row_stride;
+    const float* xr = a.x + (u64)r * hidden;
+    const int e0 = g * a.per_block;
+    const int ne = min(a.per_block, experts - e0);
+
+    // Stage this block's gate rows (16-byte loads when rows are 16-byte aligned). They are
+    // constant, so this happens before waiting for the kernel that writes x.
+    if ((hidden & 3) == 0) {
+        // Eight loads in flight per thread (one memory latency per batch).
+        const int v4 = hidden >> 2;
+        for (int i0 = tid; i0 < ne * v4; i0 += ROUTE_THREADS * 8) {
+            float4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + ROUTE_THREADS * u;
+                const int e = i / v4, c4 = i - e * v4;
+                v[u] = i < ne * v4 ? ((const float4*)(a.gate + (u64)(e0 + e) * hidden))[c4]
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
             }
-            a.tiles[3 * p] = used ? e : -1;
-            a.tiles[3 * p + 1] = used ? p : 0;
-            a.tiles[3 * p + 2] = used ? 1 : 0;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + ROUTE_THREADS * u;
+                if (i < ne * v4) {
+                    const int e = i / v4, c4 = i - e * v4;
+                    float* dst = gs + e * row_stride + 4 * c4;
+                    dst[0] = v[u].x;
+                    dst[1] = v[u].y;
+                    dst[2] = v[u].z;
+                    dst[3] = v[u].w;
+                }
+            }
         }
-        return;
+    } else {
+        for (int i = tid; i < ne * hidden; i += ROUTE_THREADS) {
+            const int e = i / hidden, c = i - e * hidden;
+            gs[e * row_stride + c] = a.gate[(u64)(e0 + e) * hidden + c];
+        }
+    }
+    // The norm's weights and the selection bias are constant too: requested before the wait,
+    // so that the norm and the finisher do not wait for them afterwards.
+    float norm_w[ROUTE_ROW_REGS];
+    const bool rows_in_regs = hidden <= ROUTE_ROW_REGS * ROUTE_THREADS;
+    if (a.norm_w && rows_in_regs) {
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            norm_w[i] = c < hidden ? a.norm_w[c] : 0.f;
+        }
+    }
+    const float bias = a.selection_bias && tid < experts ? a.selection_bias[tid] : 0.f;
+    const float bias_high = a.route_by_warp && a.selection_bias && tid < 32 && tid + 32 < experts
+                                ? a.selection_bias[tid + 32]
+                                : 0.f;
+    pdl_entry();
+    // The router input.
+    if (a.norm_w && rows_in_regs) {
+        float xv[ROUTE_ROW_REGS];
+        float sum_sq = 0.f;
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            xv[i] = c < hidden ? xr[c] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) sum_sq += xv[i] * xv[i];
+        sum_sq = block_sum(sum_sq, scratch);
+        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
+#pragma unroll
+        for (int i = 0; i < ROUTE_ROW_REGS; i++) {
+            const int c = tid + ROUTE_THREADS * i;
+            if (c < hidden) {
+                const float v = norm_w[i] * (xv[i] * inv);
+                hs[c] = v;
+                if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
+            }
+        }
+    } else if (a.norm_w) {
+        float sum_sq = 0.f;
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) sum_sq += xr[c] * xr[c];
+        sum_sq = block_sum(sum_sq, scratch);
+        const float inv = 1.f / sqrtf(sum_sq / (float)hidden + a.eps);
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) {
+            const float v = a.norm_w[c] * (xr[c] * inv);
+            hs[c] = v;
+            if (g == 0 && a.h_out) a.h_out[(u64)r * hidden + c] = v;
+        }
+    } else {
+        for (int c = tid; c < hidden; c += ROUTE_THREADS) hs[c] = xr[c];
+    }
+    __syncthreads();
+
+    trace_mark(1);
+    // Logits: thread (e, l) sums inputs l, l + 8, l + 16, ... of expert e serially.
+    const int chunks = hidden / 8;
+    float* lane_sums = (float*)chosen;  // [per_block·8] ≤ 256 + 32 values
+    if (tid < ne * 8) {
+        const int e = tid >> 3, l = tid & 7;
+        const float* gr = gs + e * row_stride;
+        float acc = 0.f;
+        // The sum is a serial chain (the reference's order); the products go ahead of it.
+        int c = 0;
+        for (; c + 8 <= chunks; c += 8) {
+            float p[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) p[u] = __fmul_rn(gr[8 * (c + u) + l], hs[8 * (c + u) + l]);
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc = __fadd_rn(acc, p[u]);
+        }
+        for (; c < chunks; c++) acc = __fadd_rn(acc, __fmul_rn(gr[8 * c + l], hs[8 * c + l]));
+        lane_sums[tid] = acc;
+    }
+    __syncthreads();
+    if (tid < ne) {
+        float sum = 0.f;
+        for (int l = 0; l < 8; l++) sum = __fadd_rn(sum, lane_sums[8 * tid + l]);
+        const float* gr = gs + tid * row_stride;
+        for (int c = 8 * chunks; c < hidden; c++) sum = __fadd_rn(sum, __fmul_rn(gr[c], hs[c]));
+        a.logits[(u64)r * experts + e0 + tid] = sum;
+    }
+    __syncthreads();
+    if (tid == 0) is_last = take_ticket(&a.tickets[r]) == gridDim.x - 1;
+    __syncthreads();
+    trace_mark(2);
+    if (!is_last) return;
+    trace_mark(3);
+    int* picked = chosen + MOE_MAX_EXPERTS;
+    const int warp = tid >> 5, lane = tid & 31;
+    if (a.route_by_warp) {
+        // Warp 0 selects; the others only join the multi-token plan below.
+        if (warp == 0) {
+            route_select_warp(a, r, bias, bias_high, picked, select);
+            trace_mark(7);
+            if (a.tiles && gridDim.y == 1) one_token_plan(a, picked, lane, 32);
+        }
+        if (!a.tiles || gridDim.y == 1) return;  // block-uniform
+    } else {
+        route_select_block(a, r, bias, scores, select, picked, scratch);
+        trace_mark(7);
+        if (!a.tiles) return;  // block-uniform
+        if (gridDim.y == 1) {
+            // One token (decode): its experts, ascending, are already the sorted pairs and
+            // the shared expert comes last, so the plan needs neither a ticket nor a scan.
+            one_token_plan(a, picked, tid, ROUTE_THREADS);
+            return;
+        }
     }
     __syncthreads();
     if (tid == 0) is_last = take_ticket(&a.tickets[gridDim.y]) == gridDim.y - 1;

@@ -264,6 +264,7 @@ struct RouteArgs {
     shared_id: i32,
     tile_rows: i32,
     max_tiles: i32,
+    route_by_warp: i32,
 }
 // SAFETY: plain `repr(C)` data whose layout matches the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for RouteArgs {}
@@ -355,6 +356,14 @@ fn route_launch(
         shared_id: plan.shared_id,
         tile_rows: to_i32(plan.tile_rows),
         max_tiles: to_i32(plan.max_tiles),
+        // One warp selects without block barriers where the rule allows (GLM's: sigmoid, no
+        // group limit, 64 experts, top 4): traced, the selection 3.6 -> 2.6 µs.
+        route_by_warp: i32::from(
+            spec.scoring == ScoringFunction::Sigmoid
+                && (spec.n_group <= 1 || spec.topk_group >= spec.n_group)
+                && spec.num_experts <= 64
+                && spec.top_k <= 32,
+        ),
     };
     let mut launch = Args::new();
     launch.arg_struct(&args);

@@ -747,6 +747,7 @@ fn moe_route_every_rule() {
                 scaling: 1.8,
             },
             true,
+            None,
         ),
         (
             RouterSpec {
@@ -760,6 +761,7 @@ fn moe_route_every_rule() {
                 scaling: 1.0,
             },
             false,
+            None,
         ),
         (
             RouterSpec {
@@ -773,6 +775,7 @@ fn moe_route_every_rule() {
                 scaling: 2.5,
             },
             true,
+            None,
         ),
         (
             RouterSpec {
@@ -786,10 +789,34 @@ fn moe_route_every_rule() {
                 scaling: 1.0,
             },
             false,
+            None,
+        ),
+        // Four distinct gate rows over 48 experts and no bias: the top 8 are decided by ties
+        // (the lowest id wins).
+        (
+            RouterSpec {
+                num_experts: 48,
+                top_k: 8,
+                scoring: ScoringFunction::Sigmoid,
+                n_group: 1,
+                topk_group: 1,
+                group_ranking: GroupRanking::Max,
+                normalize: true,
+                scaling: 1.0,
+            },
+            false,
+            Some(4),
         ),
     ];
-    for (spec, with_bias) in specs {
-        let (bytes, shape) = router_weights(&mut r, spec.num_experts, hidden);
+    for (spec, with_bias, distinct_rows) in specs {
+        let (mut bytes, shape) = router_weights(&mut r, spec.num_experts, hidden);
+        if let Some(distinct) = distinct_rows {
+            let row = 4 * hidden;
+            for e in distinct..spec.num_experts {
+                let src = (e % distinct) * row;
+                bytes.copy_within(src..src + row, e * row);
+            }
+        }
         let gate = LinearWeights::Dense {
             weight: view("gate", DType::F32, &shape, &bytes),
             bias: None,
