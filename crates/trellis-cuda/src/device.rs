@@ -45,7 +45,8 @@ pub const UNFUSED_ENV: &str = "TRELLIS_CUDA_UNFUSED_LINEAR";
 /// Env var: time every launch with events (synchronising after each) and keep per-kernel
 /// totals, readable with `CudaBackend::kernel_profile` (slows everything down; for analysis).
 pub const PROFILE_ENV: &str = "TRELLIS_CUDA_PROFILE";
-/// Env var: how many waves of blocks split-k trellis linears aim for (default 2).
+/// Env var: how many waves of blocks the split-k tensor-core trellis linears aim for (default
+/// 2; SIMT launches take the split of least modelled time, `split_reduction` in `linear.rs`).
 pub const SPLIT_WAVES_ENV: &str = "TRELLIS_CUDA_SPLIT_WAVES";
 /// Env var: `0` turns off recording decode steps as CUDA graphs (each op then launches its
 /// kernels directly).
@@ -62,9 +63,10 @@ pub const PDL_ENV: &str = "TRELLIS_CUDA_PDL";
 /// Env var: least 32-position tiles per context split of the tensor-core MLA decode (default:
 /// one while the unabsorb can combine the splits itself, else two), for measuring.
 pub const MLA_MIN_TILES_ENV: &str = "TRELLIS_CUDA_MLA_MIN_TILES";
-/// Waves of blocks a split-k trellis launch aims for by default. Measured on the H200 (full GLM,
-/// 3.0 bpw, one call, waves 2 / 3 / 4 / 6 / 8): decode after 512 tokens 153.1 / 152.4 / 152.0 /
-/// 151.0 / 147.0 tok/s, prefill of 512 tokens 1,802 / 1,755 / 1,698 / 1,651 / 1,592 tok/s.
+/// Waves of blocks a split-k tensor-core trellis launch aims for by default. Measured on the
+/// H200 when every trellis launch used it (full GLM, 3.0 bpw, one call, waves 2 / 3 / 4 / 6 /
+/// 8): decode after 512 tokens 153.1 / 152.4 / 152.0 / 151.0 / 147.0 tok/s, prefill of 512
+/// tokens 1,802 / 1,755 / 1,698 / 1,651 / 1,592 tok/s.
 const DEFAULT_SPLIT_WAVES: usize = 2;
 /// Env var: where compiled kernels are cached (default `$XDG_CACHE_HOME` or `~/.cache`,
 /// `/trellis/kernels`); `TRELLIS_HOME` moves it to `$TRELLIS_HOME/kernels`.

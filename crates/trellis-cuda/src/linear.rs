@@ -638,9 +638,8 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
     let rows = map.rows;
     let tiles_k = k_pad / 16;
     let column_blocks: usize = job.targets.iter().map(|t| t.shape.n_pad / 128).sum();
-    // Split the reduction (in whole Hadamard blocks) until the grid covers the GPU
-    // `split_waves` times. Grouped launches (MoE) reserve tiles that stay empty; count the
-    // ones the rows fill at least.
+    // Split the reduction in whole Hadamard blocks (see `split_reduction`). Grouped launches
+    // (MoE) reserve tiles that stay empty; count the ones the rows fill at least.
     let busy_tiles = if map.tiles != 0 {
         map.rows.div_ceil(map.tile_rows).min(map.num_tiles)
     } else {

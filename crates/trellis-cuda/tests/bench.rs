@@ -200,9 +200,9 @@ fn op_timings() {
     } else {
         "fused trellis linears".to_string()
     };
-    let waves = std::env::var(trellis_cuda::SPLIT_WAVES_ENV).unwrap_or_else(|_| "4".into());
+    let waves = std::env::var(trellis_cuda::SPLIT_WAVES_ENV).unwrap_or_else(|_| "2".into());
     eprintln!(
-        "\nop timings, {variant}, split waves {waves} (CUDA events, median of {RUNS} runs of {CALLS} calls):\n{}\nend of op timings",
+        "\nop timings, {variant}, tensor-core split waves {waves} (CUDA events, median of {RUNS} runs of {CALLS} calls):\n{}\nend of op timings",
         table.join("\n")
     );
 }
