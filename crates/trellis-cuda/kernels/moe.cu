@@ -6,6 +6,11 @@
 #define ROUTE_THREADS 512
 #define ROUTE_ROW_REGS 8  // router input values per thread held in registers (hidden ≤ 4096)
 
+// A selection score that orders: NaN (from a broken input) ranks with −∞, so that exactly
+// top_k experts are chosen and every id written is a real expert (the reference may pick a
+// NaN expert instead; either way the output is garbage, but never an out-of-range id).
+__device__ __forceinline__ float orderable(float v) { return v != v ? NEG_INF : v; }
+
 // Rust's f32::total_cmp as a signed integer key.
 __device__ __forceinline__ int total_order_key(float v) {
     int bits = __float_as_int(v);
@@ -99,7 +104,8 @@ __device__ __forceinline__ void route_select_warp(const RouteArgs& a, int r, flo
         live[h] = e < experts;
         const float logit = live[h] ? __ldcg(a.logits + (u64)r * experts + e) : 0.f;
         score[h] = __fdiv_rn(1.f, __fadd_rn(1.f, exp_rounded(-logit)));
-        key[h] = a.selection_bias ? __fadd_rn(score[h], h == 0 ? bias_low : bias_high) : score[h];
+        key[h] = orderable(a.selection_bias ? __fadd_rn(score[h], h == 0 ? bias_low : bias_high)
+                                            : score[h]);
     }
     for (int k = 0; k < top_k; k++) {
         int id = -1;
@@ -180,7 +186,8 @@ __device__ __forceinline__ void route_select_block(const RouteArgs& a, int r, fl
     // experts ≤ MOE_MAX_EXPERTS < ROUTE_THREADS: thread e holds expert e's bias. Past the
     // experts, −∞ up to a multiple of 8 (never ahead of anything in the rank count below).
     const int padded = (experts + 7) & ~7;
-    if (tid < experts) select[tid] = a.selection_bias ? __fadd_rn(scores[tid], bias) : scores[tid];
+    if (tid < experts)
+        select[tid] = orderable(a.selection_bias ? __fadd_rn(scores[tid], bias) : scores[tid]);
     else if (tid < padded) select[tid] = NEG_INF;
     __syncthreads();
 
@@ -452,7 +459,6 @@ __device__ __forceinline__ void moe_plan_body(const u32* ids, int rows, int top_
                                               int* tiles) {
     __shared__ int counts[MOE_MAX_EXPERTS + 1], offsets[MOE_MAX_EXPERTS + 1];
     const int routed = rows * top_k;
-    const int pairs = routed + (shared_id >= 0 ? rows : 0);
     const int groups = experts + (shared_id >= 0 ? 1 : 0);
     for (int e = threadIdx.x; e < groups; e += blockDim.x) counts[e] = 0;
     __syncthreads();

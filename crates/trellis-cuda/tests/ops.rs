@@ -729,6 +729,57 @@ fn uniform_any(r: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| r.random_range(-scale..scale)).collect()
 }
 
+/// A router input with a NaN (a broken model or input) makes every logit NaN: both forms of
+/// the selection (one warp for sigmoid scores, the block for softmax) must still choose
+/// top_k distinct real experts, as an out-of-range id would index past the expert tables.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn moe_route_survives_nan_inputs() {
+    let mut r = rng(12);
+    let hidden = 256;
+    for (experts, top_k, scoring) in [
+        (64, 4, ScoringFunction::Sigmoid),
+        (16, 2, ScoringFunction::Softmax),
+    ] {
+        let spec = RouterSpec {
+            num_experts: experts,
+            top_k,
+            scoring,
+            n_group: 1,
+            topk_group: 1,
+            group_ranking: GroupRanking::Max,
+            normalize: true,
+            scaling: 1.0,
+        };
+        let (bytes, shape) = router_weights(&mut r, experts, hidden);
+        let gate = LinearWeights::Dense {
+            weight: view("gate", DType::F32, &shape, &bytes),
+            bias: None,
+        };
+        let bias = uniform_any(&mut r, experts, 0.05);
+        let g = gpu();
+        let gr = g.upload_router(&gate, Some(&bias), &spec).unwrap();
+        for rows in [1usize, 3] {
+            let mut x = uniform_any(&mut r, rows * hidden, 1.0);
+            for row in x.chunks_exact_mut(hidden) {
+                row[7] = f32::NAN;
+            }
+            let mut groute = g.alloc_routing(rows, top_k).unwrap();
+            g.moe_route(&gr, &gpu_buffer(&x, 0), rows, &mut groute);
+            let (ids, _) = g.read_routing(&groute, rows);
+            for row in ids.chunks_exact(top_k) {
+                let mut seen = row.to_vec();
+                seen.sort_unstable();
+                seen.dedup();
+                assert!(
+                    seen.len() == top_k && seen.iter().all(|&e| (e as usize) < experts),
+                    "{scoring:?}, {rows} rows: ids {row:?} of {experts} experts"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn moe_route_every_rule() {
