@@ -187,6 +187,25 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return scratch[0];
 }
 
+// The greedy rule on (value, index) pairs: the larger value wins, the lower index on ties;
+// index −1 is "no candidate" and loses to any other. argmax_warp leaves every lane of the warp
+// with the warp's best pair (the rule is a total order, so all lanes agree).
+__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
+    return best_i < 0 || v > best_v || (v == best_v && i < best_i);
+}
+
+__device__ __forceinline__ void argmax_warp(float& best_v, int& best_i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(FULL_MASK, best_v, o);
+        const int i = __shfl_xor_sync(FULL_MASK, best_i, o);
+        if (i >= 0 && argmax_better(v, i, best_v, best_i)) {
+            best_v = v;
+            best_i = i;
+        }
+    }
+}
+
 // Takes a ticket of a split reduction: adds one to *t and returns the old count, with release
 // and acquire semantics at GPU scope. Called by one thread after a block barrier, it publishes
 // every write the block made before the barrier; the block that takes the last ticket then

@@ -134,21 +134,6 @@ extern "C" __global__ void fill_f32(float* x, float value, u64 len) {
 // launches: the last block resets it).
 #define ARGMAX_THREADS 256
 #define ARGMAX_MAX_PARTS 64
-__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
-    return best_i < 0 || v > best_v || (v == best_v && i < best_i);
-}
-
-__device__ __forceinline__ void argmax_warp(float& best_v, int& best_i) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(FULL_MASK, best_v, o);
-        const int i = __shfl_xor_sync(FULL_MASK, best_i, o);
-        if (i >= 0 && argmax_better(v, i, best_v, best_i)) {
-            best_v = v;
-            best_i = i;
-        }
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     argmax_rows(const float* src, int width, u32* dst, u32* parts) {

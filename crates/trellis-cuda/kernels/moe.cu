@@ -87,6 +87,21 @@ __device__ __forceinline__ void one_token_plan(const RouteArgs& a, const int* pi
     }
 }
 
+// Token r's ids and weights, by warp 0: lane i < top_k holds pick i (ascending id) and its
+// score w. Every lane forms the normalising sum in pick order, as the reference does, from
+// shuffles (no barrier, no serial loads). Resets the token's ticket.
+__device__ __forceinline__ void write_routing(const RouteArgs& a, int r, int pick, float w) {
+    const int lane = threadIdx.x & 31, top_k = a.top_k;
+    float sum = 0.f;
+    for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, __shfl_sync(FULL_MASK, w, i));
+    sum = __fadd_rn(sum, 1e-20f);
+    if (lane < top_k) {
+        a.ids[(u64)r * top_k + lane] = (u32)pick;
+        a.weights[(u64)r * top_k + lane] = __fmul_rn(a.normalize ? __fdiv_rn(w, sum) : w, a.scaling);
+    }
+    if (lane == 0) a.tickets[r] = 0u;
+}
+
 // The selection of token r by one warp, without block barriers: sigmoid scores, no group
 // limit, ≤ 64 experts, top_k ≤ 32 (`route_by_warp`). Lane l holds experts l and l + 32. Each of
 // the top_k rounds is a warp argmax over (selection score, −id) among the untaken experts:
@@ -112,45 +127,28 @@ __device__ __forceinline__ void route_select_warp(const RouteArgs& a, int r, flo
         float v = 0.f;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            if (live[h] && !taken[h] && (id < 0 || key[h] > v)) {
+            if (live[h] && !taken[h] && argmax_better(key[h], lane + 32 * h, v, id)) {
                 id = lane + 32 * h;
                 v = key[h];
             }
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const float ov = __shfl_xor_sync(FULL_MASK, v, off);
-            const int oid = __shfl_xor_sync(FULL_MASK, id, off);
-            if (oid >= 0 && (id < 0 || ov > v || (ov == v && oid < id))) {
-                v = ov;
-                id = oid;
-            }
-        }
+        argmax_warp(v, id);
         taken[0] = taken[0] || id == lane;
         taken[1] = taken[1] || id == lane + 32;
     }
     const u32 low = __ballot_sync(FULL_MASK, taken[0]), high = __ballot_sync(FULL_MASK, taken[1]);
     const u32 below = (1u << lane) - 1u;
+    const int slot_low = __popc(low & below), slot_high = __popc(low) + __popc(high & below);
     if (taken[0]) {
-        picked[__popc(low & below)] = lane;
-        picked_score[__popc(low & below)] = score[0];
+        picked[slot_low] = lane;
+        picked_score[slot_low] = score[0];
     }
     if (taken[1]) {
-        picked[__popc(low) + __popc(high & below)] = lane + 32;
-        picked_score[__popc(low) + __popc(high & below)] = score[1];
+        picked[slot_high] = lane + 32;
+        picked_score[slot_high] = score[1];
     }
     __syncwarp();
-    // Lane i takes pick i; every lane forms the normalising sum in pick order from shuffles.
-    const int pick = lane < top_k ? picked[lane] : 0;
-    const float w = lane < top_k ? picked_score[lane] : 0.f;
-    float sum = 0.f;
-    for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, __shfl_sync(FULL_MASK, w, i));
-    sum = __fadd_rn(sum, 1e-20f);
-    if (lane < top_k) {
-        a.ids[(u64)r * top_k + lane] = (u32)pick;
-        a.weights[(u64)r * top_k + lane] = __fmul_rn(a.normalize ? __fdiv_rn(w, sum) : w, a.scaling);
-    }
-    if (lane == 0) a.tickets[r] = 0u;
+    write_routing(a, r, lane < top_k ? picked[lane] : 0, lane < top_k ? picked_score[lane] : 0.f);
 }
 
 // The selection of token r by the whole block (any rule): thread e scores expert e (`bias`:
@@ -262,20 +260,9 @@ __device__ __forceinline__ void route_select_block(const RouteArgs& a, int r, fl
         if (slot < top_k) picked[slot] = tid;
     }
     __syncthreads();
-    // Weights: lane i of warp 0 takes pick i (top_k ≤ 32); every lane forms the normalising
-    // sum in pick order, as the reference does, from shuffles (no barrier, no serial loads).
-    if (warp == 0) {
+    if (warp == 0) {  // lane i takes pick i (top_k ≤ 32)
         const int pick = lane < top_k ? picked[lane] : 0;
-        const float w = lane < top_k ? scores[pick] : 0.f;
-        float sum = 0.f;
-        for (int i = 0; i < top_k; i++) sum = __fadd_rn(sum, __shfl_sync(FULL_MASK, w, i));
-        sum = __fadd_rn(sum, 1e-20f);
-        if (lane < top_k) {
-            a.ids[(u64)r * top_k + lane] = (u32)pick;
-            a.weights[(u64)r * top_k + lane] =
-                __fmul_rn(a.normalize ? __fdiv_rn(w, sum) : w, a.scaling);
-        }
-        if (lane == 0) a.tickets[r] = 0u;
+        write_routing(a, r, pick, lane < top_k ? scores[pick] : 0.f);
     }
 }
 
