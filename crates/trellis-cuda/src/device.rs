@@ -57,6 +57,9 @@ pub const MMA_ENV: &str = "TRELLIS_CUDA_MMA";
 /// Env var: `0` keeps the SIMT trellis kernels for row tiles of up to 16 rows (decode) instead
 /// of the 16-row tensor-core kernel (for comparison).
 pub const MMA16_ENV: &str = "TRELLIS_CUDA_MMA16";
+/// Env var: `0` runs one-row trellis launches with the block-wide staging of
+/// `trellis_linear_tm1` instead of the per-warp pipelines of `trellis_row_tm1` (for comparison).
+pub const ROW_PIPE_ENV: &str = "TRELLIS_CUDA_ROW_PIPE";
 /// Env var: `0` turns off programmatic dependent launch (each kernel then starts only after
 /// its predecessor has completed; see `pdl_entry` in `kernels/common.cu`).
 pub const PDL_ENV: &str = "TRELLIS_CUDA_PDL";
@@ -281,6 +284,7 @@ kernel_table!(
     mla_combine,
     trellis_mma_tm16,
     trellis_mma_tm64,
+    trellis_row_tm1,
     moe_route,
     moe_plan,
     moe_combine;
@@ -483,6 +487,8 @@ pub(crate) struct Device {
     pub mma: bool,
     /// Trellis row tiles of up to 16 rows use the 16-row tensor-core kernel (see [`MMA16_ENV`]).
     pub mma16: bool,
+    /// One-row trellis launches use `trellis_row_tm1` (see [`ROW_PIPE_ENV`]).
+    pub row_pipe: bool,
     /// Kernels are launched with programmatic stream serialization (see [`PDL_ENV`]; needs
     /// compute capability 9.0+, where every kernel waits for its predecessors on entry).
     pdl: bool,
@@ -561,6 +567,7 @@ impl Device {
             &kernels.mla_decode_f32,
             &kernels.mla_decode_f16,
             &kernels.mla_decode_mma,
+            &kernels.trellis_row_tm1,
         ] {
             // What the block may add to its static shared memory (a traced build has some).
             let fixed = k
@@ -574,6 +581,17 @@ impl Device {
                 )
                 .map_err(|e| cuda_error(format!("raising {}'s shared memory: {e}", k.name)))?;
         }
+        // Three blocks of the per-warp pipelined one-row linear need up to ~125 KiB of an SM's
+        // shared memory: ask for the largest carveout so that the L1's share does not cap its
+        // occupancy.
+        kernels
+            .trellis_row_tm1
+            .func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )
+            .map_err(|e| cuda_error(format!("trellis_row_tm1's shared memory carveout: {e}")))?;
         let sync_each_launch = std::env::var_os(SYNC_ENV).is_some_and(|v| v != "0");
         let profile = std::env::var_os(PROFILE_ENV)
             .is_some_and(|v| v != "0")
@@ -603,6 +621,9 @@ impl Device {
             graphs,
             mma,
             mma16: mma && std::env::var_os(MMA16_ENV).is_none_or(|v| v != "0"),
+            // `cp.async` needs compute capability 8.0.
+            row_pipe: compute_capability.0 >= 8
+                && std::env::var_os(ROW_PIPE_ENV).is_none_or(|v| v != "0"),
             pdl: compute_capability.0 >= 9
                 && !sync_each_launch
                 && std::env::var_os(PDL_ENV).is_none_or(|v| v != "0"),

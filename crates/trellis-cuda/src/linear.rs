@@ -387,6 +387,10 @@ const MM_KTILES: usize = 8;
 const MM_THREADS: u32 = 256;
 /// Shared-memory words per staged k-tile in the single-launch kernels (`MM_TILE_WORDS`).
 const MM_TILE_WORDS: usize = 8 * 64;
+/// Word buffers of each warp of `trellis_row_tm1`, and the most batches a block of it covers
+/// (`ROW_BUFFERS`, `ROW_MAX_BATCHES`; longer k-ranges take `trellis_linear_tm1`).
+const ROW_BUFFERS: usize = 2;
+const ROW_MAX_BATCHES: usize = 16;
 
 /// Activations in and out of a linear launch: device addresses and row strides (in values).
 #[derive(Clone, Copy, Debug)]
@@ -466,6 +470,8 @@ pub(crate) struct TrellisTarget {
     pub shape: TrellisShape,
     pub out: u64,
     pub out_stride: usize,
+    /// The widest code of the table's descriptors (2 × bits per weight).
+    pub max_bits_x2: i32,
 }
 
 impl TrellisTarget {
@@ -475,6 +481,7 @@ impl TrellisTarget {
             shape: t.shape,
             out,
             out_stride: t.shape.out_features,
+            max_bits_x2: t.desc.bits_x2,
         }
     }
 }
@@ -554,6 +561,7 @@ pub(crate) fn trellis_forward(
                 shape,
                 out: io.out,
                 out_stride: io.out_stride,
+                max_bits_x2,
             }],
             combine: None,
             tiles_settled: false,
@@ -740,6 +748,25 @@ pub(crate) fn trellis_launch(dev: &Device, scratch: &mut Scratch, job: &TrellisJ
             &dev.kernels.trellis_mma_tm16,
             Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS)
                 .shared(words_bytes + x_bytes),
+            &mut launch,
+        );
+        return combine.is_some();
+    }
+    if dev.row_pipe && map.tile_rows == 1 && ktiles_per_split <= ROW_MAX_BATCHES * MM_KTILES {
+        // Each warp's staged words, then the products and the finish's scratch (128 floats
+        // each), then the block's transformed inputs.
+        let batches = ktiles_per_split / MM_KTILES;
+        let max_bits_x2 = job
+            .targets
+            .iter()
+            .map(|t| t.max_bits_x2)
+            .max()
+            .unwrap_or(16);
+        let tile_stride = if max_bits_x2 <= 8 { 32 } else { 64 };
+        let bytes = 8 * ROW_BUFFERS * MM_KTILES * tile_stride * 4 + 2 * 128 * 4 + batches * 128 * 4;
+        dev.launch(
+            &dev.kernels.trellis_row_tm1,
+            Grid::new((column_blocks, map.num_tiles, splits), MM_THREADS).shared(bytes),
             &mut launch,
         );
         return combine.is_some();

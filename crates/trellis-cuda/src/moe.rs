@@ -435,9 +435,15 @@ pub(crate) fn moe_block(
     if dev.unfused_linear || router.hidden != experts.hidden {
         return false;
     }
-    let ExpertTables::Trellis { tables, shapes, .. } = &experts.tables else {
+    let ExpertTables::Trellis {
+        tables,
+        shapes,
+        max_bits_x2,
+    } = &experts.tables
+    else {
         return false;
     };
+    let mut max_bits_x2 = *max_bits_x2;
     // Tables with the shared expert appended (id = count), built once.
     let mut with_shared = experts.with_shared.lock().expect("shared expert tables");
     let (tables, shared_id) = match shared {
@@ -446,6 +452,9 @@ pub(crate) fn moe_block(
             let Some(descs) = shared_descs(experts, mlp) else {
                 return false;
             };
+            for (bits, d) in max_bits_x2.iter_mut().zip(&descs) {
+                *bits = (*bits).max(d.bits_x2);
+            }
             let key = descs[0].words;
             if with_shared.as_ref().is_none_or(|w| w.key != key) {
                 if dev.capture.is_capturing() {
@@ -531,6 +540,7 @@ pub(crate) fn moe_block(
         shape: shapes[p],
         out,
         out_stride,
+        max_bits_x2: max_bits_x2[p],
     };
     // gate and up in one launch, then down with silu(gate) ⊙ up applied as it reads.
     trellis_launch(
