@@ -832,24 +832,32 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
     linear_products_out<TM>(a, d, o, acc, nb, tile_slot, row0, nrows, sz, sx);
 }
 
+// What a block of a one-launch linear works on: its row tile (descriptor, first row, rows), the
+// output its column block belongs to and its k-range. False for an empty MoE row tile (then the
+// block returns at once, before any barrier). Without row tiles (or with settled ones) the body
+// waits for the previous kernel itself, after its first loads; otherwise this waits first.
+struct BlockJob {
+    LinearOut o;
+    TrellisDesc d;
+    int row0, nrows, nb, kt0, kt1;
+};
+
 template <int TM>
-__device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
-    int desc_index = 0, row0, nrows;
-    // Without row tiles (or with settled ones) the body waits for the previous kernel itself,
-    // after its first loads.
+__device__ __forceinline__ bool block_job(const LinearArgs& a, BlockJob& j) {
+    int desc_index = 0;
     if (a.tiles && !a.tiles_settled) pdl_entry();
     if (a.tiles) {
         desc_index = a.tiles[3 * blockIdx.y];
-        if (desc_index < 0) return;  // block-uniform, before any barrier
-        row0 = a.tiles[3 * blockIdx.y + 1];
-        nrows = a.tiles[3 * blockIdx.y + 2];
+        if (desc_index < 0) return false;  // block-uniform
+        j.row0 = a.tiles[3 * blockIdx.y + 1];
+        j.nrows = a.tiles[3 * blockIdx.y + 2];
     } else {
-        row0 = blockIdx.y * TM;
-        nrows = min(TM, a.rows - row0);
+        j.row0 = blockIdx.y * TM;
+        j.nrows = min(TM, a.rows - j.row0);
     }
     // Which output this column block belongs to (selects, no indexing of the parameter array).
     const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
-    LinearOut o;
+    LinearOut& o = j.o;
     o.descs = second ? a.o[1].descs : a.o[0].descs;
     o.out = second ? a.o[1].out : a.o[0].out;
     o.partial = second ? a.o[1].partial : a.o[0].partial;
@@ -857,14 +865,21 @@ __device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
     o.out_features = second ? a.o[1].out_features : a.o[0].out_features;
     o.out_stride = second ? a.o[1].out_stride : a.o[0].out_stride;
     o.col_blocks = second ? a.o[1].col_blocks : a.o[0].col_blocks;
-    const int nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
-    const TrellisDesc d = o.descs[desc_index];
+    j.nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
+    j.d = o.descs[desc_index];
     const int tiles_k = a.k_pad >> 4;
-    const int kt0 = blockIdx.z * a.ktiles_per_split;
-    const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
+    j.kt0 = blockIdx.z * a.ktiles_per_split;
+    j.kt1 = min(tiles_k, j.kt0 + a.ktiles_per_split);
+    return true;
+}
+
+template <int TM>
+__device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
+    BlockJob j;
+    if (!block_job<TM>(a, j)) return;
 #define TRELLIS_LINEAR_CASE(CB) \
-    trellis_linear_body<TM, CB>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1)
-    switch (d.codebook) {
+    trellis_linear_body<TM, CB>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.nrows, j.kt0, j.kt1)
+    switch (j.d.codebook) {
         case 0: TRELLIS_LINEAR_CASE(0); break;
         case 1: TRELLIS_LINEAR_CASE(1); break;
         default: TRELLIS_LINEAR_CASE(2); break;
@@ -1057,35 +1072,14 @@ __device__ __forceinline__ void trellis_row_body(const LinearArgs& a, const Trel
 }
 
 extern "C" __global__ void __launch_bounds__(MM_THREADS, 3) trellis_row_tm1(const LinearArgs a) {
-    int desc_index = 0, row0;
-    if (a.tiles && !a.tiles_settled) pdl_entry();
-    if (a.tiles) {
-        desc_index = a.tiles[3 * blockIdx.y];
-        if (desc_index < 0) return;  // block-uniform, before any barrier
-        row0 = a.tiles[3 * blockIdx.y + 1];
-    } else {
-        row0 = blockIdx.y;
-    }
-    const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
-    LinearOut o;
-    o.descs = second ? a.o[1].descs : a.o[0].descs;
-    o.out = second ? a.o[1].out : a.o[0].out;
-    o.partial = second ? a.o[1].partial : a.o[0].partial;
-    o.n_pad = second ? a.o[1].n_pad : a.o[0].n_pad;
-    o.out_features = second ? a.o[1].out_features : a.o[0].out_features;
-    o.out_stride = second ? a.o[1].out_stride : a.o[0].out_stride;
-    o.col_blocks = second ? a.o[1].col_blocks : a.o[0].col_blocks;
-    const int nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
-    const TrellisDesc d = o.descs[desc_index];
-    const int tiles_k = a.k_pad >> 4;
-    const int kt0 = blockIdx.z * a.ktiles_per_split;
-    const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
+    BlockJob j;
+    if (!block_job<1>(a, j)) return;
 #define TRELLIS_ROW_CASE(CB)                                                         \
-    if (d.bits_x2 <= 8)                                                              \
-        trellis_row_body<CB, 32>(a, d, o, nb, blockIdx.y, row0, kt0, kt1);          \
+    if (j.d.bits_x2 <= 8)                                                            \
+        trellis_row_body<CB, 32>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.kt0, j.kt1); \
     else                                                                             \
-        trellis_row_body<CB, 64>(a, d, o, nb, blockIdx.y, row0, kt0, kt1)
-    switch (d.codebook) {
+        trellis_row_body<CB, 64>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.kt0, j.kt1)
+    switch (j.d.codebook) {
         case 0: TRELLIS_ROW_CASE(0); break;
         case 1: TRELLIS_ROW_CASE(1); break;
         default: TRELLIS_ROW_CASE(2); break;
@@ -1281,39 +1275,16 @@ __device__ __forceinline__ void trellis_mma_body(const LinearArgs& a, const Trel
 
 template <int MT>
 __device__ __forceinline__ void trellis_mma_impl(const LinearArgs& a) {
-    constexpr int TM = 16 * MT;
-    int desc_index = 0, row0, nrows;
-    // Without row tiles (or with settled ones) the body waits for the previous kernel itself,
-    // after its first loads.
-    if (a.tiles && !a.tiles_settled) pdl_entry();
-    if (a.tiles) {
-        desc_index = a.tiles[3 * blockIdx.y];
-        if (desc_index < 0) return;  // block-uniform, before any barrier
-        row0 = a.tiles[3 * blockIdx.y + 1];
-        nrows = a.tiles[3 * blockIdx.y + 2];
-    } else {
-        row0 = blockIdx.y * TM;
-        nrows = min(TM, a.rows - row0);
+    BlockJob j;
+    if (!block_job<16 * MT>(a, j)) return;
+#define TRELLIS_MMA_CASE(CB) \
+    trellis_mma_body<MT, CB>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.nrows, j.kt0, j.kt1)
+    switch (j.d.codebook) {
+        case 0: TRELLIS_MMA_CASE(0); break;
+        case 1: TRELLIS_MMA_CASE(1); break;
+        default: TRELLIS_MMA_CASE(2); break;
     }
-    const bool second = a.outputs > 1 && (int)blockIdx.x >= a.o[0].col_blocks;
-    LinearOut o;
-    o.descs = second ? a.o[1].descs : a.o[0].descs;
-    o.out = second ? a.o[1].out : a.o[0].out;
-    o.partial = second ? a.o[1].partial : a.o[0].partial;
-    o.n_pad = second ? a.o[1].n_pad : a.o[0].n_pad;
-    o.out_features = second ? a.o[1].out_features : a.o[0].out_features;
-    o.out_stride = second ? a.o[1].out_stride : a.o[0].out_stride;
-    o.col_blocks = second ? a.o[1].col_blocks : a.o[0].col_blocks;
-    const int nb = second ? (int)blockIdx.x - a.o[0].col_blocks : (int)blockIdx.x;
-    const TrellisDesc d = o.descs[desc_index];
-    const int tiles_k = a.k_pad >> 4;
-    const int kt0 = blockIdx.z * a.ktiles_per_split;
-    const int kt1 = min(tiles_k, kt0 + a.ktiles_per_split);
-    switch (d.codebook) {
-        case 0: trellis_mma_body<MT, 0>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
-        case 1: trellis_mma_body<MT, 1>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
-        default: trellis_mma_body<MT, 2>(a, d, o, nb, blockIdx.y, row0, nrows, kt0, kt1); break;
-    }
+#undef TRELLIS_MMA_CASE
 }
 
 // The 16-row form keeps the SIMT kernels' three blocks per SM.
