@@ -16,11 +16,17 @@
 //!   [`RENORMALIZE_ABOVE`] it is subtracted from all of them, so only walks whose squared
 //!   error is already ≈ 24 above the best one's lose information.
 //!
+//! The step keeps no backpointers: every step's survivor costs stay in a per-pass history
+//! (≈ 2 MiB at K = 4), and the backtrack recomputes the 2^dn candidates of the one survivor
+//! it follows per step, with the step's arithmetic and tie rule, so it picks the winner the
+//! step did. Tracking the winner in the step cost two of its seven vector operations per 32
+//! candidates and a bit-plane extraction per block.
+//!
 //! A pass reports `None` when its result cannot be trusted (a target out of range, a forced
 //! end that saturated, a walk that does not start where it was forced to); the caller then
 //! encodes the tile with the f32 kernels.
 
-use super::{Code, Scratch, plane_words};
+use super::{Code, Scratch};
 
 /// Fixed-point scale of values: 2^13, so that ±4 fits in i16.
 const VALUE_SCALE: f32 = 8192.0;
@@ -64,8 +70,14 @@ pub(super) fn table(values: &[f32]) -> Box<[i16]> {
 /// Buffers of the fixed-point pass, reused across tiles.
 #[derive(Default)]
 pub(super) struct FixedScratch {
-    cost: Vec<u16>,
-    next: Vec<u16>,
+    /// Row t (of `stride` values) holds the predecessor costs step t reads; row n the final
+    /// survivors.
+    history: Vec<u16>,
+}
+
+/// A value in the fixed point of the pass.
+fn to_fixed(v: f32) -> i16 {
+    (v * VALUE_SCALE).round() as i16
 }
 
 /// The fixed-point pass behind [`super::viterbi_pass`] for [`super::Kernel::Avx512Fixed`] (same
@@ -91,51 +103,114 @@ pub(super) fn viterbi_pass(
         return None;
     }
     let table = code.fixed_table();
-    super::plan_back_planes(scratch, l, shifts, final_shift);
-    let Scratch {
-        back,
-        back_start,
-        fixed,
-        ..
-    } = scratch;
-    let FixedScratch { cost, next } = fixed;
-    super::start_costs(cost, next, COST_PAD, l, shifts[0], start, 0, u16::MAX);
+    // Widest cost row of the pass: predecessors of every step and the final survivors.
+    let widest = shifts
+        .iter()
+        .chain([&final_shift])
+        .map(|&d| 1usize << (l - d))
+        .max()
+        .unwrap_or(0);
+    let stride = (widest + COST_PAD).next_multiple_of(32);
+    let history = &mut scratch.fixed.history;
+    if history.len() < (n + 1) * stride {
+        history.resize((n + 1) * stride, 0);
+    }
+    let first = &mut history[..1 << (l - shifts[0])];
+    match start {
+        None => first.fill(0),
+        Some(o) => {
+            first.fill(u16::MAX);
+            first[o as usize] = 0;
+        }
+    }
 
     let mut offset = 0u64;
     for t in 0..n {
         let (d, dn) = (shifts[t], super::shift_after(shifts, final_shift, t));
         let width = 1usize << (l - dn);
+        let (done, rest) = history.split_at_mut((t + 1) * stride);
+        let next = &mut rest[..width];
         let step = Step {
             table,
             l,
             d,
             dn,
-            x: (xs[t] * VALUE_SCALE).round() as i16,
-            cost,
-            next: &mut next[..width],
-            back: &mut back[back_start[t]..][..dn as usize * plane_words(width)],
+            x: to_fixed(xs[t]),
+            cost: &done[t * stride..],
+            next,
         };
         let lowest = step.run();
         if lowest > RENORMALIZE_ABOVE {
-            for c in &mut next[..width] {
+            for c in &mut rest[..width] {
                 *c = c.saturating_sub(lowest);
             }
             offset += u64::from(lowest);
         }
-        std::mem::swap(cost, next);
     }
 
-    let survivors = &cost[..1 << (l - final_shift)];
+    let survivors = &history[n * stride..][..1 << (l - final_shift)];
     let last = super::end_survivor(survivors, end);
     let best = survivors[last];
     if best == u16::MAX {
         return None;
     }
-    super::backtrack(back, back_start, l, shifts, final_shift, last, states);
+    backtrack(
+        history,
+        stride,
+        table,
+        l,
+        xs,
+        shifts,
+        final_shift,
+        last,
+        states,
+    );
     if start.is_some_and(|o| u32::from(states[0]) >> shifts[0] != o) {
         return None;
     }
     Some(((offset + u64::from(best)) as f64 / f64::from(COST_UNIT)) as f32)
+}
+
+/// The cheapest of a survivor's 2^dn candidates given its step's predecessor costs, ties to
+/// the smallest `hi`: the step's own rule, so the backtrack finds the step's winner.
+#[allow(clippy::too_many_arguments)]
+fn winner(table: &[i16], cost: &[u16], l: u32, d: u32, dn: u32, x: i16, o: usize) -> (usize, u16) {
+    let mut best = u16::MAX;
+    let mut arg = 0;
+    for hi in 0..1usize << dn {
+        let s = (hi << (l - dn)) | o;
+        let cand = cost[s >> d].saturating_add(squared_error(table[s], x));
+        if hi == 0 || cand < best {
+            best = cand;
+            arg = hi;
+        }
+    }
+    (arg, best)
+}
+
+/// Follow the winners back from survivor `last` after the final step, recomputing each
+/// step's choice from the cost history; writes the walk's states (step order).
+#[allow(clippy::too_many_arguments)]
+fn backtrack(
+    history: &[u16],
+    stride: usize,
+    table: &[i16],
+    l: u32,
+    xs: &[f32],
+    shifts: &[u32],
+    final_shift: u32,
+    last: usize,
+    states: &mut [u16],
+) {
+    let mut o = last;
+    for t in (0..shifts.len()).rev() {
+        let (d, dn) = (shifts[t], super::shift_after(shifts, final_shift, t));
+        let cost = &history[t * stride..][..stride];
+        let (hi, _) = winner(table, cost, l, d, dn, to_fixed(xs[t]), o);
+        let s = (hi << (l - dn)) | o;
+        states[t] = s as u16;
+        o = s >> d;
+    }
 }
 
 /// One step: as [`super::Step`], with fixed-point values and saturating u16 costs.
@@ -148,7 +223,6 @@ struct Step<'a> {
     /// 2^(l−d) predecessor costs followed by at least [`COST_PAD`] readable values.
     cost: &'a [u16],
     next: &'a mut [u16],
-    back: &'a mut [u16],
 }
 
 impl Step<'_> {
@@ -174,26 +248,10 @@ impl Step<'_> {
             x,
             cost,
             next,
-            back,
-            ..
         } = self;
-        let words = plane_words(next.len());
-        back.fill(0);
         let mut lowest = u16::MAX;
         for (o, best) in next.iter_mut().enumerate() {
-            *best = u16::MAX;
-            let mut arg = 0;
-            for hi in 0..1usize << dn {
-                let s = (hi << (l - dn)) | o;
-                let cand = cost[s >> d].saturating_add(squared_error(table[s], x));
-                if hi == 0 || cand < *best {
-                    *best = cand;
-                    arg = hi;
-                }
-            }
-            for p in 0..dn as usize {
-                back[p * words + o / 16] |= (((arg >> p) & 1) as u16) << (o % 16);
-            }
+            *best = winner(table, cost, l, d, dn, x, o).1;
             lowest = lowest.min(*best);
         }
         lowest
@@ -239,8 +297,6 @@ mod x86 {
             x,
             cost,
             next,
-            back,
-            ..
         } = st;
         debug_assert_eq!(d, D);
         let mid_bits = l - D - dn;
@@ -250,14 +306,11 @@ mod x86 {
         let max = _mm512_set1_epi16(-1);
         // Predecessor costs one block reads, through the end of its last load.
         let c_span = (((UNROLL - 1) * W) >> D) + if D >= 2 { 8 } else { 16 };
-        let words = super::plane_words(next.len());
         let mut lowest = max;
         for (block, next) in next.chunks_exact_mut(BLOCK).enumerate() {
             let base = block * BLOCK;
             let mut acc = [max; UNROLL];
-            let mut arg = [_mm512_setzero_si512(); UNROLL];
             for hi in 0..1usize << dn {
-                let h = _mm512_set1_epi16(hi as i16);
                 let t_row = &table[hi * row + base..][..BLOCK];
                 let c_row = &cost[(hi << mid_bits) + (base >> D)..][..c_span];
                 for u in 0..UNROLL {
@@ -277,26 +330,13 @@ mod x86 {
                         _mm512_zextsi256_si512(bytemuck::cast(c))
                     };
                     let c = _mm512_permutexvar_epi16(spread, c);
-                    let cand = _mm512_adds_epu16(c, e2);
-                    // Strictly smaller replaces, and hi only grows: ties keep the smallest hi.
-                    let take = _mm512_cmplt_epu16_mask(cand, acc[u]);
-                    acc[u] = _mm512_min_epu16(cand, acc[u]);
-                    arg[u] = _mm512_mask_mov_epi16(arg[u], take, h);
+                    acc[u] = _mm512_min_epu16(_mm512_adds_epu16(c, e2), acc[u]);
                 }
             }
             for u in 0..UNROLL {
                 let out: [u16; W] = bytemuck::cast(acc[u]);
                 next[u * W..][..W].copy_from_slice(&out);
                 lowest = _mm512_min_epu16(lowest, acc[u]);
-                for p in 0..dn as usize {
-                    let bits = _mm512_test_epi16_mask(arg[u], _mm512_set1_epi16(1 << p));
-                    let at = p * words + (base + u * W) / 16;
-                    // One 32-bit store: written as two u16 halves, the compiler moved the
-                    // mask through the stack and a wider vector load, a store-forwarding
-                    // stall that took ≈ 40 % of the step's time on Zen 4.
-                    let halves: [u16; 2] = bytemuck::cast(bits);
-                    back[at..at + 2].copy_from_slice(&halves);
-                }
             }
         }
         let lanes: [u16; W] = bytemuck::cast(lowest);
@@ -311,8 +351,8 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// The SIMD step reproduces the scalar definition exactly (survivor costs, backpointer
-    /// planes, cheapest cost) for every pair of shifts, with costs spanning the saturated top.
+    /// The SIMD step reproduces the scalar definition exactly (survivor costs, cheapest
+    /// cost) for every pair of shifts, with costs spanning the saturated top.
     #[test]
     fn simd_step_matches_scalar_step() {
         if !supported() {
@@ -334,10 +374,8 @@ mod tests {
                         })
                         .collect();
                     let x = rng.random_range(-32000..32000);
-                    let words = plane_words(width);
                     let run = |simd: bool| {
                         let mut next = vec![0u16; width];
-                        let mut back = vec![0xA5A5u16; dn as usize * words];
                         let step = Step {
                             table: &table,
                             l,
@@ -346,12 +384,124 @@ mod tests {
                             x,
                             cost: &cost,
                             next: &mut next,
-                            back: &mut back,
                         };
                         let lowest = if simd { step.run() } else { step.run_scalar() };
-                        (next, back, lowest)
+                        (next, lowest)
                     };
                     assert!(run(true) == run(false), "{cb:?} d={d} dn={dn}");
+                }
+            }
+        }
+    }
+
+    /// The pass as it was written before the cost history: scalar steps that record each
+    /// survivor's winner as they go, the same renormalisation, a backtrack over the records.
+    #[allow(clippy::too_many_arguments)]
+    fn recorded_pass(
+        table: &[i16],
+        l: u32,
+        xs: &[f32],
+        shifts: &[u32],
+        final_shift: u32,
+        start: Option<u32>,
+        end: Option<u32>,
+    ) -> Option<(Vec<u16>, f32)> {
+        if xs.iter().any(|x| x.abs() > MAX_VALUE) {
+            return None;
+        }
+        let mut cost = vec![0u16; 1 << (l - shifts[0])];
+        if let Some(o) = start {
+            cost.fill(u16::MAX);
+            cost[o as usize] = 0;
+        }
+        let mut records: Vec<Vec<usize>> = Vec::new();
+        let mut offset = 0u64;
+        for (t, &d) in shifts.iter().enumerate() {
+            let dn = shifts.get(t + 1).copied().unwrap_or(final_shift);
+            let x = to_fixed(xs[t]);
+            let mut next = vec![u16::MAX; 1 << (l - dn)];
+            let mut args = vec![0; next.len()];
+            for (o, best) in next.iter_mut().enumerate() {
+                for hi in 0..1usize << dn {
+                    let s = (hi << (l - dn)) | o;
+                    let cand = cost[s >> d].saturating_add(squared_error(table[s], x));
+                    if hi == 0 || cand < *best {
+                        *best = cand;
+                        args[o] = hi;
+                    }
+                }
+            }
+            let lowest = *next.iter().min().unwrap();
+            if lowest > RENORMALIZE_ABOVE {
+                next.iter_mut().for_each(|c| *c = c.saturating_sub(lowest));
+                offset += u64::from(lowest);
+            }
+            records.push(args);
+            cost = next;
+        }
+        let last = super::super::end_survivor(&cost, end);
+        if cost[last] == u16::MAX {
+            return None;
+        }
+        let mut states = vec![0u16; xs.len()];
+        let mut o = last;
+        for t in (0..xs.len()).rev() {
+            let dn = shifts.get(t + 1).copied().unwrap_or(final_shift);
+            let s = (records[t][o] << (l - dn)) | o;
+            states[t] = s as u16;
+            o = s >> shifts[t];
+        }
+        if start.is_some_and(|o| u32::from(states[0]) >> shifts[0] != o) {
+            return None;
+        }
+        let total = offset + u64::from(cost[last]);
+        Some((states, (total as f64 / f64::from(COST_UNIT)) as f32))
+    }
+
+    /// Whole passes over the 16-bit code reproduce the recorded-winner pass exactly (walk and
+    /// cost), free and forced, at every width the pass takes, with tiles small enough that
+    /// costs renormalise and large enough that some saturate.
+    #[test]
+    fn pass_matches_recorded_pass() {
+        use crate::bits::{BitWidth, STATE_BITS};
+        let mut rng = StdRng::seed_from_u64(22);
+        let mut scratch = Scratch::default();
+        for bits in BitWidth::ALL {
+            let steps = 64;
+            let shifts: Vec<u32> = (0..steps).map(|t| bits.code_bits(t)).collect();
+            let final_shift = bits.code_bits(steps);
+            if shifts.iter().chain([&final_shift]).any(|&d| d > MAX_SHIFT) {
+                continue;
+            }
+            let l = STATE_BITS;
+            for cb in Codebook::ALL {
+                let fixed = table(cb.table_f32());
+                let code = Code::new(l, cb.table_f32(), &shifts);
+                for case in 0..4 {
+                    // The last case sits beyond the codebook's reach (≥ 0.16 a step), so that
+                    // the costs renormalise several times.
+                    let xs: Vec<f32> = (0..shifts.len())
+                        .map(|_| match case {
+                            3 => 3.9f32.copysign(rng.random_range(-1.0f32..1.0)),
+                            _ => ([0.3, 1.0, 2.5][case] * rng.random_range(-1.5f32..1.5))
+                                .clamp(-3.9, 3.9),
+                        })
+                        .collect();
+                    let forced = (case != 1).then(|| rng.random_range(0..1u32 << (l - shifts[0])));
+                    let end = forced.filter(|_| final_shift == shifts[0]);
+                    let want = recorded_pass(&fixed, l, &xs, &shifts, final_shift, forced, end);
+                    let mut states = vec![0u16; xs.len()];
+                    let got = viterbi_pass(
+                        &code,
+                        &xs,
+                        &shifts,
+                        final_shift,
+                        forced,
+                        end,
+                        &mut scratch,
+                        &mut states,
+                    );
+                    assert_eq!(got.map(|c| (states, c)), want, "{bits} {cb:?} case {case}");
                 }
             }
         }
