@@ -270,7 +270,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     const W: usize = 32;
-    const UNROLL: usize = 8;
+    const UNROLL: usize = 16;
     pub(super) const BLOCK: usize = W * UNROLL;
 
     /// Lanes over consecutive survivors, as in the f32 kernels: the predecessor cost of lane i
