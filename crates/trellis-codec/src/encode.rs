@@ -89,7 +89,7 @@ pub enum Effort {
     /// [`fast_window`] positions either side of the wrap point (a survivor's memory is
     /// ⌈16/K⌉ steps, so positions farther away do not change which overlap crosses the wrap).
     /// With AVX-512BW and K ≤ 4 the passes run in 16-bit fixed point ([`fixed`]: 32
-    /// candidates a vector, 1.5–1.7× the f32 step); otherwise, on AVX-512, the f32 step keeps
+    /// candidates a vector for five operations); otherwise, on AVX-512, the f32 step keeps
     /// its winner in the low mantissa bits of the cost, so the compare-and-select costs one
     /// min (costs lose ≤ 8 of 24 mantissa bits), reading the codebook as fp16. Several times
     /// the speed of [`Effort::Exact`] for a squared error within a fraction of a percent of
