@@ -55,8 +55,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = OutScalesArg::Auto)]
     out_scales: OutScalesArg,
     /// Viterbi search: fast (the same search in 16-bit fixed point where the CPU has
-    /// AVX-512BW, else in tagged f32: several times faster, squared error within 0.5 % of
-    /// exact's) or exact (f32 costs throughout, identical output on every machine).
+    /// AVX-512BW and K ≤ 4, 2–4× faster there, else in tagged f32; squared error within 0.5 %
+    /// of exact's) or exact (f32 costs throughout, identical output on every machine).
     #[arg(long, value_enum, default_value_t = EffortArg::Fast)]
     effort: EffortArg,
     /// Seed of the random sign flips.
