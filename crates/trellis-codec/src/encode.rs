@@ -85,18 +85,27 @@ pub enum Effort {
     /// The full two-pass search with exact f32 costs: identical results on every machine
     /// and kernel (what [`encode_tile`] does).
     Exact,
-    /// What a quantizer wants for millions of tiles: the same two passes over the whole tile
-    /// in cheaper arithmetic. With AVX-512BW and K ≤ 4 they run in 16-bit fixed point
-    /// ([`fixed`]: 32 candidates a vector for five operations); otherwise, on AVX-512, the
-    /// f32 step keeps its winner in the low mantissa bits of the cost, so the
-    /// compare-and-select costs one min (costs lose ≤ 8 of 24 mantissa bits), reading the
-    /// codebook as fp16. For K ≤ 4 with AVX-512BW, 2.3–3.7× the speed of [`Effort::Exact`]
-    /// for the same squared error on Gaussian tiles (`encoder_effort`); wider codes run at
-    /// about its speed. Results may differ between machines. (Its first pass used to look only
-    /// at 128/K positions either side of the wrap point; over the whole tile the quantizer's
-    /// proxy error fell by 1.3 % on the tiny GLM fixture at 4.0 bpw, for ~20 % more conversion
-    /// time.)
+    /// What a quantizer wants for millions of tiles: the same two passes in cheaper
+    /// arithmetic. With AVX-512BW and K ≤ 4 they run in 16-bit fixed point ([`fixed`]: 32
+    /// candidates a vector for five operations), both over the whole tile: 2.0–3.5× the
+    /// speed of [`Effort::Exact`] for the same squared error on Gaussian tiles
+    /// (`encoder_effort`, two threads). Otherwise, on AVX-512, the f32 step keeps its winner
+    /// in the low mantissa bits of the cost, so the compare-and-select costs one min (costs
+    /// lose ≤ 8 of 24 mantissa bits), reading the codebook as fp16, and pass 1 only runs over
+    /// the [`fast_window`] positions either side of the wrap point (a survivor's memory is
+    /// ⌈16/K⌉ steps, so positions farther away rarely change which overlap crosses the wrap):
+    /// ~1.8× Exact's speed at K = 6 and 8. Results may differ between machines. (The
+    /// fixed-point pass 1 was windowed too until its step got ~2.8× faster; over the whole
+    /// tile the quantizer's proxy error fell 1.3 % on the tiny GLM fixture at 4.0 bpw, for
+    /// ~20 % more conversion time.)
     Fast,
+}
+
+/// Positions on each side of the wrap point that [`Effort::Fast`]'s first pass looks at with
+/// the f32 kernels: eight survivor memories (16/K steps each). Measured on Gaussian tiles,
+/// this keeps the squared error within ≈ 0.5 % of the full pass at every K.
+pub fn fast_window(bits: BitWidth) -> usize {
+    (128.0 / bits.as_f64()).ceil() as usize
 }
 
 /// [`encode_tiles`] with a choice of [`Effort`].
@@ -111,10 +120,16 @@ pub fn encode_tiles_with_effort(
         Effort::Exact => Kernel::Auto,
         Effort::Fast => Kernel::fast(bits),
     };
+    let window = match effort {
+        Effort::Exact => None,
+        Effort::Fast => kernel.fast_first_pass(bits),
+    };
     targets
         .par_iter()
         .map(|t| {
-            SCRATCH.with(|s| encode_tile_with(t, bits, codebook, kernel, &mut s.borrow_mut()).0)
+            SCRATCH.with(|s| {
+                encode_tile_windowed(t, bits, codebook, kernel, window, &mut s.borrow_mut()).0
+            })
         })
         .collect()
 }
@@ -141,13 +156,24 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// The two-pass search: the best open walk over the ring rotated by half picks the overlap
-/// at the wrap point, then the best walk closing through it.
 fn encode_tile_with(
     target: &[f32; TILE_WEIGHTS],
     bits: BitWidth,
     codebook: Codebook,
     kernel: Kernel,
+    scratch: &mut Scratch,
+) -> (EncodedTile, PassCosts) {
+    encode_tile_windowed(target, bits, codebook, kernel, None, scratch)
+}
+
+/// The two-pass search; `window: Some(w)` limits pass 1 to `w` positions either side of the
+/// wrap point.
+fn encode_tile_windowed(
+    target: &[f32; TILE_WEIGHTS],
+    bits: BitWidth,
+    codebook: Codebook,
+    kernel: Kernel,
+    window: Option<usize>,
     scratch: &mut Scratch,
 ) -> (EncodedTile, PassCosts) {
     assert!(
@@ -172,27 +198,35 @@ fn encode_tile_with(
     x_rot[HALF..].copy_from_slice(&x[..HALF]);
     shifts_rot[..HALF].copy_from_slice(&shifts[HALF..]);
     shifts_rot[HALF..].copy_from_slice(&shifts[..HALF]);
+    // The window is kept even so that it starts on an even position, as the shifts of
+    // half-integer widths alternate.
+    let w = window.map_or(HALF, |w| (w.div_ceil(2) * 2).clamp(2, HALF));
+    let (lo, hi) = (HALF - w, HALF + w);
     let mut walk = [0u16; TILE_WEIGHTS];
     let retry_in_f32 = |scratch: &mut Scratch| {
         #[cfg(target_arch = "x86_64")]
         let kernel = Kernel::Avx512Tagged;
-        encode_tile_with(target, bits, codebook, kernel, scratch)
+        encode_tile_windowed(target, bits, codebook, kernel, window, scratch)
     };
     let Some(open) = viterbi_pass(
         code,
-        &x_rot,
-        &shifts_rot,
-        shifts[HALF],
+        &x_rot[lo..hi],
+        &shifts_rot[lo..hi],
+        if hi < TILE_WEIGHTS {
+            shifts_rot[hi]
+        } else {
+            shifts[HALF]
+        },
         None,
         None,
         kernel,
         scratch,
-        &mut walk,
+        &mut walk[..2 * w],
     ) else {
         return retry_in_f32(scratch);
     };
-    // walk[HALF − 1] is position 255; the overlap it hands to position 0 pins the ring.
-    let wrap = u32::from(walk[HALF - 1]) & low_mask(STATE_BITS - shifts[0]);
+    // walk[w − 1] is position 255; the overlap it hands to position 0 pins the ring.
+    let wrap = u32::from(walk[w - 1]) & low_mask(STATE_BITS - shifts[0]);
 
     let mut states = [0u16; TILE_WEIGHTS];
     let Some(closed) = viterbi_pass(
@@ -422,6 +456,17 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Positions either side of the wrap point that [`Effort::Fast`]'s first pass covers with
+    /// this kernel (None: the whole tile). The fixed-point pass is cheap enough to cover the
+    /// whole tile; its f32 fallback keeps the same choice for the tiles it takes over.
+    fn fast_first_pass(self, bits: BitWidth) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Fixed {
+            return None;
+        }
+        Some(fast_window(bits))
+    }
+
     /// The kernel of [`Effort::Fast`]: the fixed-point pass where the CPU has AVX-512BW and no
     /// step shifts more than [`fixed::MAX_SHIFT`] bits, else the tagged AVX-512 step, else the
     /// exact kernels.
@@ -1383,8 +1428,38 @@ mod tests {
         }
     }
 
-    /// Whole tiles through the fixed-point kernel (only the arithmetic differs from the exact
-    /// search): valid closed walks, the total squared error within 0.5 % of the
+    /// The fast effort's first pass: the whole tile where its kernel is the fixed-point pass,
+    /// [`fast_window`] positions either side of the wrap with the f32 kernels, tile for tile.
+    #[test]
+    fn fast_effort_windows_only_the_f32_kernels() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let targets: Vec<[f32; TILE_WEIGHTS]> = (0..4)
+            .map(|_| tile_target(&mut rng, CODEBOOK_RMS))
+            .collect();
+        let mut scratch = Scratch::default();
+        for bits in [2.0, 3.0, 4.0, 6.0].map(|b| BitWidth::from_f64(b).unwrap()) {
+            let kernel = Kernel::fast(bits);
+            #[cfg(target_arch = "x86_64")]
+            let window = (kernel != Kernel::Avx512Fixed).then(|| fast_window(bits));
+            #[cfg(not(target_arch = "x86_64"))]
+            let window = Some(fast_window(bits));
+            let fast = encode_tiles_with_effort(&targets, bits, Codebook::Mul1, Effort::Fast);
+            for (got, target) in fast.iter().zip(&targets) {
+                let (want, _) = encode_tile_windowed(
+                    target,
+                    bits,
+                    Codebook::Mul1,
+                    kernel,
+                    window,
+                    &mut scratch,
+                );
+                assert_eq!(got, &want, "K={bits}");
+            }
+        }
+    }
+
+    /// Whole tiles through the fixed-point kernel (no window, so only the arithmetic differs
+    /// from the exact search): valid closed walks, the total squared error within 0.5 % of the
     /// exact one at every width it takes; a target out of its range falls back to f32.
     #[cfg(target_arch = "x86_64")]
     #[test]
