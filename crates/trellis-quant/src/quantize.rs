@@ -143,8 +143,8 @@ impl QuantizedLinear {
 }
 
 /// The trellis search of the quantizer. [`Effort::Fast`] (16-bit fixed-point or tagged f32
-/// steps) is within ≈ 1 % of the exhaustive search's squared error at several times its
-/// speed.
+/// steps) is within ≈ 1 % of the exhaustive search's squared error at 1.8–3.5× its speed
+/// (`encoder_effort`).
 fn encode_tiles(
     tiles: &[[f32; TILE_WEIGHTS]],
     bits: BitWidth,
