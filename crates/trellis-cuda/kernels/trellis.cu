@@ -108,6 +108,22 @@ __device__ __forceinline__ int stream_end(int t, int bits_x2) {
 // row tile and one k-range (blockIdx.z). Lane L decodes trellis positions 8L..8L+7 of each tile:
 // rows r0, r0+1, r0+8, r0+9 (r0 = 2·(L mod 4)) of columns L/4 and L/4 + 8, the tensor-core
 // fragment order of the format.
+// The four lanes that share a column (same L/4) hold different inputs of it: after this
+// every one holds the column's sums.
+template <int TM>
+__device__ __forceinline__ void quad_sum(float (&acc)[TM][2]) {
+#pragma unroll
+    for (int m = 0; m < TM; m++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float v = acc[m][h];
+            v += __shfl_xor_sync(FULL_MASK, v, 1);
+            v += __shfl_xor_sync(FULL_MASK, v, 2);
+            acc[m][h] = v;
+        }
+    }
+}
+
 template <int TM, int CB>
 __device__ __forceinline__ void trellis_matmul_body(const TrellisDesc& d, const float* xh,
                                                     int k_pad, int n_pad, int row0, int nrows,
@@ -177,17 +193,7 @@ __device__ __forceinline__ void trellis_matmul_body(const TrellisDesc& d, const 
         }
         __syncthreads();
     }
-    // The four lanes that share a column (same L/4) hold different rows of it.
-#pragma unroll
-    for (int m = 0; m < TM; m++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float v = acc[m][h];
-            v += __shfl_xor_sync(FULL_MASK, v, 1);
-            v += __shfl_xor_sync(FULL_MASK, v, 2);
-            acc[m][h] = v;
-        }
-    }
+    quad_sum<TM>(acc);
     if ((lane & 3) == 0) {
         const int col = (nb * 8 + warp) * 16 + (lane >> 2);
 #pragma unroll
@@ -513,31 +519,47 @@ __device__ __forceinline__ void linear_load(LinearStage<TM>& st, const TrellisDe
     linear_load_inputs<TM>(st, kb, row0, nrows, a);
 }
 
+// One warp's 128 inputs of a batch (lane L holds L, L+32, L+64, L+96) as the products read
+// them, before the Hadamard's scale: the gated activation or RMSNorm where the launch has one
+// (the reference's order, weight · (x · (1 / rms))), times suh, through the 128-point Hadamard.
+__device__ __forceinline__ void transform_inputs(float v[4], const float x[4], const float up[4],
+                                                 const float norm_w[4], const float suh[4],
+                                                 const float* inv_rms, bool gated, bool normed) {
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        float xv = gated ? silu_times(x[q], up[q]) : x[q];
+        if (normed) xv = norm_w[q] * (xv * *inv_rms);
+        v[q] = xv * suh[q];
+    }
+    fwht128_warp(v);
+}
+
+// A batch's packed words from the stage's registers into shared memory (k-tile c at
+// c · MM_TILE_WORDS).
 template <int TM>
-__device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw, float* sx, int nw,
-                                             u32 tile_magic, int nrows, bool gated, bool normed,
-                                             const float* inv_rms) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+__device__ __forceinline__ void stage_words(const LinearStage<TM>& st, u32* sw, int nw,
+                                            u32 tile_magic) {
     const int batch4 = MM_KTILES * 2 * nw;
 #pragma unroll
     for (int i = 0; i < MM_WORD_REGS; i++) {
         const int idx = threadIdx.x + i * MM_THREADS;
         if (idx < batch4) ((uint4*)sw)[staged_chunk(idx, nw, tile_magic)] = st.words[i];
     }
+}
+
+template <int TM>
+__device__ __forceinline__ void linear_stage(const LinearStage<TM>& st, u32* sw, float* sx, int nw,
+                                             u32 tile_magic, int nrows, bool gated, bool normed,
+                                             const float* inv_rms) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    stage_words<TM>(st, sw, nw, tile_magic);
 #pragma unroll
     for (int k = 0; k < (TM + 7) / 8; k++) {
         const int m = warp + 8 * k;
         if (m < TM) {  // warp-uniform
             float v[4];
             if (m < nrows) {
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
-                    // RMSNorm in the reference's order: weight · (x · (1 / rms)).
-                    if (normed) xv = st.nw[q] * (xv * inv_rms[m]);
-                    v[q] = xv * st.suh[q];
-                }
-                fwht128_warp(v);
+                transform_inputs(v, st.x[k], st.up[k], st.nw, st.suh, inv_rms + m, gated, normed);
             } else {
 #pragma unroll
                 for (int q = 0; q < 4; q++) v[q] = 0.f;
@@ -675,6 +697,22 @@ __device__ __forceinline__ void finish_tile_rows(const LinearArgs& a, const Trel
     }
 }
 
+// One k-tile's products of a lane: its four decoded fp16 pairs (pairs 0, 1 of column g, pairs
+// 2, 3 of column g + 8, inputs 2t, 2t+1, 2t+8, 2t+9) times its inputs `xv[m]` of each row.
+template <int TM>
+__device__ __forceinline__ void accumulate_tile(float (&acc)[TM][2], const float (&xv)[TM][4],
+                                                const u32 w2[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 w = half2_to_float2(w2[k]);
+#pragma unroll
+        for (int m = 0; m < TM; m++) {
+            acc[m][k >> 1] += xv[m][(2 * k) & 3] * w.x;
+            acc[m][k >> 1] += xv[m][(2 * k + 1) & 3] * w.y;
+        }
+    }
+}
+
 // The end of a one-launch linear: the lanes' partial sums reduced over each quad (lane & 3)
 // into `sz` (the products of the block's 128 columns), then the output (one split) or this
 // split's partials and ticket and, in the last split, their ordered sum; then the finish
@@ -687,16 +725,7 @@ __device__ __forceinline__ void linear_products_out(const LinearArgs& a, const T
     __shared__ int is_last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n_pad = o.n_pad;
-#pragma unroll
-    for (int m = 0; m < TM; m++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float v = acc[m][h];
-            v += __shfl_xor_sync(FULL_MASK, v, 1);
-            v += __shfl_xor_sync(FULL_MASK, v, 2);
-            acc[m][h] = v;
-        }
-    }
+    quad_sum<TM>(acc);
     trace_mark(2);
     const int col_in_block = warp * 16 + (lane >> 2);
     if ((lane & 3) == 0) {
@@ -817,15 +846,7 @@ __device__ __forceinline__ void trellis_linear_body(const LinearArgs& a, const T
             }
             u32 w2[4];
             decode_tile8_at<CB>(words, c * MM_TILE_WORDS * 4, lp, w2);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 w = half2_to_float2(w2[k]);
-#pragma unroll
-                for (int m = 0; m < TM; m++) {
-                    acc[m][k >> 1] += xv[m][(2 * k) & 3] * w.x;
-                    acc[m][k >> 1] += xv[m][(2 * k + 1) & 3] * w.y;
-                }
-            }
+            accumulate_tile<TM>(acc, xv, w2);
         }
         __syncthreads();
     }
@@ -1003,14 +1024,7 @@ __device__ __forceinline__ void trellis_row_body(const LinearArgs& a, const Trel
             load_inputs(b);
         }
         float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            float xv = gated ? silu_times(x[q], up[q]) : x[q];
-            // RMSNorm in the reference's order: weight · (x · (1 / rms)).
-            if (normed) xv = norm_w[q] * (xv * inv_rms[0]);
-            v[q] = xv * suh[q];
-        }
-        fwht128_warp(v);
+        transform_inputs(v, x, up, norm_w, suh, inv_rms, gated, normed);
 #pragma unroll
         for (int q = 0; q < 4; q++) xa[b * 128 + lane + 32 * q] = v[q] * HADAMARD_SCALE;
     }
@@ -1047,20 +1061,10 @@ __device__ __forceinline__ void trellis_row_body(const LinearArgs& a, const Trel
 #pragma unroll
         for (int c = 0; c < MM_KTILES; c++) {
             const float* xr = xb + c * 16 + r0;
-            const float x0 = xr[0], x1 = xr[1], x8 = xr[8], x9 = xr[9];
+            const float xv[1][4] = {{xr[0], xr[1], xr[8], xr[9]}};
             u32 w2[4];
             decode_tile8_at<CB>(words, buffer_offset + c * TS * 4, lp, w2);
-            const float2 p0 = half2_to_float2(w2[0]), p1 = half2_to_float2(w2[1]);
-            const float2 p2 = half2_to_float2(w2[2]), p3 = half2_to_float2(w2[3]);
-            // The SIMT body's order: columns g (pairs 0, 1) and g + 8 (pairs 2, 3).
-            acc[0][0] += x0 * p0.x;
-            acc[0][0] += x1 * p0.y;
-            acc[0][0] += x8 * p1.x;
-            acc[0][0] += x9 * p1.y;
-            acc[0][1] += x0 * p2.x;
-            acc[0][1] += x1 * p2.y;
-            acc[0][1] += x8 * p3.x;
-            acc[0][1] += x9 * p3.y;
+            accumulate_tile<1>(acc, xv, w2);
         }
         buffer_offset = buffer_offset == (ROW_BUFFERS - 1) * MM_KTILES * TS * 4
                             ? 0u
@@ -1131,24 +1135,13 @@ __device__ __forceinline__ void mma_stage(const LinearStage<TM>& st, u32* sw, u1
                                           int nw, u32 tile_magic, int nrows, bool gated,
                                           bool normed, const float* inv_rms) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int batch4 = MM_KTILES * 2 * nw;
-#pragma unroll
-    for (int i = 0; i < MM_WORD_REGS; i++) {
-        const int idx = threadIdx.x + i * MM_THREADS;
-        if (idx < batch4) ((uint4*)sw)[staged_chunk(idx, nw, tile_magic)] = st.words[i];
-    }
+    stage_words<TM>(st, sw, nw, tile_magic);
 #pragma unroll
     for (int k = 0; k < TM / 8; k++) {
         const int m = warp + 8 * k;
         float v[4];
         if (m < nrows) {  // warp-uniform
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                float xv = gated ? silu_times(st.x[k][q], st.up[k][q]) : st.x[k][q];
-                if (normed) xv = st.nw[q] * (xv * inv_rms[m]);
-                v[q] = xv * st.suh[q];
-            }
-            fwht128_warp(v);
+            transform_inputs(v, st.x[k], st.up[k], st.nw, st.suh, inv_rms + m, gated, normed);
         } else {
 #pragma unroll
             for (int q = 0; q < 4; q++) v[q] = 0.f;
