@@ -419,18 +419,10 @@ mod tests {
         for (t, &d) in shifts.iter().enumerate() {
             let dn = shifts.get(t + 1).copied().unwrap_or(final_shift);
             let x = to_fixed(xs[t]);
-            let mut next = vec![u16::MAX; 1 << (l - dn)];
-            let mut args = vec![0; next.len()];
-            for (o, best) in next.iter_mut().enumerate() {
-                for hi in 0..1usize << dn {
-                    let s = (hi << (l - dn)) | o;
-                    let cand = cost[s >> d].saturating_add(squared_error(table[s], x));
-                    if hi == 0 || cand < *best {
-                        *best = cand;
-                        args[o] = hi;
-                    }
-                }
-            }
+            // The step's candidate rule (`winner`), with each survivor's choice recorded.
+            let (args, mut next): (Vec<usize>, Vec<u16>) = (0..1usize << (l - dn))
+                .map(|o| winner(table, &cost, l, d, dn, x, o))
+                .unzip();
             let lowest = *next.iter().min().unwrap();
             if lowest > RENORMALIZE_ABOVE {
                 next.iter_mut().for_each(|c| *c = c.saturating_sub(lowest));
