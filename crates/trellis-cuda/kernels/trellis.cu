@@ -702,13 +702,15 @@ __device__ __forceinline__ void finish_tile_rows(const LinearArgs& a, const Trel
 template <int TM>
 __device__ __forceinline__ void accumulate_tile(float (&acc)[TM][2], const float (&xv)[TM][4],
                                                 const u32 w2[4]) {
+    float2 w[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) w[k] = half2_to_float2(w2[k]);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const float2 w = half2_to_float2(w2[k]);
 #pragma unroll
         for (int m = 0; m < TM; m++) {
-            acc[m][k >> 1] += xv[m][(2 * k) & 3] * w.x;
-            acc[m][k >> 1] += xv[m][(2 * k + 1) & 3] * w.y;
+            acc[m][k >> 1] += xv[m][(2 * k) & 3] * w[k].x;
+            acc[m][k >> 1] += xv[m][(2 * k + 1) & 3] * w[k].y;
         }
     }
 }
