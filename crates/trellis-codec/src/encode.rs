@@ -52,6 +52,64 @@ pub struct EncodedTile {
     pub squared_error: f64,
 }
 
+impl EncodedTile {
+    /// The tile of a walk found for `target`: its packed words, its values and their squared
+    /// error. `states` must be a closed walk (`tile::is_valid_walk`) in position order.
+    pub fn from_walk(
+        states: [u16; TILE_WEIGHTS],
+        target: &[f32; TILE_WEIGHTS],
+        bits: BitWidth,
+        codebook: Codebook,
+    ) -> EncodedTile {
+        let table = codebook.table_f32();
+        let mut values = [0f32; TILE_WEIGHTS];
+        for (t, &s) in states.iter().enumerate() {
+            values[usize::from(POSITION_TO_TILE_INDEX[t])] = table[usize::from(s)];
+        }
+        let squared_error = values
+            .iter()
+            .zip(target)
+            .map(|(&v, &x)| (f64::from(v) - f64::from(x)).powi(2))
+            .sum();
+        EncodedTile {
+            words: pack_states(&states, bits),
+            states,
+            values,
+            squared_error,
+        }
+    }
+}
+
+/// The targets of `targets` in trellis position order (position t of tile i at
+/// `i · 256 + t`), as a search running elsewhere wants them.
+pub fn targets_in_position_order(targets: &[[f32; TILE_WEIGHTS]]) -> Vec<f32> {
+    targets
+        .iter()
+        .flat_map(|target| POSITION_TO_TILE_INDEX.map(|i| target[usize::from(i)]))
+        .collect()
+}
+
+/// A tile search that runs outside this crate, on an accelerator (the CUDA backend has
+/// one). It must find exactly the walks of [`encode_tile`] (the [`Effort::Exact`] search),
+/// so that its output is the CPU's, byte for byte.
+pub trait TileSearch: Send + Sync {
+    /// What runs the search, for messages (e.g. the GPU's name).
+    fn name(&self) -> String;
+
+    /// Tiles per call that keep the device busy; callers batch at least this many when they
+    /// can.
+    fn preferred_batch(&self) -> usize;
+
+    /// `encode_tile(&targets[i], bits, codebook)` for every i. Targets must be finite and
+    /// below [`MAX_TARGET`] in magnitude; the error says why the search could not run.
+    fn encode_tiles(
+        &self,
+        targets: &[[f32; TILE_WEIGHTS]],
+        bits: BitWidth,
+        codebook: Codebook,
+    ) -> Result<Vec<EncodedTile>, String>;
+}
+
 /// Encode one tile: the best tail-biting walk found by the two-pass Viterbi search.
 ///
 /// `target` holds 256 values in row-major 16×16 tile order (row = input channel), already
@@ -247,22 +305,7 @@ fn encode_tile_windowed(
         "no closed walk through overlap {wrap:#x}"
     );
 
-    let table = codebook.table_f32();
-    let mut values = [0f32; TILE_WEIGHTS];
-    for (t, &s) in states.iter().enumerate() {
-        values[usize::from(POSITION_TO_TILE_INDEX[t])] = table[usize::from(s)];
-    }
-    let squared_error = values
-        .iter()
-        .zip(target)
-        .map(|(&v, &x)| (f64::from(v) - f64::from(x)).powi(2))
-        .sum();
-    let tile = EncodedTile {
-        words: pack_states(&states, bits),
-        states,
-        values,
-        squared_error,
-    };
+    let tile = EncodedTile::from_walk(states, target, bits, codebook);
     (tile, PassCosts { open, closed })
 }
 
