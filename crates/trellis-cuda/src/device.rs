@@ -18,13 +18,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use trellis_backend::BackendError;
 
 /// The kernel sources, concatenated in this order into one NVRTC program.
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 7] = [
     ("common.cu", include_str!("../kernels/common.cu")),
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("trellis.cu", include_str!("../kernels/trellis.cu")),
     ("dense.cu", include_str!("../kernels/dense.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
     ("moe.cu", include_str!("../kernels/moe.cu")),
+    ("viterbi.cu", include_str!("../kernels/viterbi.cu")),
 ];
 
 /// Row tile heights the matmul kernels are instantiated for (`…_tm{N}`).
@@ -287,7 +288,9 @@ kernel_table!(
     trellis_row_tm1,
     moe_route,
     moe_plan,
-    moe_combine;
+    moe_combine,
+    viterbi_tiles_shared,
+    viterbi_tiles_global;
     tiled: trellis_matmul,
     trellis_linear,
     dense_matmul_f32,
@@ -568,6 +571,7 @@ impl Device {
             &kernels.mla_decode_f16,
             &kernels.mla_decode_mma,
             &kernels.trellis_row_tm1,
+            &kernels.viterbi_tiles_shared,
         ] {
             // What the block may add to its static shared memory (a traced build has some).
             let fixed = k

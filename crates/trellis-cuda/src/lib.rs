@@ -17,6 +17,7 @@
 mod attention;
 mod dequantize;
 mod device;
+mod encode;
 mod linear;
 mod memory;
 mod moe;
@@ -29,6 +30,7 @@ pub use device::{
     GRAPH_ENV, KERNEL_CACHE_ENV, MLA_MIN_TILES_ENV, PROFILE_ENV, SPLIT_WAVES_ENV, SYNC_ENV,
     UNFUSED_ENV, compile_kernels, compile_kernels_with, kernel_names, kernel_source,
 };
+pub use encode::CudaTileSearch;
 pub use linear::{CudaLinear, DenseType, DenseWeights, TrellisWeights};
 pub use moe::{CudaExperts, CudaRouter, CudaRouting};
 pub use ops::CudaRope;

@@ -1,7 +1,9 @@
 //! Host-side checks that need no GPU: the kernel sources compile under NVRTC (when the NVRTC
 //! library can be loaded), and creating a backend without a GPU is an error, not a panic.
 
-use trellis_cuda::{CudaBackend, compile_kernels, compile_kernels_with, kernel_names};
+use trellis_cuda::{
+    CudaBackend, CudaTileSearch, compile_kernels, compile_kernels_with, kernel_names,
+};
 
 /// Needs only libnvrtc (no driver, no GPU): `LD_LIBRARY_PATH=<cuda>/lib64 cargo test -p
 /// trellis-cuda --test kernels -- --ignored`.
@@ -41,5 +43,9 @@ fn creating_a_backend_never_panics() {
     assert!(
         CudaBackend::new(1 << 20).is_err(),
         "a nonexistent device must be an error"
+    );
+    assert!(
+        CudaTileSearch::new(1 << 20).is_err(),
+        "a tile search on a nonexistent device must be an error"
     );
 }

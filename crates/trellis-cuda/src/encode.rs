@@ -1,0 +1,251 @@
+//! The quantizer's Viterbi search on the GPU (`kernels/viterbi.cu`): [`CudaTileSearch`] finds
+//! exactly the walks of the CPU's exact search (`trellis_codec::encode::encode_tile`), so a
+//! conversion with `--device cuda` writes the same bytes as `--effort exact` on the CPU.
+
+use crate::device::{Args, Device, Grid, cuda_error};
+use crate::memory::DeviceMem;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use std::sync::Mutex;
+use trellis_backend::Result;
+use trellis_codec::bits::STATE_BITS;
+use trellis_codec::encode::{EncodedTile, MAX_TARGET, TileSearch, targets_in_position_order};
+use trellis_codec::{BitWidth, Codebook, TILE_WEIGHTS};
+
+/// Threads of one search block (`VITERBI_THREADS` in the kernel).
+const THREADS: u32 = 512;
+
+/// Tiles per launch at most: bounds the host and device buffers of one launch (the caller's
+/// batch is split into launches of this size).
+const MAX_TILES_PER_LAUNCH: usize = 1 << 16;
+
+/// The GPU's tile search: one device, its buffers reused across calls (grown on demand).
+pub struct CudaTileSearch {
+    dev: Device,
+    buffers: Mutex<Buffers>,
+}
+
+/// Device buffers of the search, kept between calls.
+struct Buffers {
+    /// The codebook as fp16 bits, per codebook (uploaded on first use).
+    tables: Vec<(Codebook, DeviceMem<u16>)>,
+    /// The shifts of the 256 positions for the width of the last call.
+    shifts: Option<(BitWidth, DeviceMem<u8>)>,
+    targets: Option<DeviceMem<f32>>,
+    states: Option<DeviceMem<u16>>,
+    back: Option<DeviceMem<u32>>,
+    costs: Option<DeviceMem<f32>>,
+}
+
+/// At least `len` elements of `slot`, reallocated (contents lost) when it is smaller.
+fn ensure<'a, T: DeviceRepr + ValidAsZeroBits>(
+    dev: &Device,
+    slot: &'a mut Option<DeviceMem<T>>,
+    len: usize,
+    what: &str,
+) -> Result<&'a mut DeviceMem<T>> {
+    if slot.as_ref().is_none_or(|m| m.len() < len) {
+        *slot = None;
+        *slot = Some(DeviceMem::zeroed(dev, len, what)?);
+    }
+    Ok(slot.as_mut().expect("allocated above"))
+}
+
+/// Shapes of one width's search: backpointer words per pass and survivor costs per buffer.
+struct SearchShape {
+    shifts: [u8; TILE_WEIGHTS],
+    back_words: usize,
+    cost_len: usize,
+}
+
+impl SearchShape {
+    fn of(bits: BitWidth) -> SearchShape {
+        let mut shifts = [0u8; TILE_WEIGHTS];
+        for (t, s) in shifts.iter_mut().enumerate() {
+            *s = u8::try_from(bits.code_bits(t)).expect("a code is at most 8 bits");
+        }
+        // A step writes `dn` planes of one bit per survivor, 2^(16 − dn) survivors; the sum is
+        // the same for both passes (they visit the same positions).
+        let back_words = (0..TILE_WEIGHTS)
+            .map(|t| {
+                let dn = bits.code_bits(t);
+                dn as usize * ((1usize << (STATE_BITS - dn)) / 32)
+            })
+            .sum();
+        let min_shift = (0..TILE_WEIGHTS).map(|t| bits.code_bits(t)).min();
+        let cost_len = 1usize << (STATE_BITS - min_shift.expect("256 positions"));
+        SearchShape {
+            shifts,
+            back_words,
+            cost_len,
+        }
+    }
+}
+
+impl CudaTileSearch {
+    /// Open GPU `device_index` and compile (or load) the kernels.
+    pub fn new(device_index: usize) -> Result<CudaTileSearch> {
+        let dev = Device::open(device_index)?;
+        Ok(CudaTileSearch {
+            dev,
+            buffers: Mutex::new(Buffers {
+                tables: Vec::new(),
+                shifts: None,
+                targets: None,
+                states: None,
+                back: None,
+                costs: None,
+            }),
+        })
+    }
+
+    /// Blocks that run at once with `shared_bytes` of dynamic shared memory each.
+    fn resident_blocks(&self, shared: bool, shared_bytes: usize) -> Result<usize> {
+        let kernel = self.kernel(shared);
+        let per_sm = kernel
+            .func
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared_bytes, None)
+            .map_err(|e| cuda_error(format!("occupancy of {}: {e}", kernel.name)))?;
+        Ok(self.dev.sm_count * (per_sm as usize).max(1))
+    }
+
+    fn kernel(&self, shared: bool) -> &crate::device::Kernel {
+        if shared {
+            &self.dev.kernels.viterbi_tiles_shared
+        } else {
+            &self.dev.kernels.viterbi_tiles_global
+        }
+    }
+
+    /// The walks of `targets` (position order, 256 per tile) into `states`.
+    fn search(
+        &self,
+        position_targets: &[f32],
+        bits: BitWidth,
+        codebook: Codebook,
+        states: &mut [u16],
+    ) -> Result<()> {
+        // Callers may come from any thread; the context must be current for the occupancy
+        // query and the allocations.
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error(format!("binding the context: {e}")))?;
+        let tiles = position_targets.len() / TILE_WEIGHTS;
+        let shape = SearchShape::of(bits);
+        let cost_bytes = 2 * shape.cost_len * std::mem::size_of::<f32>();
+        // The shared kernel's static arrays need a little of the block's shared memory too.
+        let shared = cost_bytes + (4 << 10) <= self.dev.max_shared_bytes;
+        let shared_bytes = if shared { cost_bytes } else { 0 };
+        let blocks = tiles.min(self.resident_blocks(shared, shared_bytes)?);
+
+        let mut guard = self.buffers.lock().expect("tile search buffers");
+        let buffers = &mut *guard;
+        let dev = &self.dev;
+        if !buffers.tables.iter().any(|(c, _)| *c == codebook) {
+            let bits: Vec<u16> = codebook.table().iter().map(|v| v.to_bits()).collect();
+            let table = DeviceMem::from_host(dev, &bits, "codebook table")?;
+            buffers.tables.push((codebook, table));
+        }
+        let table = buffers
+            .tables
+            .iter()
+            .find(|(c, _)| *c == codebook)
+            .map(|(_, t)| t.ptr)
+            .expect("uploaded above");
+        if buffers.shifts.as_ref().is_none_or(|(b, _)| *b != bits) {
+            let mem = DeviceMem::from_host(dev, &shape.shifts, "trellis shifts")?;
+            buffers.shifts = Some((bits, mem));
+        }
+        let shifts = buffers.shifts.as_ref().expect("uploaded above").1.ptr;
+        let targets = ensure(
+            dev,
+            &mut buffers.targets,
+            tiles * TILE_WEIGHTS,
+            "tile targets",
+        )?;
+        targets.write(dev, position_targets);
+        let targets = targets.ptr;
+        let states_mem = ensure(dev, &mut buffers.states, tiles * TILE_WEIGHTS, "tile walks")?;
+        let states_ptr = states_mem.ptr;
+        let back = ensure(
+            dev,
+            &mut buffers.back,
+            blocks * shape.back_words,
+            "Viterbi backpointers",
+        )?
+        .ptr;
+        let costs = if shared {
+            0
+        } else {
+            ensure(
+                dev,
+                &mut buffers.costs,
+                blocks * 2 * shape.cost_len,
+                "Viterbi costs",
+            )?
+            .ptr
+        };
+
+        let mut args = Args::new();
+        args.arg(targets)
+            .arg(shifts)
+            .arg(table)
+            .arg(back)
+            .arg(shape.back_words as u64)
+            .arg(costs)
+            .arg(u32::try_from(shape.cost_len).expect("≤ 2^15"))
+            .arg(states_ptr)
+            .arg(u32::try_from(tiles).expect("tiles per launch fit u32"));
+        dev.launch(
+            self.kernel(shared),
+            Grid::new((blocks, 1, 1), THREADS).shared(shared_bytes),
+            &mut args,
+        );
+        buffers
+            .states
+            .as_ref()
+            .expect("allocated above")
+            .read(dev, states);
+        Ok(())
+    }
+}
+
+impl TileSearch for CudaTileSearch {
+    fn name(&self) -> String {
+        format!("cuda ({})", self.dev.name)
+    }
+
+    fn preferred_batch(&self) -> usize {
+        // Four blocks a multiprocessor run at once at K ≥ 3; two waves of them.
+        self.dev.sm_count * 8
+    }
+
+    fn encode_tiles(
+        &self,
+        targets: &[[f32; TILE_WEIGHTS]],
+        bits: BitWidth,
+        codebook: Codebook,
+    ) -> std::result::Result<Vec<EncodedTile>, String> {
+        if let Some(bad) = targets
+            .iter()
+            .flatten()
+            .find(|v| v.is_nan() || v.abs() > MAX_TARGET)
+        {
+            return Err(format!(
+                "a target value of {bad} (the search needs finite values of magnitude ≤ {MAX_TARGET:e})"
+            ));
+        }
+        let mut out = Vec::with_capacity(targets.len());
+        for chunk in targets.chunks(MAX_TILES_PER_LAUNCH) {
+            let position_targets = targets_in_position_order(chunk);
+            let mut states = vec![0u16; chunk.len() * TILE_WEIGHTS];
+            self.search(&position_targets, bits, codebook, &mut states)
+                .map_err(|e| e.to_string())?;
+            for (target, walk) in chunk.iter().zip(states.chunks_exact(TILE_WEIGHTS)) {
+                let walk: [u16; TILE_WEIGHTS] = walk.try_into().expect("256 states");
+                out.push(EncodedTile::from_walk(walk, target, bits, codebook));
+            }
+        }
+        Ok(out)
+    }
+}
