@@ -21,7 +21,9 @@ use crate::alloc::{allocate, average_bits};
 use crate::capture::CaptureBackend;
 use crate::hessian::{Hessian, HessianAccumulator};
 use crate::plan::{LayerPlan, LinearPlan, ModelPlan, Role, plan};
-use crate::quantize::{DenseLinear, LinearSettings, OutScales, QuantizedLinear, quantize_group};
+use crate::quantize::{
+    DenseLinear, LinearSettings, OutScales, QuantizedLinear, Search, quantize_group,
+};
 use crate::{QuantError, Result};
 use half::f16;
 use serde_json::{Value, json};
@@ -57,10 +59,11 @@ pub struct QuantizeOptions {
     pub seed: u64,
     /// Largest safetensors shard of the output.
     pub max_shard_bytes: u64,
-    /// How thoroughly the Viterbi searches: `Fast` (default) about halves the conversion's
-    /// encoding time; `Exact` gives identical output on every machine and ~1 % lower proxy
-    /// error (on the tiny GLM fixture a KL difference within the seed-to-seed spread).
-    pub effort: Effort,
+    /// Where and how thoroughly the Viterbi searches. On the CPU, `Effort::Fast` (default)
+    /// about halves the conversion's encoding time; `Effort::Exact` gives identical output on
+    /// every machine and ~1 % lower proxy error (on the tiny GLM fixture a KL difference within
+    /// the seed-to-seed spread). A device search finds the exact walks.
+    pub search: Search,
 }
 
 impl Default for QuantizeOptions {
@@ -72,7 +75,7 @@ impl Default for QuantizeOptions {
             out_scales: OutScales::Auto,
             seed: 0x007E_1115,
             max_shard_bytes: 8 << 30,
-            effort: Effort::Fast,
+            search: Search::Cpu(Effort::Fast),
         }
     }
 }
@@ -626,12 +629,12 @@ pub fn quantize_model(
                             codebook: options.codebook,
                             seed: tensor_seed(options.seed, &m.name),
                             out_scales: options.out_scales,
-                            effort: options.effort,
+                            search: options.search.clone(),
                         },
                     )
                 })
                 .collect();
-            let quantized = quantize_group(&jobs, hessians.get(&group));
+            let quantized = quantize_group(&jobs, hessians.get(&group))?;
             for (m, q) in members.iter().zip(&quantized) {
                 events(Event::Tensor {
                     layer: layer.index,
@@ -722,9 +725,9 @@ pub fn quantize_model(
             codebook: options.codebook,
             seed: tensor_seed(options.seed, &head.name),
             out_scales: options.out_scales,
-            effort: options.effort,
+            search: options.search.clone(),
         };
-        let q = quantize_group(&[(&dense, settings)], hessian.as_ref())
+        let q = quantize_group(&[(&dense, settings)], hessian.as_ref())?
             .pop()
             .expect("one member");
         events(Event::Tensor {

@@ -29,7 +29,7 @@ pub use convert::{
     Calibration, Event, Overwrite, QuantizeOptions, Summary, TensorSummary, quantize_model,
     work_dir_of,
 };
-pub use quantize::{DenseLinear, LinearReport, LinearSettings, OutScales, QuantizedLinear};
+pub use quantize::{DenseLinear, LinearReport, LinearSettings, OutScales, QuantizedLinear, Search};
 
 use std::path::PathBuf;
 
@@ -72,6 +72,8 @@ pub enum QuantError {
     Options(String),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error("the tile search on {device} failed: {message}")]
+    Search { device: String, message: String },
 }
 
 pub type Result<T, E = QuantError> = std::result::Result<T, E>;

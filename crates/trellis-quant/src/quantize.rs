@@ -24,10 +24,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::borrow::Cow;
-use trellis_codec::encode::{Effort, EncodedTile, encode_tiles_with_effort};
+use std::sync::Arc;
+use trellis_codec::encode::{Effort, EncodedTile, TileSearch, encode_tiles_with_effort};
 use trellis_codec::hadamard::{HADAMARD_SIZE, hadamard_blocks};
 use trellis_codec::tile::TILE_SIZE;
 use trellis_codec::{BitWidth, CODEBOOK_SCALE, Codebook, TILE_WEIGHTS, TrellisLinear};
+
+use crate::{QuantError, Result};
 
 /// Whether output-channel RMS scales are folded into `svh` (`out_scales` of the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,16 +51,76 @@ impl OutScales {
     }
 }
 
+/// Where the Viterbi searches tiles.
+#[derive(Clone)]
+pub enum Search {
+    /// On this machine's cores, as thoroughly as the [`Effort`] says.
+    Cpu(Effort),
+    /// On an accelerator, which finds the walks of the CPU's [`Effort::Exact`] search. Linears
+    /// that share a Hessian then run LDLQ side by side, so that each call searches at least
+    /// [`TileSearch::preferred_batch`] tiles when the group has that many.
+    Device(Arc<dyn TileSearch>),
+}
+
+impl std::fmt::Debug for Search {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Search::Cpu(effort) => write!(f, "Cpu({effort:?})"),
+            Search::Device(device) => write!(f, "Device({})", device.name()),
+        }
+    }
+}
+
+impl Search {
+    /// The best walk of every target.
+    fn encode(
+        &self,
+        tiles: &[[f32; TILE_WEIGHTS]],
+        bits: BitWidth,
+        codebook: Codebook,
+    ) -> Result<Vec<EncodedTile>> {
+        match self {
+            Search::Cpu(effort) => Ok(encode_tiles_with_effort(tiles, bits, codebook, *effort)),
+            Search::Device(device) => {
+                device
+                    .encode_tiles(tiles, bits, codebook)
+                    .map_err(|message| QuantError::Search {
+                        device: device.name(),
+                        message,
+                    })
+            }
+        }
+    }
+
+    /// Whether both search the same way (so their tiles may share a call).
+    fn same_as(&self, other: &Search) -> bool {
+        match (self, other) {
+            (Search::Cpu(a), Search::Cpu(b)) => a == b,
+            (Search::Device(a), Search::Device(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Tiles a search call should have: 0 for the CPU, whose calls split their tiles over
+    /// the cores whatever their number.
+    fn batch_tiles(&self) -> usize {
+        match self {
+            Search::Cpu(_) => 0,
+            Search::Device(device) => device.preferred_batch(),
+        }
+    }
+}
+
 /// How to quantize one linear.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LinearSettings {
     pub bits: BitWidth,
     pub codebook: Codebook,
     /// Seed of the random sign flips (per tensor, so reruns and resumes are identical).
     pub seed: u64,
     pub out_scales: OutScales,
-    /// How thoroughly the Viterbi searches.
-    pub effort: Effort,
+    /// Where and how thoroughly the Viterbi searches.
+    pub search: Search,
 }
 
 /// A dense weight to quantize, EXL3 orientation (`in_features × out_features`, row-major).
@@ -140,18 +203,6 @@ impl QuantizedLinear {
         )
         .expect("the quantizer builds consistent shapes")
     }
-}
-
-/// The trellis search of the quantizer. [`Effort::Fast`] (16-bit fixed-point or tagged f32
-/// steps) is within ≈ 1 % of the exhaustive search's squared error at 1.8–3.5× its speed
-/// (`encoder_effort`).
-fn encode_tiles(
-    tiles: &[[f32; TILE_WEIGHTS]],
-    bits: BitWidth,
-    codebook: Codebook,
-    effort: Effort,
-) -> Vec<EncodedTile> {
-    encode_tiles_with_effort(tiles, bits, codebook, effort)
 }
 
 /// `x` rounded up to a multiple of 128.
@@ -374,28 +425,41 @@ fn sample_tiles(reg: &Regularized) -> Vec<[f32; TILE_WEIGHTS]> {
         .collect()
 }
 
-/// Mean squared error of quantizing `tiles·g` and scaling back, per scale.
+/// Mean squared error of quantizing `tiles·g` and scaling back, for every scale `g` of each
+/// set's grid: one search call for all of them.
 fn scale_errors(
-    tiles: &[[f32; TILE_WEIGHTS]],
-    scales: &[f32],
+    sets: &[(&[[f32; TILE_WEIGHTS]], &[f32])],
     bits: BitWidth,
     codebook: Codebook,
-    effort: Effort,
-) -> Vec<f64> {
-    let scaled: Vec<[f32; TILE_WEIGHTS]> = scales
+    search: &Search,
+) -> Result<Vec<Vec<f64>>> {
+    let scaled: Vec<[f32; TILE_WEIGHTS]> = sets
         .iter()
-        .flat_map(|&g| tiles.iter().map(move |t| t.map(|v| v * g)))
-        .collect();
-    let encoded = encode_tiles(&scaled, bits, codebook, effort);
-    encoded
-        .chunks(tiles.len().max(1))
-        .zip(scales)
-        .map(|(chunk, &g)| {
-            let g2 = f64::from(g) * f64::from(g);
-            chunk.iter().map(|e| e.squared_error).sum::<f64>()
-                / (g2 * (tiles.len() * TILE_WEIGHTS) as f64)
+        .flat_map(|&(tiles, scales)| {
+            scales
+                .iter()
+                .flat_map(move |&g| tiles.iter().map(move |t| t.map(|v| v * g)))
         })
-        .collect()
+        .collect();
+    let encoded = search.encode(&scaled, bits, codebook)?;
+    let mut results = encoded.iter();
+    let mut errors = Vec::with_capacity(sets.len());
+    for &(tiles, scales) in sets {
+        let per_scale = scales
+            .iter()
+            .map(|&g| {
+                let g2 = f64::from(g) * f64::from(g);
+                let sum: f64 = results
+                    .by_ref()
+                    .take(tiles.len())
+                    .map(|e| e.squared_error)
+                    .sum();
+                sum / (g2 * (tiles.len() * TILE_WEIGHTS) as f64)
+            })
+            .collect();
+        errors.push(per_scale);
+    }
+    Ok(errors)
 }
 
 /// The coarse stage of the scale search: the best point of the reference's 0.1 … 1.9 grid on
@@ -406,29 +470,25 @@ fn coarse_scale(
     samples: &[[f32; TILE_WEIGHTS]],
     bits: BitWidth,
     codebook: Codebook,
-    effort: Effort,
-) -> f32 {
+    search: &Search,
+) -> Result<f32> {
     let sub: Vec<[f32; TILE_WEIGHTS]> = samples.iter().step_by(3).copied().collect();
-    let errors = scale_errors(&sub, &COARSE_SCALES, bits, codebook, effort);
+    let errors = scale_errors(&[(&sub, &COARSE_SCALES)], bits, codebook, search)?;
+    let errors = &errors[0];
     let best = (0..errors.len())
         .min_by(|&a, &b| errors[a].total_cmp(&errors[b]))
         .expect("a non-empty grid");
-    COARSE_SCALES[best]
+    Ok(COARSE_SCALES[best])
 }
 
-/// The fine stage: five points spaced 0.075 around `center`, then a parabola through the best
-/// point and its neighbours.
-fn fine_scale(
-    samples: &[[f32; TILE_WEIGHTS]],
-    center: f32,
-    bits: BitWidth,
-    codebook: Codebook,
-    effort: Effort,
-) -> f32 {
-    let grid: Vec<f32> = (0..5)
-        .map(|i| center + FINE_STEP * (i as f32 - 2.0))
-        .collect();
-    let errors = scale_errors(samples, &grid, bits, codebook, effort);
+/// The fine stage's grid: five points spaced 0.075 around `center`.
+fn fine_grid(center: f32) -> [f32; 5] {
+    std::array::from_fn(|i| center + FINE_STEP * (i as f32 - 2.0))
+}
+
+/// The fine stage's choice: the best point of the grid, moved to the vertex of the parabola
+/// through it and its neighbours.
+fn fine_scale(grid: &[f32; 5], errors: &[f64]) -> f32 {
     let best = (0..5)
         .min_by(|&a, &b| errors[a].total_cmp(&errors[b]))
         .expect("five points");
@@ -482,69 +542,120 @@ fn feedback_factor(hessian: &Hessian, su: &[f32], k: usize) -> Option<Vec<f32>> 
     None
 }
 
-/// LDLQ: quantize `target` (`k × n`) strip by strip from the last 16 rows to the first; with
-/// `l`, each strip's target is corrected by `Σ_{j>b} L_jbᵀ·(T_j − Q_j)` over the strips done
-/// (without, tiles are independent). Returns the reconstruction and the tile words.
-pub fn ldlq(
-    target: &[f32],
+/// One weight for [`ldlq`]: its target (`k × n`, row-major) and, for feedback, its LDL factor
+/// (`k × k`).
+struct LdlqJob<'a> {
+    target: &'a [f32],
     k: usize,
     n: usize,
-    l: Option<&[f32]>,
+    l: Option<&'a [f32]>,
+}
+
+/// LDLQ: quantize each job's target strip by strip from the last 16 rows to the first; with
+/// `l`, each strip's target is corrected by `Σ_{j>b} L_jbᵀ·(T_j − Q_j)` over the strips done
+/// (without, tiles are independent). The jobs (all `k` rows tall) advance together, so each
+/// search call takes one strip of every job. Returns each job's tile words.
+fn ldlq(
+    jobs: &[LdlqJob<'_>],
     bits: BitWidth,
     codebook: Codebook,
-    effort: Effort,
-) -> (Vec<f32>, Vec<u16>) {
-    let (tk, tn) = (k / TILE_SIZE, n / TILE_SIZE);
+    search: &Search,
+) -> Result<Vec<Vec<u16>>> {
+    let Some(k) = jobs.first().map(|j| j.k) else {
+        return Ok(Vec::new());
+    };
+    assert!(jobs.iter().all(|j| j.k == k), "LDLQ jobs of one height");
+    let tk = k / TILE_SIZE;
     let tile_words = bits.tile_words();
-    let mut q = vec![0.0f32; k * n];
-    let mut words = vec![0u16; tk * tn * tile_words];
-    let place = |kt: usize, encoded: &[EncodedTile], q: &mut [f32], words: &mut [u16]| {
+    let mut words: Vec<Vec<u16>> = jobs
+        .iter()
+        .map(|j| vec![0u16; tk * (j.n / TILE_SIZE) * tile_words])
+        .collect();
+    let place = |kt: usize, tn: usize, encoded: &[EncodedTile], words: &mut [u16]| {
         for (nt, e) in encoded.iter().enumerate() {
-            for r in 0..TILE_SIZE {
-                let dst = (kt * TILE_SIZE + r) * n + nt * TILE_SIZE;
-                q[dst..dst + TILE_SIZE]
-                    .copy_from_slice(&e.values[r * TILE_SIZE..(r + 1) * TILE_SIZE]);
-            }
             let w0 = (kt * tn + nt) * tile_words;
             words[w0..w0 + tile_words].copy_from_slice(&e.words);
         }
     };
-    let Some(l) = l else {
-        // Independent tiles: one batch over the whole matrix.
-        let tiles: Vec<[f32; TILE_WEIGHTS]> = (0..tk)
-            .flat_map(|kt| (0..tn).map(move |nt| (kt, nt)))
-            .map(|(kt, nt)| extract_tile(target, n, kt, nt))
+    if jobs.iter().all(|j| j.l.is_none()) {
+        // Independent tiles: one search over every tile of every job.
+        let tiles: Vec<[f32; TILE_WEIGHTS]> = jobs
+            .iter()
+            .flat_map(|j| {
+                let tn = j.n / TILE_SIZE;
+                (0..tk * tn).map(move |i| extract_tile(j.target, j.n, i / tn, i % tn))
+            })
             .collect();
-        let encoded = encode_tiles(&tiles, bits, codebook, effort);
-        for (kt, strip) in encoded.chunks(tn).enumerate() {
-            place(kt, strip, &mut q, &mut words);
+        let encoded = search.encode(&tiles, bits, codebook)?;
+        let mut rest = &encoded[..];
+        for (j, w) in jobs.iter().zip(&mut words) {
+            let tn = j.n / TILE_SIZE;
+            let (mine, later) = rest.split_at(tk * tn);
+            for (kt, strip) in mine.chunks(tn).enumerate() {
+                place(kt, tn, strip, w);
+            }
+            rest = later;
         }
-        return (q, words);
-    };
-    let mut err = vec![0.0f32; k * n];
+        return Ok(words);
+    }
+    // The error `T − Q` of the strips done, per job with feedback.
+    let mut errs: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|j| {
+            if j.l.is_some() {
+                vec![0.0f32; k * j.n]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     for kt in (0..tk).rev() {
         let r0 = kt * TILE_SIZE;
         let below = r0 + TILE_SIZE;
-        let mut strip = target[r0 * n..below * n].to_vec();
-        if below < k {
-            add_coef_t_times(
-                &l[below * k + r0..],
-                k,
-                &err[below * n..],
-                n,
-                &mut strip,
-                TILE_SIZE,
-            );
+        let mut tiles: Vec<[f32; TILE_WEIGHTS]> = Vec::new();
+        for (j, err) in jobs.iter().zip(&errs) {
+            let n = j.n;
+            let mut strip = Cow::Borrowed(&j.target[r0 * n..below * n]);
+            if let Some(l) = j.l
+                && below < k
+            {
+                add_coef_t_times(
+                    &l[below * k + r0..],
+                    k,
+                    &err[below * n..],
+                    n,
+                    strip.to_mut(),
+                    TILE_SIZE,
+                );
+            }
+            tiles.extend((0..n / TILE_SIZE).map(|nt| extract_tile(&strip, n, 0, nt)));
         }
-        let tiles: Vec<[f32; TILE_WEIGHTS]> =
-            (0..tn).map(|nt| extract_tile(&strip, n, 0, nt)).collect();
-        let encoded = encode_tiles(&tiles, bits, codebook, effort);
-        place(kt, &encoded, &mut q, &mut words);
-        for i in r0 * n..below * n {
-            err[i] = target[i] - q[i];
+        let encoded = search.encode(&tiles, bits, codebook)?;
+        let mut rest = &encoded[..];
+        for ((j, w), err) in jobs.iter().zip(&mut words).zip(&mut errs) {
+            let (n, tn) = (j.n, j.n / TILE_SIZE);
+            let (mine, later) = rest.split_at(tn);
+            rest = later;
+            place(kt, tn, mine, w);
+            if j.l.is_none() {
+                continue;
+            }
+            for (nt, e) in mine.iter().enumerate() {
+                for r in 0..TILE_SIZE {
+                    let i = (r0 + r) * n + nt * TILE_SIZE;
+                    let values = &e.values[r * TILE_SIZE..(r + 1) * TILE_SIZE];
+                    for ((d, &t), &q) in err[i..i + TILE_SIZE]
+                        .iter_mut()
+                        .zip(&j.target[i..i + TILE_SIZE])
+                        .zip(values)
+                    {
+                        *d = t - q;
+                    }
+                }
+            }
         }
     }
-    (q, words)
+    Ok(words)
 }
 
 /// `tr(EᵀHE)` for `e` given as `[n][k]` rows (HF orientation: one row per output channel).
@@ -571,8 +682,44 @@ fn hessian_trace(rows_out_in: &[f32], k: usize, h: &Matrix) -> f64 {
 pub fn quantize_group(
     members: &[(&DenseLinear, LinearSettings)],
     hessian: Option<&Hessian>,
-) -> Vec<QuantizedLinear> {
+) -> Result<Vec<QuantizedLinear>> {
     quantize_group_with(members, hessian, true)
+}
+
+/// Most bytes of LDL factors that members quantized side by side may hold at once (a factor
+/// is `k × k` f32: 16 MiB at k = 2048, 784 MiB at k = 14336).
+const SIDE_BY_SIDE_FACTOR_BYTES: usize = 1 << 30;
+
+/// Runs of consecutive members quantized side by side: same width, codebook, search and
+/// height, until the run's strips hold the search's preferred batch (one member at a time on
+/// the CPU) or its LDL factors [`SIDE_BY_SIDE_FACTOR_BYTES`].
+fn side_by_side_runs(
+    members: &[(&DenseLinear, LinearSettings)],
+    regs: &[Regularized],
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < members.len() {
+        let first = &members[start].1;
+        let batch = first.search.batch_tiles();
+        let factor_bytes = regs[start].k * regs[start].k * 4;
+        let mut end = start + 1;
+        let mut strip_tiles = regs[start].n / TILE_SIZE;
+        while end < members.len()
+            && strip_tiles < batch
+            && (end - start + 1) * factor_bytes <= SIDE_BY_SIDE_FACTOR_BYTES
+            && members[end].1.bits == first.bits
+            && members[end].1.codebook == first.codebook
+            && members[end].1.search.same_as(&first.search)
+            && regs[end].k == regs[start].k
+        {
+            strip_tiles += regs[end].n / TILE_SIZE;
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
 }
 
 /// [`quantize_group`], optionally without LDLQ feedback (tiles rounded independently against
@@ -581,7 +728,7 @@ fn quantize_group_with(
     members: &[(&DenseLinear, LinearSettings)],
     hessian: Option<&Hessian>,
     feedback: bool,
-) -> Vec<QuantizedLinear> {
+) -> Result<Vec<QuantizedLinear>> {
     if let Some(h) = hessian {
         for (m, _) in members {
             assert_eq!(h.mean.n, m.in_features, "Hessian size vs in_features");
@@ -617,43 +764,53 @@ fn quantize_group_with(
             .collect();
         let step = pooled.len().div_ceil(3 * SCALE_SAMPLE_TILES).max(1);
         let thinned: Vec<_> = pooled.into_iter().step_by(step).collect();
-        coarse.push((key, coarse_scale(&thinned, s.bits, s.codebook, s.effort)));
+        coarse.push((key, coarse_scale(&thinned, s.bits, s.codebook, &s.search)?));
     }
-    members
-        .iter()
-        .zip(regs)
-        .zip(&samples)
-        .map(|(((dense, settings), mut reg), smp)| {
-            let center = coarse
-                .iter()
-                .find(|(key, _)| *key == (settings.bits, settings.codebook))
-                .map(|(_, c)| *c)
-                .expect("every key searched");
-            let g = fine_scale(
-                smp,
-                center,
-                settings.bits,
-                settings.codebook,
-                settings.effort,
-            );
+    let runs = side_by_side_runs(members, &regs);
+    let mut regs: Vec<Option<Regularized>> = regs.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(members.len());
+    for run in runs {
+        let settings = &members[run.start].1;
+        let center = coarse
+            .iter()
+            .find(|(key, _)| *key == (settings.bits, settings.codebook))
+            .map(|(_, c)| *c)
+            .expect("every key searched");
+        let grid = fine_grid(center);
+        let sets: Vec<(&[[f32; TILE_WEIGHTS]], &[f32])> = samples[run.clone()]
+            .iter()
+            .map(|smp| (&smp[..], &grid[..]))
+            .collect();
+        let errors = scale_errors(&sets, settings.bits, settings.codebook, &settings.search)?;
+        let mut done: Vec<(Regularized, f32, Option<Vec<f32>>)> = Vec::new();
+        for (i, errors) in run.clone().zip(&errors) {
+            let mut reg = regs[i].take().expect("each member once");
+            let g = fine_scale(&grid, errors);
             reg.w.par_iter_mut().for_each(|v| *v *= g);
             reg.su.iter_mut().for_each(|s| *s /= g);
             let l = hessian
                 .filter(|_| feedback)
                 .and_then(|h| feedback_factor(h, &reg.su, reg.k));
-            let (_, words) = ldlq(
-                &reg.w,
-                reg.k,
-                reg.n,
-                l.as_deref(),
-                settings.bits,
-                settings.codebook,
-                settings.effort,
-            );
+            done.push((reg, g, l));
+        }
+        let jobs: Vec<LdlqJob> = done
+            .iter()
+            .map(|(reg, _, l)| LdlqJob {
+                target: &reg.w,
+                k: reg.k,
+                n: reg.n,
+                l: l.as_deref(),
+            })
+            .collect();
+        let words = ldlq(&jobs, settings.bits, settings.codebook, &settings.search)?;
+        drop(jobs);
+        for ((i, (reg, g, l)), words) in run.zip(done).zip(words) {
+            let (dense, settings) = &members[i];
             let fallback = feedback && l.is_none();
-            finish(dense, settings, reg, g, words, hessian, fallback)
-        })
-        .collect()
+            out.push(finish(dense, settings, reg, g, words, hessian, fallback));
+        }
+    }
+    Ok(out)
 }
 
 /// Build the stored tensors and measure the result against the dense weight.
@@ -756,8 +913,90 @@ mod tests {
             codebook: Codebook::Mul1,
             seed: 11,
             out_scales: OutScales::Auto,
-            effort: Effort::Fast,
+            search: Search::Cpu(Effort::Fast),
         }
+    }
+
+    /// The CPU's exact search presented as a device that wants large batches, counting its
+    /// calls: it makes the quantizer run linears side by side, as it does for a GPU.
+    #[derive(Default)]
+    struct BatchingSearch {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TileSearch for BatchingSearch {
+        fn name(&self) -> String {
+            "the CPU, batched".to_string()
+        }
+
+        fn preferred_batch(&self) -> usize {
+            1 << 20
+        }
+
+        fn encode_tiles(
+            &self,
+            targets: &[[f32; TILE_WEIGHTS]],
+            bits: BitWidth,
+            codebook: Codebook,
+        ) -> std::result::Result<Vec<EncodedTile>, String> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(encode_tiles_with_effort(
+                targets,
+                bits,
+                codebook,
+                Effort::Exact,
+            ))
+        }
+    }
+
+    /// Linears run side by side (one search call per strip for all of them) get exactly the
+    /// bytes that one-at-a-time LDLQ gives them with the same search; a member of another
+    /// width starts a new run.
+    #[test]
+    fn side_by_side_ldlq_matches_one_linear_at_a_time() {
+        let in_f = 128;
+        let h = correlated_hessian(in_f, 1024, 21);
+        let widths = [3.0, 3.0, 3.0, 2.0];
+        let outs = [64, 32, 64, 64];
+        let dense: Vec<DenseLinear> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| gaussian_linear(in_f, o, 40 + i as u64))
+            .collect();
+        let members = |search: &Search| -> Vec<(&DenseLinear, LinearSettings)> {
+            dense
+                .iter()
+                .zip(widths)
+                .enumerate()
+                .map(|(i, (d, w))| {
+                    let s = LinearSettings {
+                        bits: BitWidth::from_f64(w).unwrap(),
+                        seed: 100 + i as u64,
+                        search: search.clone(),
+                        ..settings(BitWidth::from_f64(w).unwrap())
+                    };
+                    (d, s)
+                })
+                .collect()
+        };
+        let one_at_a_time =
+            quantize_group(&members(&Search::Cpu(Effort::Exact)), Some(&h)).unwrap();
+        let device = Arc::new(BatchingSearch::default());
+        let side_by_side =
+            quantize_group(&members(&Search::Device(device.clone())), Some(&h)).unwrap();
+        for (i, (a, b)) in one_at_a_time.iter().zip(&side_by_side).enumerate() {
+            assert!(!a.report.fallback, "member {i} had no feedback");
+            assert_eq!(a.trellis, b.trellis, "member {i}: tile words");
+            assert_eq!((&a.suh, &a.svh), (&b.suh, &b.svh), "member {i}: scales");
+        }
+        // Two runs (three 3-bit members, then the 2-bit one), each one coarse and one fine
+        // scale search plus one call per 16-row strip.
+        let strips = in_f / TILE_SIZE;
+        assert_eq!(
+            device.calls.load(std::sync::atomic::Ordering::Relaxed),
+            2 * (2 + strips)
+        );
     }
 
     /// The exact search is the optimum of each tile, so without feedback (independent tiles)
@@ -770,10 +1009,10 @@ mod tests {
         let bits = BitWidth::from_f64(3.0).unwrap();
         let error = |effort| {
             let s = LinearSettings {
-                effort,
+                search: Search::Cpu(effort),
                 ..settings(bits)
             };
-            let q = quantize_group_with(&[(&dense, s)], Some(&h), false);
+            let q = quantize_group_with(&[(&dense, s)], Some(&h), false).unwrap();
             q[0].report.weight_error
         };
         let (fast, exact) = (error(Effort::Fast), error(Effort::Exact));
@@ -790,8 +1029,9 @@ mod tests {
         for (seed, bits) in [(1, BitWidth::from_f64(2.0)), (2, BitWidth::from_f64(4.0))] {
             let bits = bits.unwrap();
             let dense = gaussian_linear(in_f, out_f, seed);
-            let with = quantize_group_with(&[(&dense, settings(bits))], Some(&h), true);
-            let without = quantize_group_with(&[(&dense, settings(bits))], Some(&h), false);
+            let with = quantize_group_with(&[(&dense, settings(bits))], Some(&h), true).unwrap();
+            let without =
+                quantize_group_with(&[(&dense, settings(bits))], Some(&h), false).unwrap();
             let (pw, pn) = (
                 with[0].report.proxy_error.unwrap(),
                 without[0].report.proxy_error.unwrap(),
@@ -820,7 +1060,8 @@ mod tests {
         let q = quantize_group(
             &[(&dense, settings(BitWidth::from_f64(4.0).unwrap()))],
             Some(&h),
-        );
+        )
+        .unwrap();
         let q = &q[0];
         assert_eq!((q.k_padded(), q.n_padded()), (256, 256));
         assert!(q.report.weight_error < 0.02, "{:?}", q.report);
@@ -829,7 +1070,8 @@ mod tests {
         let q = quantize_group(
             &[(&dense, settings(BitWidth::from_f64(4.0).unwrap()))],
             None,
-        );
+        )
+        .unwrap();
         assert!(q[0].report.fallback && q[0].report.proxy_error.is_none());
         assert!(q[0].report.weight_error < 0.02, "{:?}", q[0].report);
     }

@@ -270,7 +270,7 @@ fn resume_continues_an_interrupted_run() {
 
     let out = work.path().join("resumed");
     // Interrupt: the event handler panics once layer 0 is checkpointed.
-    let interrupted = std::panic::catch_unwind(|| {
+    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         quantize_model(
             &src,
             &out,
@@ -283,7 +283,7 @@ fn resume_continues_an_interrupted_run() {
                 }
             },
         )
-    });
+    }));
     assert!(interrupted.is_err());
     assert!(!out.exists(), "an interrupted run must not look complete");
     assert!(work_dir_of(&out).is_dir());
