@@ -1,11 +1,13 @@
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use trellis_codec::Codebook;
-use trellis_codec::encode::Effort;
+use trellis_codec::encode::{Effort, TileSearch};
 use trellis_quant::{
-    Calibration, Event, OutScales, Overwrite, QuantError, QuantizeOptions, Summary, quantize_model,
+    Calibration, Event, OutScales, Overwrite, QuantError, QuantizeOptions, Search, Summary,
+    quantize_model,
 };
 use trellis_runtime::tokenizer::Tokenizer;
 
@@ -24,8 +26,11 @@ same input; every expert sees every token) drives LDLQ with the Viterbi trellis 
 Output: <out> is written as <out>.partial and renamed when complete; each finished layer is \
 checkpointed there, so an interrupted run continues with --resume.
 
-Quantization runs on the CPU, on all cores (--threads); --device cuda is accepted but the \
-quantizer has no GPU path yet.")]
+Where: the calibration forward passes, Hessians and LDL factors run on the CPU, on all cores \
+(--threads). The Viterbi search of the tiles, most of the time, runs there too, or with \
+--device cuda on the GPU: it then always runs the exact search (the same walks as --effort \
+exact on the CPU, so the same output bytes), and linears that share a Hessian run LDLQ side by \
+side so that each search call fills the GPU.")]
 pub struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     model: PathBuf,
@@ -54,9 +59,10 @@ pub struct Args {
     /// Fold output-channel scales into svh: auto (ExLlamaV3's rule), always or never.
     #[arg(long, value_enum, default_value_t = OutScalesArg::Auto)]
     out_scales: OutScalesArg,
-    /// Viterbi search: fast (the same search in 16-bit fixed point where the CPU has
-    /// AVX-512BW and K ≤ 4, 2–4× faster there, else in tagged f32; squared error within 0.5 %
-    /// of exact's) or exact (f32 costs throughout, identical output on every machine).
+    /// Viterbi search on the CPU: fast (the same search in 16-bit fixed point where the CPU
+    /// has AVX-512BW and K ≤ 4, 2–4× faster there, else in tagged f32; squared error within
+    /// 0.5 % of exact's) or exact (f32 costs throughout, identical output on every machine).
+    /// The GPU search (--device cuda) is always exact.
     #[arg(long, value_enum, default_value_t = EffortArg::Fast)]
     effort: EffortArg,
     /// Seed of the random sign flips.
@@ -71,7 +77,8 @@ pub struct Args {
     /// Replace an existing output and discard any interrupted run.
     #[arg(long)]
     force: bool,
-    /// Where to run; the quantizer runs on the CPU either way (see below).
+    /// Where the Viterbi search runs: cpu, cuda (the GPU's exact search), or auto (the GPU
+    /// when one is usable, else the CPU).
     #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
     device: super::Device,
     /// CPU threads (default: one per core).
@@ -103,14 +110,36 @@ enum OutScalesArg {
     Never,
 }
 
+/// The tile search `--device` and `--effort` ask for.
+fn tile_search(device: super::Device, effort: EffortArg) -> anyhow::Result<Search> {
+    let cpu = Search::Cpu(match effort {
+        EffortArg::Fast => Effort::Fast,
+        EffortArg::Exact => Effort::Exact,
+    });
+    Ok(match device {
+        super::Device::Cpu => cpu,
+        super::Device::Cuda => Search::Device(gpu_tile_search()?),
+        super::Device::Auto => gpu_tile_search().map(Search::Device).unwrap_or(cpu),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_tile_search() -> anyhow::Result<Arc<dyn TileSearch>> {
+    let search = trellis_cuda::CudaTileSearch::new(0)
+        .context("cannot use the GPU for the tile search (--device cuda)")?;
+    Ok(Arc::new(search))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_tile_search() -> anyhow::Result<Arc<dyn TileSearch>> {
+    bail!("this trellis was built without CUDA (rebuild with `--features cuda`)")
+}
+
 /// The default calibration set: 64 sequences of 1024 tokens.
 pub const DEFAULT_CALIBRATION_ROWS: usize = 64;
 pub const DEFAULT_CALIBRATION_COLS: usize = 1024;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.device == super::Device::Cuda {
-        eprintln!("note: the quantizer has no GPU path yet; quantizing on the CPU");
-    }
     super::init_threads(args.threads)?;
     if !(args.bits.is_finite() && args.bits > 0.0) {
         bail!(
@@ -133,10 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         seed: args.seed,
         max_shard_bytes: args.shard_size_mb.max(1) << 20,
-        effort: match args.effort {
-            EffortArg::Fast => Effort::Fast,
-            EffortArg::Exact => Effort::Exact,
-        },
+        search: tile_search(args.device, args.effort)?,
     };
     let overwrite = if args.force {
         Overwrite::Force
@@ -244,6 +270,12 @@ pub fn quantize_with_progress(job: &Job<'_>) -> anyhow::Result<Option<Summary>> 
                 job.calibration_rows,
                 job.calibration_cols,
             );
+            let search = match &job.options.search {
+                Search::Cpu(Effort::Fast) => "the CPU, fast effort".to_string(),
+                Search::Cpu(Effort::Exact) => "the CPU, exact".to_string(),
+                Search::Device(device) => format!("{}, exact", device.name()),
+            };
+            eprintln!("tile search on {search}");
             if resumed_at > 0 {
                 eprintln!("resuming after layer {}", resumed_at - 1);
             }
