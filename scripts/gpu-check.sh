@@ -80,6 +80,8 @@ run() {
     # The SIMT kernels for tiles of up to 16 rows (decode uses the 16-row tensor-core kernel).
     TRELLIS_CUDA_MMA16=0 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe fused
     TRELLIS_CUDA_UNFUSED_LINEAR=1 TRELLIS_CUDA_SYNC=1 run_bin ops ops 300 --ignored --test-threads 1 --nocapture trellis moe_experts fused
+    # The quantizer's GPU Viterbi search against the CPU's exact search (and its throughput).
+    run_bin tile_search tile_search 300 --ignored --test-threads 1 --nocapture
     local filters=()
     for f in $fixtures; do
         case $f in

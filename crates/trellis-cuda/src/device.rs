@@ -289,8 +289,7 @@ kernel_table!(
     moe_route,
     moe_plan,
     moe_combine,
-    viterbi_tiles_shared,
-    viterbi_tiles_global;
+    viterbi_tiles;
     tiled: trellis_matmul,
     trellis_linear,
     dense_matmul_f32,
@@ -571,7 +570,7 @@ impl Device {
             &kernels.mla_decode_f16,
             &kernels.mla_decode_mma,
             &kernels.trellis_row_tm1,
-            &kernels.viterbi_tiles_shared,
+            &kernels.viterbi_tiles,
         ] {
             // What the block may add to its static shared memory (a traced build has some).
             let fixed = k

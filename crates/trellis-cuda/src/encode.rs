@@ -33,7 +33,7 @@ struct Buffers {
     targets: Option<DeviceMem<f32>>,
     states: Option<DeviceMem<u16>>,
     back: Option<DeviceMem<u32>>,
-    costs: Option<DeviceMem<f32>>,
+    staged: Option<DeviceMem<f32>>,
 }
 
 /// At least `len` elements of `slot`, reallocated (contents lost) when it is smaller.
@@ -50,11 +50,18 @@ fn ensure<'a, T: DeviceRepr + ValidAsZeroBits>(
     Ok(slot.as_mut().expect("allocated above"))
 }
 
-/// Shapes of one width's search: backpointer words per pass and survivor costs per buffer.
+/// Survivor costs a block stages in global memory in steps of at most two code bits
+/// (`viterbi_step` in the kernel), which have too many survivors per thread for registers.
+const STAGED_COSTS: usize = 1 << 15;
+
+/// Shapes of one width's search: backpointer words per pass and survivor costs.
 struct SearchShape {
     shifts: [u8; TILE_WEIGHTS],
     back_words: usize,
+    /// Survivor costs of the widest step (held in shared memory).
     cost_len: usize,
+    /// Whether some step stages its costs in global memory.
+    staged: bool,
 }
 
 impl SearchShape {
@@ -71,12 +78,15 @@ impl SearchShape {
                 dn as usize * ((1usize << (STATE_BITS - dn)) / 32)
             })
             .sum();
-        let min_shift = (0..TILE_WEIGHTS).map(|t| bits.code_bits(t)).min();
-        let cost_len = 1usize << (STATE_BITS - min_shift.expect("256 positions"));
+        let min_shift = (0..TILE_WEIGHTS)
+            .map(|t| bits.code_bits(t))
+            .min()
+            .expect("256 positions");
         SearchShape {
             shifts,
             back_words,
-            cost_len,
+            cost_len: 1usize << (STATE_BITS - min_shift),
+            staged: min_shift <= 2,
         }
     }
 }
@@ -93,27 +103,19 @@ impl CudaTileSearch {
                 targets: None,
                 states: None,
                 back: None,
-                costs: None,
+                staged: None,
             }),
         })
     }
 
     /// Blocks that run at once with `shared_bytes` of dynamic shared memory each.
-    fn resident_blocks(&self, shared: bool, shared_bytes: usize) -> Result<usize> {
-        let kernel = self.kernel(shared);
+    fn resident_blocks(&self, shared_bytes: usize) -> Result<usize> {
+        let kernel = &self.dev.kernels.viterbi_tiles;
         let per_sm = kernel
             .func
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared_bytes, None)
             .map_err(|e| cuda_error(format!("occupancy of {}: {e}", kernel.name)))?;
         Ok(self.dev.sm_count * (per_sm as usize).max(1))
-    }
-
-    fn kernel(&self, shared: bool) -> &crate::device::Kernel {
-        if shared {
-            &self.dev.kernels.viterbi_tiles_shared
-        } else {
-            &self.dev.kernels.viterbi_tiles_global
-        }
     }
 
     /// The walks of `targets` (position order, 256 per tile) into `states`.
@@ -132,11 +134,8 @@ impl CudaTileSearch {
             .map_err(|e| cuda_error(format!("binding the context: {e}")))?;
         let tiles = position_targets.len() / TILE_WEIGHTS;
         let shape = SearchShape::of(bits);
-        let cost_bytes = 2 * shape.cost_len * std::mem::size_of::<f32>();
-        // The shared kernel's static arrays need a little of the block's shared memory too.
-        let shared = cost_bytes + (4 << 10) <= self.dev.max_shared_bytes;
-        let shared_bytes = if shared { cost_bytes } else { 0 };
-        let blocks = tiles.min(self.resident_blocks(shared, shared_bytes)?);
+        let shared_bytes = shape.cost_len * std::mem::size_of::<f32>();
+        let blocks = tiles.min(self.resident_blocks(shared_bytes)?);
 
         let mut guard = self.buffers.lock().expect("tile search buffers");
         let buffers = &mut *guard;
@@ -174,16 +173,17 @@ impl CudaTileSearch {
             "Viterbi backpointers",
         )?
         .ptr;
-        let costs = if shared {
-            0
-        } else {
+        // Widths without short steps never touch the staging area.
+        let staged = if shape.staged {
             ensure(
                 dev,
-                &mut buffers.costs,
-                blocks * 2 * shape.cost_len,
-                "Viterbi costs",
+                &mut buffers.staged,
+                blocks * STAGED_COSTS,
+                "Viterbi staged costs",
             )?
             .ptr
+        } else {
+            0
         };
 
         let mut args = Args::new();
@@ -192,12 +192,11 @@ impl CudaTileSearch {
             .arg(table)
             .arg(back)
             .arg(shape.back_words as u64)
-            .arg(costs)
-            .arg(u32::try_from(shape.cost_len).expect("≤ 2^15"))
+            .arg(staged)
             .arg(states_ptr)
             .arg(u32::try_from(tiles).expect("tiles per launch fit u32"));
         dev.launch(
-            self.kernel(shared),
+            &dev.kernels.viterbi_tiles,
             Grid::new((blocks, 1, 1), THREADS).shared(shared_bytes),
             &mut args,
         );
@@ -216,7 +215,7 @@ impl TileSearch for CudaTileSearch {
     }
 
     fn preferred_batch(&self) -> usize {
-        // Four blocks a multiprocessor run at once at K ≥ 3; two waves of them.
+        // Two blocks a multiprocessor run at once (one at K = 1); four waves of them.
         self.dev.sm_count * 8
     }
 
