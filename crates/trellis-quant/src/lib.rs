@@ -1,4 +1,5 @@
-//! The EXL3 quantizer: Hugging Face weights in, an EXL3 model directory out, on the CPU.
+//! The EXL3 quantizer: Hugging Face weights in, an EXL3 model directory out, on the CPU (the
+//! Viterbi tile search may run on a device: [`Search`]).
 //!
 //! * [`convert::quantize_model`]: the whole conversion, one decoder layer at a time, with
 //!   calibration activations streamed through the already-quantized prefix, per-layer
