@@ -304,6 +304,26 @@ fn bad_inputs_give_clear_errors() {
         &["cuda"],
     );
 
+    // The quantizer's GPU search in a build without CUDA: refused before anything is
+    // written. (A CUDA build on a GPU machine would run it.)
+    if !cfg!(feature = "cuda") {
+        let hf = fixture("hf/glm4-moe-lite-tiny");
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("q");
+        let args = [
+            "quantize",
+            path(&hf),
+            "--out",
+            path(&out),
+            "--bits",
+            "4",
+            "--device",
+            "cuda",
+        ];
+        fails_with(&args, &["--device cuda", "without CUDA"]);
+        assert!(!out.exists() && !trellis_quant::work_dir_of(&out).exists());
+    }
+
     // A model directory without tokenizer.json.
     let tmp = tempfile::tempdir().unwrap();
     for f in ["config.json", "model.safetensors"] {

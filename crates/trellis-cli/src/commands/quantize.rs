@@ -27,10 +27,10 @@ Output: <out> is written as <out>.partial and renamed when complete; each finish
 checkpointed there, so an interrupted run continues with --resume.
 
 Where: the calibration forward passes, Hessians and LDL factors run on the CPU, on all cores \
-(--threads). The Viterbi search of the tiles, most of the time, runs there too, or with \
---device cuda on the GPU: it then always runs the exact search (the same walks as --effort \
-exact on the CPU, so the same output bytes), and linears that share a Hessian run LDLQ side by \
-side so that each search call fills the GPU.")]
+(--threads). The Viterbi search of the tiles, where most of the time goes, runs there too or, \
+with --device cuda, on the GPU. The GPU always runs the exact search (the walks of --effort \
+exact on the CPU, so the same output bytes), and linears that share a Hessian then run LDLQ \
+side by side so that each search call fills the GPU.")]
 pub struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     model: PathBuf,
@@ -132,7 +132,7 @@ fn gpu_tile_search() -> anyhow::Result<Arc<dyn TileSearch>> {
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_tile_search() -> anyhow::Result<Arc<dyn TileSearch>> {
-    bail!("this trellis was built without CUDA (rebuild with `--features cuda`)")
+    bail!("--device cuda: this trellis was built without CUDA (rebuild with `--features cuda`)")
 }
 
 /// The default calibration set: 64 sequences of 1024 tokens.
