@@ -80,13 +80,15 @@ impl EncodedTile {
     }
 }
 
+/// One tile's target (row-major 16×16) in trellis position order, the order the search walks.
+fn in_position_order(target: &[f32; TILE_WEIGHTS]) -> [f32; TILE_WEIGHTS] {
+    POSITION_TO_TILE_INDEX.map(|i| target[usize::from(i)])
+}
+
 /// The targets of `targets` in trellis position order (position t of tile i at
 /// `i · 256 + t`), as a search running elsewhere wants them.
 pub fn targets_in_position_order(targets: &[[f32; TILE_WEIGHTS]]) -> Vec<f32> {
-    targets
-        .iter()
-        .flat_map(|target| POSITION_TO_TILE_INDEX.map(|i| target[usize::from(i)]))
-        .collect()
+    targets.iter().flat_map(in_position_order).collect()
 }
 
 /// A tile search that runs outside this crate, on an accelerator (the CUDA backend has
@@ -241,12 +243,8 @@ fn encode_tile_windowed(
     let code = tile_code(bits, codebook);
     const HALF: usize = TILE_WEIGHTS / 2;
 
-    let mut x = [0f32; TILE_WEIGHTS];
-    let mut shifts = [0u32; TILE_WEIGHTS];
-    for t in 0..TILE_WEIGHTS {
-        x[t] = target[usize::from(POSITION_TO_TILE_INDEX[t])];
-        shifts[t] = bits.code_bits(t);
-    }
+    let x = in_position_order(target);
+    let shifts: [u32; TILE_WEIGHTS] = std::array::from_fn(|t| bits.code_bits(t));
 
     // Pass 1 over the ring rotated by half: its wrap point 255 → 0 sits mid-walk, where the
     // search has had context from both sides. 128 is even, so every position keeps its shift.
