@@ -346,8 +346,19 @@ pub trait Backend {
         linears: &mut [(&Self::Linear, &mut Self::Buffer)],
     ) {
         self.rms_norm(x, norm, eps, rows, h);
+        self.linears(h, rows, linears);
+    }
+
+    /// `out_i = x · W_i` for each pair of `linears` (all reading `x`): a layer's products of
+    /// one input (q, k and v; gate and up) as one op, which a backend may run together.
+    fn linears(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        linears: &mut [(&Self::Linear, &mut Self::Buffer)],
+    ) {
         for (w, out) in linears.iter_mut() {
-            self.linear(w, h, rows, out);
+            self.linear(w, x, rows, out);
         }
     }
 

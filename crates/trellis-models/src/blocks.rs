@@ -249,9 +249,15 @@ impl<B: Backend> SelfAttention<B> {
     ) {
         let n = batch.rows();
         let (heads, kv_heads, head_dim) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
-        b.linear(&self.q, h, n, &mut bufs.q);
-        b.linear(&self.k, h, n, &mut bufs.k);
-        b.linear(&self.v, h, n, &mut bufs.v);
+        b.linears(
+            h,
+            n,
+            &mut [
+                (&self.q, &mut bufs.q),
+                (&self.k, &mut bufs.k),
+                (&self.v, &mut bufs.v),
+            ],
+        );
         if let Some(norm) = &self.qk_norm {
             b.rms_norm_inplace(&mut bufs.q, &norm.q, norm.eps, n * heads);
             b.rms_norm_inplace(&mut bufs.k, &norm.k, norm.eps, n * kv_heads);
@@ -355,8 +361,7 @@ impl<B: Backend> Mlp<B> {
         up: &mut B::Buffer,
         out: &mut B::Buffer,
     ) {
-        b.linear(&self.gate, x, rows, gate);
-        b.linear(&self.up, x, rows, up);
+        b.linears(x, rows, &mut [(&self.gate, gate), (&self.up, up)]);
         let len = rows * self.intermediate;
         match self.activation {
             Activation::Silu => b.silu_mul(gate, up, len),

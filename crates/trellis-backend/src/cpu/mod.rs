@@ -503,16 +503,7 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn rms_norm_linears(
-        &self,
-        x: &CpuBuffer,
-        norm: &Vec<f32>,
-        eps: f32,
-        rows: usize,
-        h: &mut CpuBuffer,
-        linears: &mut [(&CpuLinear, &mut CpuBuffer)],
-    ) {
-        self.rms_norm(x, norm, eps, rows, h);
+    fn linears(&self, x: &CpuBuffer, rows: usize, linears: &mut [(&CpuLinear, &mut CpuBuffer)]) {
         fn trellis(l: &CpuLinear) -> Option<&trellis_kernels::PackedTrellis> {
             match l {
                 CpuLinear::Trellis(p) => Some(p),
@@ -525,7 +516,7 @@ impl Backend for CpuBackend {
             && linears.len() <= trellis_kernels::MAX_BATCH
             && linears.iter().all(|(l, _)| trellis(l).is_some())
         {
-            let (n, width) = (linears.len(), norm.len());
+            let (n, width) = (linears.len(), linears[0].0.in_features());
             profile::timed(profile::LINEAR_BATCH, width, linears.len(), rows, || {
                 let mut outs: [&mut [f32]; trellis_kernels::MAX_BATCH] =
                     std::array::from_fn(|_| Default::default());
@@ -535,17 +526,17 @@ impl Backend for CpuBackend {
                     *o = &mut buf.0[..];
                     *p = trellis(l);
                 }
-                let h: &[f32] = &h.0[..width];
+                let x: &[f32] = &x.0[..width];
                 trellis_kernels::gemv_batch_into(
                     n,
-                    |j| (packed[j].expect("all trellis"), h),
+                    |j| (packed[j].expect("all trellis"), x),
                     &mut outs[..n],
                 );
             });
             return;
         }
         for (w, out) in linears.iter_mut() {
-            self.linear(w, h, rows, out);
+            self.linear(w, x, rows, out);
         }
     }
 
@@ -632,6 +623,81 @@ mod tests {
         match data {
             DenseData::BF16(table) => table,
             _ => panic!("stored precision changed"),
+        }
+    }
+
+    /// Products of one input as one op (`linears`) equal the separate products bit for bit:
+    /// the batched region for one token (with a bias, and linears of different widths) and the
+    /// fallbacks for several tokens and for a dense member.
+    #[test]
+    fn linears_of_one_input_match_separate_products() {
+        use half::f16;
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        use std::borrow::Cow;
+        use trellis_codec::{BitWidth, Codebook, TrellisLinear};
+
+        let mut rng = StdRng::seed_from_u64(17);
+        let in_f = 256;
+        let mut trellis = |out_f: usize, bias: bool| -> CpuLinear {
+            let bits = BitWidth::integer(4).unwrap();
+            let words: Vec<u16> = (0..(in_f / 16) * (out_f / 16) * bits.tile_words())
+                .map(|_| rng.random())
+                .collect();
+            let mut scales = |n: usize| -> Vec<f16> {
+                (0..n)
+                    .map(|_| f16::from_f32(rng.random_range(-0.1f32..0.1)))
+                    .collect()
+            };
+            let (suh, svh) = (scales(in_f), scales(out_f));
+            let b = bias.then(|| Cow::Owned(scales(out_f)));
+            let t = TrellisLinear::new(
+                Cow::Owned(words),
+                Cow::Owned(suh),
+                Cow::Owned(svh),
+                b,
+                bits,
+                Codebook::Mul1,
+                in_f,
+                out_f,
+            )
+            .unwrap();
+            CpuLinear::trellis(&t)
+        };
+        let linears = [trellis(384, true), trellis(128, false), trellis(128, true)];
+        let dense = CpuLinear::Dense {
+            weight: DenseData::F32((0..in_f * 64).map(|i| (i % 13) as f32 * 0.01).collect()),
+            bias: None,
+            in_features: in_f,
+            out_features: 64,
+        };
+        let backend = CpuBackend::new();
+        for rows in [1, 3] {
+            let x = CpuBuffer(
+                (0..rows * in_f)
+                    .map(|i| ((i * 7) % 11) as f32 - 5.0)
+                    .collect(),
+            );
+            let members: Vec<&CpuLinear> = linears.iter().chain([&dense]).collect();
+            for set in [&members[..3], &members[..]] {
+                let mut separate: Vec<CpuBuffer> = set
+                    .iter()
+                    .map(|l| CpuBuffer(vec![0.0; rows * l.out_features()]))
+                    .collect();
+                for (l, out) in set.iter().zip(&mut separate) {
+                    backend.linear(l, &x, rows, out);
+                }
+                let mut together: Vec<CpuBuffer> = set
+                    .iter()
+                    .map(|l| CpuBuffer(vec![f32::NAN; rows * l.out_features()]))
+                    .collect();
+                let mut pairs: Vec<(&CpuLinear, &mut CpuBuffer)> =
+                    set.iter().copied().zip(together.iter_mut()).collect();
+                backend.linears(&x, rows, &mut pairs);
+                for (i, (a, b)) in separate.iter().zip(&together).enumerate() {
+                    assert!(a.0.iter().all(|v| v.is_finite()), "rows {rows} member {i}");
+                    assert_eq!(a.0, b.0, "rows {rows}, {} members: member {i}", set.len());
+                }
+            }
         }
     }
 
