@@ -71,6 +71,15 @@ extern "C" __global__ void trellis_finish(const TrellisDesc* descs, const int* r
     }
 }
 
+// `CASE(CB)` with `codebook` (0 3INST, 1 mcg, 2 mul1) as the compile-time constant CB that the
+// decode loops are specialised on; each kernel defines its own CASE.
+#define WITH_CODEBOOK(codebook, CASE) \
+    switch (codebook) {               \
+        case 0: CASE(0); break;       \
+        case 1: CASE(1); break;       \
+        default: CASE(2); break;      \
+    }
+
 // ---- codebooks: 16-bit state -> weight, each with exactly one fp16 rounding --------------
 
 __device__ __forceinline__ float inst_halves_sum(u32 x) {
@@ -226,17 +235,10 @@ __device__ __forceinline__ void trellis_matmul_impl(const TrellisDesc* descs, co
     const int kt0 = blockIdx.z * ktiles_per_split;
     const int kt1 = min(tiles_k, kt0 + ktiles_per_split);
     float* part = partial + (u64)blockIdx.z * rows * n_pad;
-    switch (d.codebook) {
-        case 0:
-            trellis_matmul_body<TM, 0>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
-            break;
-        case 1:
-            trellis_matmul_body<TM, 1>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
-            break;
-        default:
-            trellis_matmul_body<TM, 2>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part);
-            break;
-    }
+#define TRELLIS_MATMUL_CASE(CB) \
+    trellis_matmul_body<TM, CB>(d, xh, k_pad, n_pad, row0, nrows, kt0, kt1, part)
+    WITH_CODEBOOK(d.codebook, TRELLIS_MATMUL_CASE)
+#undef TRELLIS_MATMUL_CASE
 }
 
 #define TRELLIS_MATMUL(TM)                                                                      \
@@ -902,11 +904,7 @@ __device__ __forceinline__ void trellis_linear_impl(const LinearArgs& a) {
     if (!block_job<TM>(a, j)) return;
 #define TRELLIS_LINEAR_CASE(CB) \
     trellis_linear_body<TM, CB>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.nrows, j.kt0, j.kt1)
-    switch (j.d.codebook) {
-        case 0: TRELLIS_LINEAR_CASE(0); break;
-        case 1: TRELLIS_LINEAR_CASE(1); break;
-        default: TRELLIS_LINEAR_CASE(2); break;
-    }
+    WITH_CODEBOOK(j.d.codebook, TRELLIS_LINEAR_CASE)
 #undef TRELLIS_LINEAR_CASE
 }
 
@@ -1085,11 +1083,7 @@ extern "C" __global__ void __launch_bounds__(MM_THREADS, 3) trellis_row_tm1(cons
         trellis_row_body<CB, 32>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.kt0, j.kt1); \
     else                                                                             \
         trellis_row_body<CB, 64>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.kt0, j.kt1)
-    switch (j.d.codebook) {
-        case 0: TRELLIS_ROW_CASE(0); break;
-        case 1: TRELLIS_ROW_CASE(1); break;
-        default: TRELLIS_ROW_CASE(2); break;
-    }
+    WITH_CODEBOOK(j.d.codebook, TRELLIS_ROW_CASE)
 #undef TRELLIS_ROW_CASE
 }
 
@@ -1274,11 +1268,7 @@ __device__ __forceinline__ void trellis_mma_impl(const LinearArgs& a) {
     if (!block_job<16 * MT>(a, j)) return;
 #define TRELLIS_MMA_CASE(CB) \
     trellis_mma_body<MT, CB>(a, j.d, j.o, j.nb, blockIdx.y, j.row0, j.nrows, j.kt0, j.kt1)
-    switch (j.d.codebook) {
-        case 0: TRELLIS_MMA_CASE(0); break;
-        case 1: TRELLIS_MMA_CASE(1); break;
-        default: TRELLIS_MMA_CASE(2); break;
-    }
+    WITH_CODEBOOK(j.d.codebook, TRELLIS_MMA_CASE)
 #undef TRELLIS_MMA_CASE
 }
 
