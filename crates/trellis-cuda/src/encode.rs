@@ -3,8 +3,7 @@
 //! conversion with `--device cuda` writes the same bytes as `--effort exact` on the CPU.
 
 use crate::device::{Args, Device, Grid, cuda_error};
-use crate::memory::DeviceMem;
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use crate::memory::{DeviceMem, Growable};
 use std::sync::Mutex;
 use trellis_backend::Result;
 use trellis_codec::bits::STATE_BITS;
@@ -30,24 +29,10 @@ struct Buffers {
     tables: Vec<(Codebook, DeviceMem<u16>)>,
     /// The shifts of the 256 positions for the width of the last call.
     shifts: Option<(BitWidth, DeviceMem<u8>)>,
-    targets: Option<DeviceMem<f32>>,
-    states: Option<DeviceMem<u16>>,
-    back: Option<DeviceMem<u32>>,
-    staged: Option<DeviceMem<f32>>,
-}
-
-/// At least `len` elements of `slot`, reallocated (contents lost) when it is smaller.
-fn ensure<'a, T: DeviceRepr + ValidAsZeroBits>(
-    dev: &Device,
-    slot: &'a mut Option<DeviceMem<T>>,
-    len: usize,
-    what: &str,
-) -> Result<&'a mut DeviceMem<T>> {
-    if slot.as_ref().is_none_or(|m| m.len() < len) {
-        *slot = None;
-        *slot = Some(DeviceMem::zeroed(dev, len, what)?);
-    }
-    Ok(slot.as_mut().expect("allocated above"))
+    targets: Growable<f32>,
+    states: Growable<u16>,
+    back: Growable<u32>,
+    staged: Growable<f32>,
 }
 
 /// Survivor costs a block stages in global memory in steps of at most two code bits
@@ -100,10 +85,10 @@ impl CudaTileSearch {
             buffers: Mutex::new(Buffers {
                 tables: Vec::new(),
                 shifts: None,
-                targets: None,
-                states: None,
-                back: None,
-                staged: None,
+                targets: Growable::new("tile targets"),
+                states: Growable::new("tile walks"),
+                back: Growable::new("Viterbi backpointers"),
+                staged: Growable::new("Viterbi staged costs"),
             }),
         })
     }
@@ -156,32 +141,14 @@ impl CudaTileSearch {
             buffers.shifts = Some((bits, mem));
         }
         let shifts = buffers.shifts.as_ref().expect("uploaded above").1.ptr;
-        let targets = ensure(
-            dev,
-            &mut buffers.targets,
-            tiles * TILE_WEIGHTS,
-            "tile targets",
-        )?;
+        let targets = buffers.targets.try_ensure(dev, tiles * TILE_WEIGHTS)?;
         targets.write(dev, position_targets);
         let targets = targets.ptr;
-        let states_mem = ensure(dev, &mut buffers.states, tiles * TILE_WEIGHTS, "tile walks")?;
-        let states_ptr = states_mem.ptr;
-        let back = ensure(
-            dev,
-            &mut buffers.back,
-            blocks * shape.back_words,
-            "Viterbi backpointers",
-        )?
-        .ptr;
+        let states_ptr = buffers.states.try_ensure(dev, tiles * TILE_WEIGHTS)?.ptr;
+        let back = buffers.back.try_ensure(dev, blocks * shape.back_words)?.ptr;
         // Widths without short steps never touch the staging area.
         let staged = if shape.staged {
-            ensure(
-                dev,
-                &mut buffers.staged,
-                blocks * STAGED_COSTS,
-                "Viterbi staged costs",
-            )?
-            .ptr
+            buffers.staged.try_ensure(dev, blocks * STAGED_COSTS)?.ptr
         } else {
             0
         };
@@ -202,7 +169,7 @@ impl CudaTileSearch {
         );
         buffers
             .states
-            .as_ref()
+            .get()
             .expect("allocated above")
             .read(dev, states);
         Ok(())

@@ -147,23 +147,29 @@ impl<T: DeviceRepr + ValidAsZeroBits> Growable<T> {
 
     /// Address of at least `len` elements; contents are unspecified after growth.
     pub fn ensure(&mut self, dev: &Device, len: usize) -> u64 {
+        if self.mem.as_ref().is_none_or(|m| m.len() < len) && dev.capture.is_capturing() {
+            // No allocation inside a recording: the recording is dropped and the step run
+            // directly, which grows the area; the address returned here is never used.
+            dev.capture.mark_broken();
+            return self.mem.as_ref().map_or(0, |m| m.ptr);
+        }
+        match self.try_ensure(dev, len) {
+            Ok(m) => m.ptr,
+            Err(e) => panic!("CUDA scratch allocation failed: {e}"),
+        }
+    }
+
+    /// At least `len` elements (contents unspecified after growth), or the allocation's error.
+    /// Not for use inside a graph recording (see [`Growable::ensure`]).
+    pub fn try_ensure(&mut self, dev: &Device, len: usize) -> Result<&mut DeviceMem<T>> {
         if self.mem.as_ref().is_none_or(|m| m.len() < len) {
-            if dev.capture.is_capturing() {
-                // No allocation inside a recording: the recording is dropped and the step run
-                // directly, which grows the area; the address returned here is never used.
-                dev.capture.mark_broken();
-                return self.mem.as_ref().map_or(0, |m| m.ptr);
-            }
             // Grow by half again so that slowly rising sizes do not reallocate every call.
             let old = self.mem.as_ref().map_or(0, DeviceMem::len);
             let new_len = len.max(old + old / 2);
             self.mem = None;
-            match DeviceMem::zeroed(dev, new_len, self.what) {
-                Ok(m) => self.mem = Some(m),
-                Err(e) => panic!("CUDA scratch allocation failed: {e}"),
-            }
+            self.mem = Some(DeviceMem::zeroed(dev, new_len, self.what)?);
         }
-        self.mem.as_ref().expect("allocated above").ptr
+        Ok(self.mem.as_mut().expect("allocated above"))
     }
 
     pub fn get(&mut self) -> Option<&mut DeviceMem<T>> {
