@@ -631,37 +631,22 @@ mod tests {
     /// fallbacks for several tokens and for a dense member.
     #[test]
     fn linears_of_one_input_match_separate_products() {
-        use half::f16;
-        use rand::{Rng, SeedableRng, rngs::StdRng};
-        use std::borrow::Cow;
-        use trellis_codec::{BitWidth, Codebook, TrellisLinear};
+        use rand::{SeedableRng, rngs::StdRng};
+        use trellis_codec::{BitWidth, Codebook};
+        use trellis_testutil::random_trellis;
 
         let mut rng = StdRng::seed_from_u64(17);
         let in_f = 256;
         let mut trellis = |out_f: usize, bias: bool| -> CpuLinear {
             let bits = BitWidth::integer(4).unwrap();
-            let words: Vec<u16> = (0..(in_f / 16) * (out_f / 16) * bits.tile_words())
-                .map(|_| rng.random())
-                .collect();
-            let mut scales = |n: usize| -> Vec<f16> {
-                (0..n)
-                    .map(|_| f16::from_f32(rng.random_range(-0.1f32..0.1)))
-                    .collect()
-            };
-            let (suh, svh) = (scales(in_f), scales(out_f));
-            let b = bias.then(|| Cow::Owned(scales(out_f)));
-            let t = TrellisLinear::new(
-                Cow::Owned(words),
-                Cow::Owned(suh),
-                Cow::Owned(svh),
-                b,
-                bits,
-                Codebook::Mul1,
+            CpuLinear::trellis(&random_trellis(
+                &mut rng,
                 in_f,
                 out_f,
-            )
-            .unwrap();
-            CpuLinear::trellis(&t)
+                bits,
+                Codebook::Mul1,
+                bias,
+            ))
         };
         let linears = [trellis(384, true), trellis(128, false), trellis(128, true)];
         let dense = CpuLinear::Dense {

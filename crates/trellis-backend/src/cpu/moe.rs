@@ -414,33 +414,20 @@ pub fn block_batched(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::f16;
     use rand::{Rng, SeedableRng, rngs::StdRng};
-    use std::borrow::Cow;
-    use trellis_codec::{BitWidth, Codebook, TrellisLinear};
+    use trellis_codec::{BitWidth, Codebook};
+    use trellis_testutil::random_trellis;
 
     fn random_linear(rng: &mut StdRng, in_f: usize, out_f: usize) -> CpuLinear {
         let bits = BitWidth::integer(3).unwrap();
-        let words: Vec<u16> = (0..(in_f / 16) * (out_f / 16) * bits.tile_words())
-            .map(|_| rng.random())
-            .collect();
-        let scales = |rng: &mut StdRng, n: usize| -> Vec<f16> {
-            (0..n)
-                .map(|_| f16::from_f32(rng.random_range(-0.1f32..0.1)))
-                .collect()
-        };
-        let t = TrellisLinear::new(
-            Cow::Owned(words),
-            Cow::Owned(scales(rng, in_f)),
-            Cow::Owned(scales(rng, out_f)),
-            None,
-            bits,
-            Codebook::Mul1,
+        CpuLinear::trellis(&random_trellis(
+            rng,
             in_f,
             out_f,
-        )
-        .unwrap();
-        CpuLinear::trellis(&t)
+            bits,
+            Codebook::Mul1,
+            false,
+        ))
     }
 
     /// The reference: each routed expert alone over its gathered tokens ([`experts`]), then
