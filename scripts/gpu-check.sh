@@ -6,7 +6,7 @@
 #   scripts/gpu-check.sh         on the GPU machine, from the repo root (with .device-carry
 #                                carried along): run every GPU test and the timings, logs in $OUT
 #
-# Environment: FIXTURES (stage) lists the EXL3 GLM fixture directories to carry (the carried
+# Environment: FIXTURES (stage) lists the EXL3 fixture directories to carry (the carried
 # tree is limited, so not all of them); OUT (run) is where logs go (default /tmp/gpu-check).
 set -uo pipefail
 
@@ -85,12 +85,14 @@ run() {
     local filters=()
     for f in $fixtures; do
         case $f in
+        llama-tiny-4.0bpw) filters+=(llama_4bpw_on_gpu) ;;
+        qwen3-tiny-3.0bpw) filters+=(qwen3_3bpw_on_gpu) ;;
         *4.0bpw) filters+=(exl3_4bpw_on_gpu) ;;
         *2.5bpw) filters+=(exl3_2_5bpw_on_gpu) ;;
         *3.0bpw-mcg) filters+=(exl3_3bpw_mcg_on_gpu) ;;
         esac
     done
-    [ ${#filters[@]} -gt 0 ] && run_bin glm glm_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
+    [ ${#filters[@]} -gt 0 ] && run_bin fixtures exl3_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
     run_bin bench bench 400 --ignored --test-threads 1 --nocapture
     TRELLIS_CUDA_MMA16=0 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
     [ -n "${SWEEP_WAVES:-}" ] && for w in $SWEEP_WAVES; do
@@ -100,7 +102,7 @@ run() {
     # The timing tables and the fixture results last (the reply shows the tail).
     sed -n '/^op timings/,/^end of op timings/p' "$OUT/bench.log"
     grep -h -A20 "^GLM MoE layer decode ctx" "$OUT/bench.log"
-    grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/glm.log" 2>/dev/null
+    grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/fixtures.log" 2>/dev/null
     cat "$OUT/summary.txt"
 }
 

@@ -844,6 +844,36 @@ impl Backend for CudaBackend {
         );
     }
 
+    /// One launch where the weights allow (up to two trellis weights of one input width: a
+    /// dense block's gate and up, the shared expert's); otherwise a launch per product.
+    fn linears(&self, x: &CudaBuffer, rows: usize, linears: &mut [(&CudaLinear, &mut CudaBuffer)]) {
+        match self.fused_targets(linears) {
+            Some((targets, n)) => {
+                let map = RowMap::plain_trellis(&self.dev, rows);
+                trellis_launch(
+                    &self.dev,
+                    &mut self.scratch(),
+                    &TrellisJob {
+                        map: &map,
+                        x: x.ptr(),
+                        in_stride: targets[0].shape.in_features,
+                        x_up: 0,
+                        norm: None,
+                        residual: false,
+                        targets: &targets[..n],
+                        combine: None,
+                        tiles_settled: false,
+                    },
+                );
+            }
+            None => {
+                for (w, out) in linears.iter_mut() {
+                    self.linear(w, x, rows, out);
+                }
+            }
+        }
+    }
+
     fn rms_norm_linears(
         &self,
         x: &CudaBuffer,
@@ -957,7 +987,7 @@ impl Backend for CudaBackend {
         self.moe_route(router, h, rows, routing);
         self.moe_experts(experts, h, rows, routing, out);
         if let Some(mlp) = shared {
-            self.linears_on(h, rows, &mut [(mlp.gate, gate), (mlp.up, up)]);
+            self.linears(h, rows, &mut [(mlp.gate, gate), (mlp.up, up)]);
             self.silu_mul(gate, up, rows * mlp.intermediate);
             self.linear(mlp.down, gate, rows, shared_out);
             self.add(out, shared_out, rows * hidden);
@@ -985,40 +1015,6 @@ impl CudaBackend {
         let first = targets[0].expect("at least one");
         let all = targets.map(|t| t.unwrap_or(first));
         linear::can_share_launch(&all[..linears.len()]).then_some((all, linears.len()))
-    }
-
-    /// `out_i = x · W_i` for each pair, in one launch where the weights allow.
-    fn linears_on(
-        &self,
-        x: &CudaBuffer,
-        rows: usize,
-        linears: &mut [(&CudaLinear, &mut CudaBuffer)],
-    ) {
-        match self.fused_targets(linears) {
-            Some((targets, n)) => {
-                let map = RowMap::plain_trellis(&self.dev, rows);
-                trellis_launch(
-                    &self.dev,
-                    &mut self.scratch(),
-                    &TrellisJob {
-                        map: &map,
-                        x: x.ptr(),
-                        in_stride: targets[0].shape.in_features,
-                        x_up: 0,
-                        norm: None,
-                        residual: false,
-                        targets: &targets[..n],
-                        combine: None,
-                        tiles_settled: false,
-                    },
-                );
-            }
-            None => {
-                for (w, out) in linears.iter_mut() {
-                    self.linear(w, x, rows, out);
-                }
-            }
-        }
     }
 
     /// Fill the first `len` values of a buffer with `value` on the device (tests poison

@@ -1034,9 +1034,9 @@ fn write_read_round_trip() {
     assert!(read_gpu(&b, 1024)[1000..].iter().all(|x| x.is_nan()));
 }
 
-/// `rms_norm_linears` (RMSNorm fused into one launch of one or two trellis weights), and the
-/// composite fallbacks (dense weights, a norm of another width), against the CPU's
-/// `rms_norm` + `linear`.
+/// `rms_norm_linears` (RMSNorm fused into one launch of one or two trellis weights) and
+/// `linears` (the same launch without the norm), and their composite fallbacks (dense weights,
+/// three weights), against the CPU's `rms_norm` + `linear`.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn fused_norm_linears() {
@@ -1098,6 +1098,27 @@ fn fused_norm_linears() {
             }
             for (i, &o) in outs.iter().enumerate() {
                 let what = format!("norm+linear {in_f}→{outs:?} K={bits} output {i} rows {rows}");
+                check(
+                    &what,
+                    &read_gpu(&gouts[i], rows * o),
+                    &couts[i].0,
+                    LINEAR_TOL,
+                );
+                assert_tail_untouched(&what, &gouts[i], rows * o, spare);
+            }
+            // The same products without the norm: `linears` (one launch for a pair).
+            let mut couts: Vec<_> = outs.iter().map(|&o| c.alloc(rows * o).unwrap()).collect();
+            {
+                let mut pairs: Vec<_> = cw.iter().zip(couts.iter_mut()).collect();
+                c.linears(&cx, rows, &mut pairs);
+            }
+            let mut gouts: Vec<_> = outs.iter().map(|&o| poisoned(rows * o + spare)).collect();
+            {
+                let mut pairs: Vec<_> = gw.iter().zip(gouts.iter_mut()).collect();
+                g.linears(&gx, rows, &mut pairs);
+            }
+            for (i, &o) in outs.iter().enumerate() {
+                let what = format!("linears {in_f}→{outs:?} K={bits} output {i} rows {rows}");
                 check(
                     &what,
                     &read_gpu(&gouts[i], rows * o),
@@ -1174,6 +1195,30 @@ fn fused_norm_linears() {
         for (i, &o) in outs[range.clone()].iter().enumerate() {
             check(
                 &format!("norm+linears fallback {what} output {i}"),
+                &read_gpu(&gouts[i], rows * o),
+                &couts[i].0,
+                LINEAR_TOL,
+            );
+        }
+        let mut gouts: Vec<_> = outs[range.clone()]
+            .iter()
+            .map(|&o| poisoned(rows * o))
+            .collect();
+        {
+            let mut pairs: Vec<_> = gw[range.clone()].iter().zip(gouts.iter_mut()).collect();
+            g.linears(&gx, rows, &mut pairs);
+        }
+        let mut couts: Vec<_> = outs[range.clone()]
+            .iter()
+            .map(|&o| c.alloc(rows * o).unwrap())
+            .collect();
+        {
+            let mut pairs: Vec<_> = cw[range.clone()].iter().zip(couts.iter_mut()).collect();
+            c.linears(&cx, rows, &mut pairs);
+        }
+        for (i, &o) in outs[range.clone()].iter().enumerate() {
+            check(
+                &format!("linears fallback {what} output {i}"),
                 &read_gpu(&gouts[i], rows * o),
                 &couts[i].0,
                 LINEAR_TOL,

@@ -1,6 +1,7 @@
-//! The GLM-4.7-Flash-style tiny EXL3 fixtures run end to end on the GPU: logits against
-//! ExLlamaV3's reference and against the CPU backend, for a full prefill and for
-//! teacher-forced greedy decoding (prefill, then one token per step).
+//! The tiny EXL3 fixtures (GLM-4.7-Flash-style MLA + MoE, and the dense Llama and Qwen3 ones)
+//! run end to end on the GPU: logits against ExLlamaV3's reference and against the CPU
+//! backend, for a full prefill and for teacher-forced greedy decoding (prefill, then one token
+//! per step).
 
 mod common;
 
@@ -228,4 +229,16 @@ fn exl3_3bpw_mcg_dequantized_on_gpu() {
         gpu_dequantized(),
         VS_CPU_DEQUANTIZED,
     );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn llama_4bpw_on_gpu() {
+    check_exl3("llama-tiny-4.0bpw");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn qwen3_3bpw_on_gpu() {
+    check_exl3("qwen3-tiny-3.0bpw");
 }
