@@ -486,7 +486,9 @@ fn gemv_strips(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::gemv(p, isa, input, strips, z),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.approximates(p.codebook) => x86_vnni::gemv(p, input, strips, z),
+        Isa::Avx512Vnni if isa.approximates(p.codebook) => {
+            x86_vnni::gemv(p, input, strips, z, x86_vnni::Products::selected())
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => x86_avx512::gemv(p, isa.exact(), input, strips, z),
         #[cfg(target_arch = "aarch64")]
@@ -645,7 +647,16 @@ fn gemm_strips(
     if isa.approximates(p.codebook) {
         let len = ALIGN_SLACK + 16 * x86_vnni::gemm_scratch_vectors(rows);
         return with_task_scratch(len, |scratch| {
-            x86_vnni::gemm(p, inputs, input_len, rows, strips, z, aligned(scratch))
+            x86_vnni::gemm(
+                p,
+                inputs,
+                input_len,
+                rows,
+                strips,
+                z,
+                aligned(scratch),
+                x86_vnni::Products::selected(),
+            )
         });
     }
     let isa = isa.exact();

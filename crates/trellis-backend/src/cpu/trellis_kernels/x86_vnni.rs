@@ -35,21 +35,24 @@
 //! The kernel keeps the states' 16-bit lanes of the exact AVX-512 kernels: the byte sums come
 //! out in 16-bit lanes (rows of two columns), and one `vpdpwssd` multiplies them by the 16-bit
 //! activations and adds row pairs into 32-bit lanes (lanes 0…8 column g, 8…16 column g+8).
-//! Per 32 weights: 2 state µops, 4 for the multiply, 3 for the byte sums and 1 dot product,
-//! against ~19 for the exact decode, widen and FMA; ~5.7 cycles here against ~11.
+//! Per 32 weights: 2 instructions for the states, 7 for the byte sums and 1 dot product,
+//! against ~19 for the exact decode, widen and FMA. The byte sums come in two forms with
+//! identical results ([`Products`]), chosen per CPU: the multiply pipes bound this kernel, and
+//! the two vendors' cores put a 32-bit multiply on them differently.
 //!
 //! Measured and left out: int8 activations, with two `vpdpbusd` on the product's halves in
 //! place of the byte sums and `vpdpwssd`, run ~20 % faster still but leave ~0.6 % relative
 //! error per product, which the tiny GLM fixtures amplify to ~1 % logit error in decode (3.6 %
-//! at the worst step, over the tests' 1 % bound). Moving one `vpmaddubsw` (port 0) to a byte shuffle (port 5)
-//! was 25 % slower. A 32-bit `vpmulld` (2 µops) costs as much as the three 16-bit multiplies
-//! and would need the states widened first.
+//! at the worst step, over the tests' 1 % bound). Moving one `vpmaddubsw` (port 0) to a byte
+//! shuffle (port 5) was 25 % slower on the Xeon; on the AMD EPYC box the byte sums by masks,
+//! shifts and adds instead of `vpmaddubsw` were 12 % slower.
 
 use super::layout::{CHUNK_ROW_ORDER, PackedTrellis, STRIP, group_stride};
 use super::x86_avx512::{
     MUL1_AT_ZERO, MUL1_SCALE, Windows, group_states, mul1_byte_sum, prefetch_ahead,
 };
 use std::arch::x86_64::*;
+use trellis_codec::codebook::MUL1_MULTIPLIER;
 use trellis_codec::hadamard::HADAMARD_SIZE;
 
 /// Tiles (16 rows each) per quantization block: one Hadamard block, whose values the rotation
@@ -129,12 +132,73 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
     rest[blocks] = (centre * sum_a - BYTE_SUM_MEAN * sum_st) as f32;
 }
 
+/// How mul1's byte sums of 32 states (16-bit lanes in, 16-bit lanes out) are computed; both
+/// forms give the same integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// `s·M` in 16-bit halves (two `vpmullw`, one `vpmulhuw`, an add), each half's two bytes
+    /// summed by `vpmaddubsw` against ones, then added: 5 multiply-pipe instructions of 7.
+    /// Kept for Intel cores, where `vpmulld` is two µops on port 0, so that the widened form
+    /// would put 7 µops a group there against 6 (not measured: no Intel core this session).
+    Halves,
+    /// The states widened to 32-bit lanes (`vpunpck*wd` with zero), multiplied whole
+    /// (`vpmulld`), their four bytes summed by `vpdpbusd` against ones and packed back
+    /// (`vpackusdw` undoes the unpacks' interleave): 4 multiply-pipe instructions of 7. For
+    /// AMD Zen 4 and later, where `vpmulld` is one instruction on the two multiply pipes, which
+    /// also run `vpmultishiftqb` and `vpdpwssd` while the shuffles go elsewhere: one-row
+    /// products from memory ran 2–14 % faster on the AMD EPYC dev box (`trellis_gemv`, 2
+    /// threads, `--cold-mb 600`).
+    Widened,
+}
+
+impl Products {
+    /// The form for this CPU: [`Products::Widened`] on AMD's, [`Products::Halves`] elsewhere.
+    pub fn selected() -> Products {
+        static SELECTED: std::sync::OnceLock<Products> = std::sync::OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            // Leaf 0: the vendor string, in EBX, EDX, ECX.
+            let leaf = __cpuid(0);
+            let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
+                .map(u32::to_le_bytes)
+                .concat();
+            if vendor == b"AuthenticAMD" {
+                Products::Widened
+            } else {
+                Products::Halves
+            }
+        })
+    }
+}
+
+/// mul1's byte sums (0..1020) of 32 states in the form `WIDENED` says ([`Products`]).
+///
+/// # Safety
+/// AVX-512F/BW/VNNI must be available.
+#[inline(always)]
+unsafe fn byte_sums<const WIDENED: bool>(states: __m512i) -> __m512i {
+    // SAFETY: plain AVX-512BW/VNNI arithmetic.
+    unsafe {
+        if !WIDENED {
+            return mul1_byte_sum(states);
+        }
+        let zero = _mm512_setzero_si512();
+        let multiplier = _mm512_set1_epi32(MUL1_MULTIPLIER as i32);
+        let ones = _mm512_set1_epi8(1);
+        let low = _mm512_mullo_epi32(_mm512_unpacklo_epi16(states, zero), multiplier);
+        let high = _mm512_mullo_epi32(_mm512_unpackhi_epi16(states, zero), multiplier);
+        _mm512_packus_epi32(
+            _mm512_dpbusd_epi32(zero, low, ones),
+            _mm512_dpbusd_epi32(zero, high, ones),
+        )
+    }
+}
+
 /// One group of one tile into its 32-bit accumulator.
 ///
 /// # Safety
 /// As `group_states`, plus AVX512-VNNI.
 #[inline(always)]
-unsafe fn group<const G: usize>(
+unsafe fn group<const G: usize, const WIDENED: bool>(
     tile: *const u8,
     stride: usize,
     tile_bytes: usize,
@@ -145,12 +209,12 @@ unsafe fn group<const G: usize>(
     // SAFETY: forwarded from the caller.
     unsafe {
         let states = group_states::<G>(tile, stride, tile_bytes, w);
-        acc[G] = _mm512_dpwssd_epi32(acc[G], mul1_byte_sum(states), x);
+        acc[G] = _mm512_dpwssd_epi32(acc[G], byte_sums::<WIDENED>(states), x);
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn gemv_vnni(
+unsafe fn gemv_vnni<const WIDENED: bool>(
     p: &PackedTrellis,
     input: &[f32],
     strips: std::ops::Range<usize>,
@@ -178,14 +242,14 @@ unsafe fn gemv_vnni(
                 for t in 0..TILES_PER_BLOCK {
                     prefetch_ahead(tile, tile_bytes);
                     let x = _mm512_loadu_si512(acts.add((b * TILES_PER_BLOCK + t) * STRIP).cast());
-                    group::<0>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<1>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<2>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<3>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<4>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<5>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<6>(tile, stride, tile_bytes, &w, x, &mut acc);
-                    group::<7>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<0, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<1, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<2, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<3, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<4, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<5, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<6, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
+                    group::<7, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
                     tile = tile.add(tile_bytes);
                 }
                 let scale = _mm512_set1_ps(scale);
@@ -210,7 +274,7 @@ const BLOCK_GROUPS: usize = TILES_PER_BLOCK * 8;
 /// products, the same f32 folds in the same order), so its results equal a one-row product's
 /// bit for bit: a sequence decodes the same alone or batched.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn gemm_vnni(
+unsafe fn gemm_vnni<const WIDENED: bool>(
     p: &PackedTrellis,
     inputs: &[f32],
     input_stride: usize,
@@ -242,14 +306,22 @@ unsafe fn gemm_vnni(
                 for b in 0..blocks {
                     for t in 0..TILES_PER_BLOCK {
                         let out = &mut bs[t * 8..t * 8 + 8];
-                        out[0] = mul1_byte_sum(group_states::<0>(tile, stride, tile_bytes, &w));
-                        out[1] = mul1_byte_sum(group_states::<1>(tile, stride, tile_bytes, &w));
-                        out[2] = mul1_byte_sum(group_states::<2>(tile, stride, tile_bytes, &w));
-                        out[3] = mul1_byte_sum(group_states::<3>(tile, stride, tile_bytes, &w));
-                        out[4] = mul1_byte_sum(group_states::<4>(tile, stride, tile_bytes, &w));
-                        out[5] = mul1_byte_sum(group_states::<5>(tile, stride, tile_bytes, &w));
-                        out[6] = mul1_byte_sum(group_states::<6>(tile, stride, tile_bytes, &w));
-                        out[7] = mul1_byte_sum(group_states::<7>(tile, stride, tile_bytes, &w));
+                        out[0] =
+                            byte_sums::<WIDENED>(group_states::<0>(tile, stride, tile_bytes, &w));
+                        out[1] =
+                            byte_sums::<WIDENED>(group_states::<1>(tile, stride, tile_bytes, &w));
+                        out[2] =
+                            byte_sums::<WIDENED>(group_states::<2>(tile, stride, tile_bytes, &w));
+                        out[3] =
+                            byte_sums::<WIDENED>(group_states::<3>(tile, stride, tile_bytes, &w));
+                        out[4] =
+                            byte_sums::<WIDENED>(group_states::<4>(tile, stride, tile_bytes, &w));
+                        out[5] =
+                            byte_sums::<WIDENED>(group_states::<5>(tile, stride, tile_bytes, &w));
+                        out[6] =
+                            byte_sums::<WIDENED>(group_states::<6>(tile, stride, tile_bytes, &w));
+                        out[7] =
+                            byte_sums::<WIDENED>(group_states::<7>(tile, stride, tile_bytes, &w));
                         tile = tile.add(tile_bytes);
                     }
                     for (r, row_sums) in sums.chunks_exact_mut(8).enumerate() {
@@ -308,6 +380,7 @@ pub fn gemm_scratch_vectors(rows: usize) -> usize {
 /// The mul1 product of several rows (`inputs` holds each one's [`prepare_input`], `input_stride`
 /// floats apart) over `strips`, `z` getting `[strip][row][16]`; `scratch` holds at least
 /// [`gemm_scratch_vectors`] 64-byte-aligned vectors.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     p: &PackedTrellis,
     inputs: &[f32],
@@ -316,6 +389,7 @@ pub fn gemm(
     strips: std::ops::Range<usize>,
     z: &mut [f32],
     scratch: &mut [f32],
+    products: Products,
 ) {
     assert!(p.codebook == trellis_codec::Codebook::Mul1);
     assert!(super::Isa::Avx512Vnni.is_supported());
@@ -326,7 +400,16 @@ pub fn gemm(
     };
     // SAFETY: the level's features (which include every one enabled on the kernel) were
     // checked just above.
-    unsafe { gemm_vnni(p, inputs, input_stride, rows, strips, z, scratch) }
+    unsafe {
+        match products {
+            Products::Halves => {
+                gemm_vnni::<false>(p, inputs, input_stride, rows, strips, z, scratch)
+            }
+            Products::Widened => {
+                gemm_vnni::<true>(p, inputs, input_stride, rows, strips, z, scratch)
+            }
+        }
+    }
 }
 
 /// The sum of 8 lanes.
@@ -346,10 +429,105 @@ unsafe fn reduce8(v: __m256) -> f32 {
 
 /// The one-row mul1 product over `strips` from an input made by [`prepare_input`] (see
 /// `scalar::gemv` for `z`).
-pub fn gemv(p: &PackedTrellis, input: &[f32], strips: std::ops::Range<usize>, z: &mut [f32]) {
+pub fn gemv(
+    p: &PackedTrellis,
+    input: &[f32],
+    strips: std::ops::Range<usize>,
+    z: &mut [f32],
+    products: Products,
+) {
     assert!(p.codebook == trellis_codec::Codebook::Mul1);
     assert!(super::Isa::Avx512Vnni.is_supported());
     // SAFETY: the level's features (which include every one enabled on the kernel) were
     // checked just above.
-    unsafe { gemv_vnni(p, input, strips, z) }
+    unsafe {
+        match products {
+            Products::Halves => gemv_vnni::<false>(p, input, strips, z),
+            Products::Widened => gemv_vnni::<true>(p, input, strips, z),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use trellis_codec::{BitWidth, Codebook};
+
+    /// Both forms of the byte sums agree with mul1's definition on every 16-bit state.
+    #[test]
+    fn both_byte_sum_forms_are_exact_for_every_state() {
+        if !super::super::Isa::Avx512Vnni.is_supported() {
+            eprintln!("no AVX-512 VNNI on this CPU");
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn sums<const WIDENED: bool>(states: &[u16; 32]) -> [u16; 32] {
+            // SAFETY: 64-byte unaligned loads and stores of 32 u16; the features are enabled.
+            unsafe {
+                let v = byte_sums::<WIDENED>(_mm512_loadu_si512(states.as_ptr().cast()));
+                let mut out = [0u16; 32];
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
+                out
+            }
+        }
+        for first in (0..=u16::MAX).step_by(32) {
+            let states: [u16; 32] = std::array::from_fn(|i| first + i as u16);
+            let want = states.map(|s| {
+                let x = u32::from(s).wrapping_mul(MUL1_MULTIPLIER);
+                x.to_le_bytes().iter().map(|&b| u16::from(b)).sum::<u16>()
+            });
+            // SAFETY: the features were checked at the start of the test.
+            let (halves, widened) = unsafe { (sums::<false>(&states), sums::<true>(&states)) };
+            assert_eq!(halves, want, "16-bit halves, states {first}…");
+            assert_eq!(widened, want, "widened, states {first}…");
+        }
+    }
+
+    /// One-row and several-row products are bit-equal in both forms, at every width.
+    #[test]
+    fn both_forms_give_identical_products() {
+        if !super::super::Isa::Avx512Vnni.is_supported() {
+            eprintln!("no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        for bits in BitWidth::ALL {
+            let t =
+                trellis_testutil::random_trellis(&mut rng, 300, 260, bits, Codebook::Mul1, false);
+            let p = PackedTrellis::new(&t);
+            let (rows, k, strips) = (3, p.k_padded, p.strips());
+            let len = input_len(p.tiles_k());
+            let mut inputs = vec![0.0f32; rows * len];
+            for input in inputs.chunks_exact_mut(len) {
+                let xh: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                prepare_input(&xh, input);
+            }
+            let mut scratch = vec![0.0f32; 16 * gemm_scratch_vectors(rows) + 16];
+            let skip = scratch.as_ptr().align_offset(64);
+            let [halves, widened] = [Products::Halves, Products::Widened].map(|products| {
+                let mut one = vec![f32::NAN; strips * STRIP];
+                gemv(&p, &inputs[..len], 0..strips, &mut one, products);
+                let mut many = vec![f32::NAN; strips * rows * STRIP];
+                let scratch = &mut scratch[skip..];
+                gemm(
+                    &p,
+                    &inputs,
+                    len,
+                    rows,
+                    0..strips,
+                    &mut many,
+                    scratch,
+                    products,
+                );
+                (one, many)
+            });
+            assert!(halves.0.iter().all(|v| v.is_finite()), "K {bits}: finite");
+            assert!(halves.0 == widened.0, "K {bits}: one-row products differ");
+            assert!(
+                halves.1 == widened.1,
+                "K {bits}: several-row products differ"
+            );
+        }
+    }
 }
