@@ -208,6 +208,41 @@ mod avx512 {
     use super::Elem;
     use std::arch::x86_64::*;
 
+    /// One in-register stage of the transform: lanes i and i^h meet; the lower one keeps the
+    /// sum, the upper one `lower − upper` (`partner − self`), as in the reference's butterfly.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn butterfly_lanes(v: __m512, partner: __m512, upper: __mmask16) -> __m512 {
+        _mm512_mask_sub_ps(_mm512_add_ps(v, partner), upper, partner, v)
+    }
+
+    /// The 128-point transform on 8 registers: stages 1, 2, 4, 8 inside each register,
+    /// 16, 32, 64 between them.
+    #[target_feature(enable = "avx512f")]
+    pub fn fwht128(v: &mut [f32; 128]) {
+        // SAFETY: 8 loads and stores of 16 floats cover the 128; AVX-512F is enabled here.
+        unsafe {
+            let mut r: [__m512; 8] =
+                std::array::from_fn(|j| _mm512_loadu_ps(v.as_ptr().add(16 * j)));
+            for x in r.iter_mut() {
+                *x = butterfly_lanes(*x, _mm512_permute_ps::<0b1011_0001>(*x), 0xAAAA);
+                *x = butterfly_lanes(*x, _mm512_permute_ps::<0b0100_1110>(*x), 0xCCCC);
+                *x = butterfly_lanes(*x, _mm512_shuffle_f32x4::<0b1011_0001>(*x, *x), 0xF0F0);
+                *x = butterfly_lanes(*x, _mm512_shuffle_f32x4::<0b0100_1110>(*x, *x), 0xFF00);
+            }
+            for h in [1, 2, 4] {
+                for j in (0..8).filter(|j| j & h == 0) {
+                    let (a, b) = (r[j], r[j + h]);
+                    r[j] = _mm512_add_ps(a, b);
+                    r[j + h] = _mm512_sub_ps(a, b);
+                }
+            }
+            for (j, x) in r.iter().enumerate() {
+                _mm512_storeu_ps(v.as_mut_ptr().add(16 * j), *x);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub fn dot<T: Elem>(w: &[T], x: &[f32]) -> f32 {
         let n = w.len().min(x.len());
@@ -337,6 +372,36 @@ mod avx512_gemm {
 mod avx2 {
     use super::Elem;
     use std::arch::x86_64::*;
+
+    /// The 128-point transform on 16 registers: stages 1, 2, 4 inside each register (the
+    /// lower lane of a pair keeps the sum, the upper one `lower − upper`, as in the
+    /// reference), 8 … 64 between them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn fwht128(v: &mut [f32; 128]) {
+        // SAFETY: 16 loads and stores of 8 floats cover the 128; AVX2 is enabled here.
+        unsafe {
+            let mut r: [__m256; 16] =
+                std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(8 * j)));
+            for x in r.iter_mut() {
+                let t = _mm256_permute_ps::<0b1011_0001>(*x);
+                *x = _mm256_blend_ps::<0b1010_1010>(_mm256_add_ps(*x, t), _mm256_sub_ps(t, *x));
+                let t = _mm256_permute_ps::<0b0100_1110>(*x);
+                *x = _mm256_blend_ps::<0b1100_1100>(_mm256_add_ps(*x, t), _mm256_sub_ps(t, *x));
+                let t = _mm256_permute2f128_ps::<1>(*x, *x);
+                *x = _mm256_blend_ps::<0b1111_0000>(_mm256_add_ps(*x, t), _mm256_sub_ps(t, *x));
+            }
+            for h in [1, 2, 4, 8] {
+                for j in (0..16).filter(|j| j & h == 0) {
+                    let (a, b) = (r[j], r[j + h]);
+                    r[j] = _mm256_add_ps(a, b);
+                    r[j + h] = _mm256_sub_ps(a, b);
+                }
+            }
+            for (j, x) in r.iter().enumerate() {
+                _mm256_storeu_ps(v.as_mut_ptr().add(8 * j), *x);
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
@@ -553,6 +618,29 @@ pub fn axpy_with<T: Elem>(level: Level, acc: &mut [f32], a: f32, w: &[T]) {
     }
 }
 
+/// The unnormalised 128-point Walsh–Hadamard transform of the trellis format at `level`: the
+/// reference's butterflies (`trellis_codec::hadamard::fwht128_unnormalized`) on vectors, so
+/// the results are bit-equal to it. Every trellis product runs it on its input and output
+/// blocks, many of them on the thread that then waits for the product's workers.
+#[inline]
+pub fn fwht128_with(level: Level, v: &mut [f32; 128]) {
+    match level {
+        // SAFETY: callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::fwht128(v) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::fwht128(v) },
+        _ => trellis_codec::hadamard::fwht128_unnormalized(v),
+    }
+}
+
+/// [`fwht128_with`] at the selected level.
+#[inline]
+pub fn fwht128(v: &mut [f32; 128]) {
+    fwht128_with(Level::selected(), v)
+}
+
 /// `out[c] = Σ_r x[r]·w[r·out.len() + c]`: the transposed product of a row-major
 /// `[x.len(), out.len()]` matrix, at `level`: row after row folded into `out` (which stays in
 /// L1), so that `w` streams front to back. Reading several rows at once ran at about half that
@@ -650,6 +738,34 @@ mod tests {
         }
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    #[test]
+    fn fwht128_is_bit_equal_to_the_reference_at_every_level() {
+        let mut rng = Lcg(11);
+        for level in Level::available() {
+            for scale in [1.0f32, 1e-30, 3e37] {
+                let v: Vec<f32> = rng.vec(128).into_iter().map(|x| x * scale).collect();
+                let mut want: [f32; 128] = v.clone().try_into().unwrap();
+                trellis_codec::hadamard::fwht128_unnormalized(&mut want);
+                let mut got: [f32; 128] = v.try_into().unwrap();
+                fwht128_with(level, &mut got);
+                // Same butterflies in the same order: equal bits (infinities included).
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "fwht128 {level:?} at scale {scale:e}"
+                );
+            }
+            let mut with_nan = [1.0f32; 128];
+            with_nan[77] = f32::NAN;
+            fwht128_with(level, &mut with_nan);
+            assert!(
+                with_nan.iter().all(|x| x.is_nan()),
+                "{level:?}: a NaN reaches every output"
+            );
         }
     }
 

@@ -41,11 +41,12 @@ mod x86_vnni;
 pub use layout::PackedTrellis;
 
 use super::scratch::{with_op_scratch, with_task_scratch};
+use super::simd::fwht128;
 use layout::{CHUNK_ROW_ORDER, STRIP};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 use trellis_codec::TILE_WEIGHTS;
-use trellis_codec::hadamard::{HADAMARD_SIZE, fwht128_unnormalized};
+use trellis_codec::hadamard::HADAMARD_SIZE;
 
 /// An instruction-set level a kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,8 +306,8 @@ fn input_transform(p: &PackedTrellis, x: &[f32], xh: &mut [f32]) {
         *h = v * s;
     }
     xh[in_f..].fill(0.0);
-    for block in xh.chunks_exact_mut(HADAMARD_SIZE) {
-        fwht128_unnormalized(block);
+    for block in xh.as_chunks_mut::<HADAMARD_SIZE>().0 {
+        fwht128(block);
     }
 }
 
@@ -321,7 +322,7 @@ fn output_transform(p: &PackedTrellis, z: &[f32], stride: usize, out: &mut [f32]
             let strip = b * strips_per_block + s;
             dst.copy_from_slice(&z[strip * stride..strip * stride + STRIP]);
         }
-        fwht128_unnormalized(&mut block);
+        fwht128(&mut block);
         let c0 = b * HADAMARD_SIZE;
         let width = HADAMARD_SIZE.min(p.out_features - c0);
         for (j, o) in out[c0..c0 + width].iter_mut().enumerate() {
