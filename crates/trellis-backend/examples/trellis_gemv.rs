@@ -73,7 +73,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let threads =
         list(&args, "--threads", |s| s.parse::<usize>().expect("threads")).map_or(0, |v| v[0]);
-    trellis_backend::cpu::set_threads(threads).expect("thread pool");
+    trellis_backend::cpu::set_threads(threads, trellis_backend::cpu::OpsThread::This)
+        .expect("thread pool");
     let isas = list(&args, "--isa", |s| Isa::from_name(s).expect("level name"))
         .unwrap_or_else(Isa::available);
     let rows_list =

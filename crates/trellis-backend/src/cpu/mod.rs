@@ -119,12 +119,30 @@ impl Default for CpuBackend {
     }
 }
 
+/// Which thread will call the CPU ops once the pool exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpsThread {
+    /// The thread sizing the pool (a command's main thread, which loads and runs the model):
+    /// it becomes one of the pool's workers, so an op's parallel region starts and joins on
+    /// it without handing the work to the pool and sleeping until the pool is done (~10–20 µs
+    /// a region on the AMD EPYC dev box, and a decode step of GLM runs ~330 regions).
+    This,
+    /// Another thread (a server's engine thread, or several): every worker is the pool's own.
+    /// A pool worker that never yields to rayon would hold back any work handed to it.
+    Other,
+}
+
 /// Size the global thread pool used by CPU ops (0 = one thread per core). Must be called
 /// before any op runs; later calls fail because the pool already exists.
-pub fn set_threads(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new()
+pub fn set_threads(threads: usize, ops_thread: OpsThread) -> Result<()> {
+    let builder = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("trellis-cpu-{i}"))
+        .thread_name(|i| format!("trellis-cpu-{i}"));
+    let builder = match ops_thread {
+        OpsThread::This => builder.use_current_thread(),
+        OpsThread::Other => builder,
+    };
+    builder
         .build_global()
         .map_err(|e| BackendError::Unsupported {
             backend: "cpu",

@@ -81,7 +81,8 @@ pub fn init_threads(threads: usize) -> anyhow::Result<()> {
     if DONE.get().is_some() {
         return Ok(());
     }
-    trellis_backend::cpu::set_threads(threads)?;
+    // Commands load and run the model on this thread.
+    trellis_backend::cpu::set_threads(threads, trellis_backend::cpu::OpsThread::This)?;
     let _ = DONE.set(());
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use trellis_backend::cpu::CpuBackend;
+use trellis_backend::cpu::{CpuBackend, OpsThread};
 use trellis_backend::{Backend, KvDtype};
 use trellis_format::ModelDir;
 use trellis_runtime::chat_template::ChatTemplate;
@@ -82,7 +82,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         default_max_tokens: dir.generation.max_new_tokens,
     };
-    trellis_backend::cpu::set_threads(args.run.threads)?;
+    // The engine runs on the scheduler's thread, not this one.
+    trellis_backend::cpu::set_threads(args.run.threads, OpsThread::Other)?;
     let engine_options = EngineOptions {
         ctx_size: args.run.ctx_size,
         prefill_chunk: args.run.prefill_chunk,
