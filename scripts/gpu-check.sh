@@ -92,7 +92,9 @@ run() {
         *3.0bpw-mcg) filters+=(exl3_3bpw_mcg_on_gpu) ;;
         esac
     done
-    [ ${#filters[@]} -gt 0 ] && run_bin fixtures exl3_fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
+    [ ${#filters[@]} -gt 0 ] && run_bin fixtures fixtures 300 --ignored --test-threads 1 --nocapture "${filters[@]}"
+    # The project's tiny transformers models (tracked files, so always there).
+    run_bin fixtures fixtures 300 --ignored --test-threads 1 --nocapture matches_transformers
     run_bin bench bench 400 --ignored --test-threads 1 --nocapture
     TRELLIS_CUDA_MMA16=0 run_bin bench bench 300 --ignored --test-threads 1 --nocapture op_timings
     [ -n "${SWEEP_WAVES:-}" ] && for w in $SWEEP_WAVES; do
@@ -102,7 +104,7 @@ run() {
     # The timing tables and the fixture results last (the reply shows the tail).
     sed -n '/^op timings/,/^end of op timings/p' "$OUT/bench.log"
     grep -h -A20 "^GLM MoE layer decode ctx" "$OUT/bench.log"
-    grep -h "GLM tiny\|prefill of\|teacher-forced" "$OUT/bench.log" "$OUT/fixtures.log" 2>/dev/null
+    grep -h "GLM tiny\|prefill of\|teacher-forced\|decode steps" "$OUT/bench.log" "$OUT/fixtures.log" 2>/dev/null
     cat "$OUT/summary.txt"
 }
 
