@@ -1,8 +1,8 @@
 //! Per-thread scratch memory for ops, so that the per-token path allocates nothing once the
 //! buffers have grown to the largest size a model asks for (the model warms them at load).
 //!
-//! Ops are called from a thread outside the rayon pool (the model's thread); only task
-//! scratch is used on pool threads.
+//! Ops are called from one thread (the model's): outside the rayon pool, or the pool's worker
+//! 0 when a command's thread joined it (`set_threads`). Only task scratch is used by tasks.
 //!
 //! Independent pools exist because scratch is held at three depths at once: a composite op
 //! (MoE) holds layer scratch while it runs linears, a linear holds op scratch on the calling
@@ -32,19 +32,11 @@ fn with_pool<R>(
 
 /// Scratch for a composite op that calls other ops (MoE experts), on the calling thread.
 pub fn with_layer_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    debug_assert!(
-        rayon::current_thread_index().is_none(),
-        "CPU ops are called from outside the rayon pool"
-    );
     with_pool(&LAYER_SCRATCH, len, f)
 }
 
 /// Scratch for a whole op, used on the calling thread (contents are unspecified).
 pub fn with_op_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    debug_assert!(
-        rayon::current_thread_index().is_none(),
-        "CPU ops are called from outside the rayon pool"
-    );
     with_pool(&OP_SCRATCH, len, f)
 }
 
