@@ -3,7 +3,6 @@
 
 use crate::spec::{KvCacheLayout, KvDtype};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 pub enum KvData {
     F32(Vec<f32>),
@@ -53,7 +52,7 @@ impl CpuKvCache {
         let end = o + dst.len();
         match &self.data {
             KvData::F32(d) => dst.copy_from_slice(&d[o..end]),
-            KvData::F16(d) => d[o..end].convert_to_f32_slice(dst),
+            KvData::F16(d) => super::simd::widen(&d[o..end], dst),
         }
     }
 

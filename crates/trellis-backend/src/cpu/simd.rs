@@ -208,6 +208,22 @@ mod avx512 {
     use super::Elem;
     use std::arch::x86_64::*;
 
+    #[target_feature(enable = "avx512f")]
+    pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        // SAFETY: every access is below `n`, within both slices; AVX-512F is enabled here.
+        unsafe {
+            while i + 16 <= n {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), T::load16(src.as_ptr().add(i)));
+                i += 16;
+            }
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = s.widen();
+        }
+    }
+
     /// One in-register stage of the transform: lanes i and i^h meet; the lower one keeps the
     /// sum, the upper one `lower − upper` (`partner − self`), as in the reference's butterfly.
     #[inline]
@@ -372,6 +388,22 @@ mod avx512_gemm {
 mod avx2 {
     use super::Elem;
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        // SAFETY: every access is below `n`, within both slices; AVX2/F16C are enabled here.
+        unsafe {
+            while i + 8 <= n {
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), T::load8(src.as_ptr().add(i)));
+                i += 8;
+            }
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = s.widen();
+        }
+    }
 
     /// The 128-point transform on 16 registers: stages 1, 2, 4 inside each register (the
     /// lower lane of a pair keeps the sum, the upper one `lower − upper`, as in the
@@ -618,6 +650,30 @@ pub fn axpy_with<T: Elem>(level: Level, acc: &mut [f32], a: f32, w: &[T]) {
     }
 }
 
+/// `dst[i] = src[i]` widened exactly to f32, for the first `min(len)` values, at `level`.
+#[inline]
+pub fn widen_with<T: Elem>(level: Level, src: &[T], dst: &mut [f32]) {
+    match level {
+        // SAFETY: callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::widen(src, dst) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::widen(src, dst) },
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.widen();
+            }
+        }
+    }
+}
+
+/// [`widen_with`] at the selected level.
+#[inline]
+pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+    widen_with(Level::selected(), src, dst)
+}
+
 /// The unnormalised 128-point Walsh–Hadamard transform of the trellis format at `level`: the
 /// reference's butterflies (`trellis_codec::hadamard::fwht128_unnormalized`) on vectors, so
 /// the results are bit-equal to it. Every trellis product runs it on its input and output
@@ -738,6 +794,30 @@ mod tests {
         }
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    #[test]
+    fn widen_is_exact_at_every_level() {
+        let mut rng = Lcg(13);
+        for level in Level::available() {
+            for n in [0usize, 5, 16, 23, 512, 576] {
+                let v = rng.vec(n);
+                let halves: Vec<f16> = v.iter().map(|&x| f16::from_f32(x * 100.0)).collect();
+                let brains: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x * 1e30)).collect();
+                let mut got = vec![f32::NAN; n + 1];
+                widen_with(level, &halves, &mut got);
+                assert!(
+                    halves.iter().zip(&got).all(|(h, g)| h.to_f32() == *g),
+                    "f16 {level:?} {n}"
+                );
+                assert!(got[n].is_nan(), "{level:?}: wrote past {n}");
+                widen_with(level, &brains, &mut got);
+                assert!(
+                    brains.iter().zip(&got).all(|(h, g)| h.to_f32() == *g),
+                    "bf16 {level:?} {n}"
+                );
+            }
         }
     }
 
