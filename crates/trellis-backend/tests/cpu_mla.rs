@@ -8,7 +8,9 @@ use trellis_backend::{Backend, Batch, KvCacheLayout, KvDtype, MlaSpec, RopeSpec}
 
 fn spec() -> MlaSpec {
     MlaSpec {
-        heads: 3,
+        // Seven heads: the absorbed form's tasks take groups of heads (two groups a thread), so
+        // with one to three threads the last group is shorter than the others.
+        heads: 7,
         qk_nope_dim: 24,
         qk_rope_dim: 8,
         v_head_dim: 16,

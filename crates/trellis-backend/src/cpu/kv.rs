@@ -27,8 +27,9 @@ impl CpuKvCache {
         }
     }
 
+    /// Where a slot's row of `layer` starts in the data (in values).
     #[inline]
-    fn offset(&self, layer: usize, slot: usize) -> usize {
+    pub fn offset(&self, layer: usize, slot: usize) -> usize {
         (layer * self.layout.token_slots() + slot) * self.layout.values_per_token
     }
 

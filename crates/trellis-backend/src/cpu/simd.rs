@@ -206,7 +206,107 @@ mod reference {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Elem;
+    use super::MANY;
     use std::arch::x86_64::*;
+
+    /// `out[j] = dot(w, xs[j·n..])` for `COUNT` vectors of `n = w.len()`: each chunk of `w`
+    /// widened once for all of them, every sum in the order of [`dot`], so the results are
+    /// bit-equal to it. (`COUNT` is a constant so that the accumulators stay in registers.)
+    #[target_feature(enable = "avx512f")]
+    pub fn dots<const COUNT: usize, T: Elem>(w: &[T], xs: &[f32], out: &mut [f32]) {
+        let n = w.len();
+        assert!(COUNT <= MANY && out.len() == COUNT && xs.len() >= COUNT * n);
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; COUNT];
+        let mut i = 0;
+        // SAFETY: every load reads below `n` of `w` and of each query; AVX-512F is enabled.
+        unsafe {
+            while i + 64 <= n {
+                let wv: [__m512; 4] = std::array::from_fn(|k| T::load16(wp.add(i + 16 * k)));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        let x = _mm512_loadu_ps(xp.add(j * n + i + 16 * k));
+                        *ak = _mm512_fmadd_ps(wv[k], x, *ak);
+                    }
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let wv = T::load16(wp.add(i));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(j * n + i)), a[0]);
+                }
+                i += 16;
+            }
+        }
+        for (j, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let mut s = _mm512_reduce_add_ps(sum);
+            for k in i..n {
+                s += w[k].widen() * xs[j * n + k];
+            }
+            *o = s;
+        }
+    }
+
+    /// `accs[j] += Σ_p coeffs[j·stride + p] · row(p)` for `p < rows`, `COUNT` accumulators of
+    /// `width` values: a column block of every accumulator stays in registers while the rows
+    /// pass, each row's block widened once. Each value is updated in row order exactly as
+    /// [`axpy`] would, so the results are bit-equal to `rows` calls of it.
+    #[target_feature(enable = "avx512f")]
+    pub fn axpy_rows<'a, const COUNT: usize, T: Elem>(
+        rows: usize,
+        row: impl Fn(usize) -> &'a [T],
+        coeffs: &[f32],
+        stride: usize,
+        accs: &mut [f32],
+        width: usize,
+    ) {
+        assert!(COUNT <= MANY && accs.len() == COUNT * width);
+        assert!(COUNT == 0 || coeffs.len() >= (COUNT - 1) * stride + rows);
+        let ap = accs.as_mut_ptr();
+        let mut c = 0;
+        // SAFETY: every access of an accumulator is below `width` inside it, and of a row below
+        // `width` (asserted per row); AVX-512F is enabled here.
+        unsafe {
+            while c + 64 <= width {
+                let mut acc = [[_mm512_setzero_ps(); 4]; COUNT];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        *ak = _mm512_loadu_ps(ap.add(j * width + c + 16 * k));
+                    }
+                }
+                for p in 0..rows {
+                    let r = row(p);
+                    assert!(r.len() >= width);
+                    let wv: [__m512; 4] =
+                        std::array::from_fn(|k| T::load16(r.as_ptr().add(c + 16 * k)));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let s = _mm512_set1_ps(coeffs[j * stride + p]);
+                        for (ak, wk) in a.iter_mut().zip(&wv) {
+                            *ak = _mm512_fmadd_ps(s, *wk, *ak);
+                        }
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    for (k, ak) in a.iter().enumerate() {
+                        _mm512_storeu_ps(ap.add(j * width + c + 16 * k), *ak);
+                    }
+                }
+                c += 64;
+            }
+        }
+        // The remaining columns (fewer than 64) row by row, as `axpy` does them.
+        if c < width {
+            for p in 0..rows {
+                let r = row(p);
+                for j in 0..COUNT {
+                    let acc = &mut accs[j * width + c..(j + 1) * width];
+                    axpy(acc, coeffs[j * stride + p], &r[c..width]);
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx512f")]
     pub fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
@@ -650,6 +750,71 @@ pub fn axpy_with<T: Elem>(level: Level, acc: &mut [f32], a: f32, w: &[T]) {
     }
 }
 
+/// Most queries [`dots_with`] and [`axpy_rows_with`] take in one call.
+pub const MANY: usize = 5;
+
+/// `out[j] = dot_with(level, w, xs[j·w.len()..])` for `out.len() ≤ MANY` vectors, bit-equal to
+/// those calls; at AVX-512 `w` is widened once for all of them.
+#[inline]
+pub fn dots_with<T: Elem>(level: Level, w: &[T], xs: &[f32], out: &mut [f32]) {
+    let n = w.len();
+    assert!(out.len() <= MANY && xs.len() >= out.len() * n);
+    match level {
+        // SAFETY (every arm): callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => match out.len() {
+            0 => {}
+            1 => unsafe { avx512::dots::<1, T>(w, xs, out) },
+            2 => unsafe { avx512::dots::<2, T>(w, xs, out) },
+            3 => unsafe { avx512::dots::<3, T>(w, xs, out) },
+            4 => unsafe { avx512::dots::<4, T>(w, xs, out) },
+            _ => unsafe { avx512::dots::<5, T>(w, xs, out) },
+        },
+        _ => {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = dot_with(level, w, &xs[j * n..(j + 1) * n]);
+            }
+        }
+    }
+}
+
+/// For each `p < rows` in order, `axpy_with(level, accs[j], coeffs[j·stride + p], row(p))` for
+/// every accumulator `j` (`accs.len() / width ≤ MANY` of them, `width` values each), bit-equal
+/// to those calls; at AVX-512 a column block of all accumulators stays in registers while the
+/// rows pass.
+#[inline]
+pub fn axpy_rows_with<'a, T: Elem>(
+    level: Level,
+    rows: usize,
+    row: impl Fn(usize) -> &'a [T],
+    coeffs: &[f32],
+    stride: usize,
+    accs: &mut [f32],
+    width: usize,
+) {
+    assert!(accs.len().is_multiple_of(width) && accs.len() / width <= MANY);
+    match level {
+        // SAFETY (every arm): callers pass only supported levels.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => match accs.len() / width {
+            0 => {}
+            1 => unsafe { avx512::axpy_rows::<1, T>(rows, row, coeffs, stride, accs, width) },
+            2 => unsafe { avx512::axpy_rows::<2, T>(rows, row, coeffs, stride, accs, width) },
+            3 => unsafe { avx512::axpy_rows::<3, T>(rows, row, coeffs, stride, accs, width) },
+            4 => unsafe { avx512::axpy_rows::<4, T>(rows, row, coeffs, stride, accs, width) },
+            _ => unsafe { avx512::axpy_rows::<5, T>(rows, row, coeffs, stride, accs, width) },
+        },
+        _ => {
+            for p in 0..rows {
+                let r = row(p);
+                for (j, acc) in accs.chunks_exact_mut(width).enumerate() {
+                    axpy_with(level, acc, coeffs[j * stride + p], &r[..width]);
+                }
+            }
+        }
+    }
+}
+
 /// `dst[i] = src[i]` widened exactly to f32, for the first `min(len)` values, at `level`.
 #[inline]
 pub fn widen_with<T: Elem>(level: Level, src: &[T], dst: &mut [f32]) {
@@ -794,6 +959,52 @@ mod tests {
         }
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    #[test]
+    fn many_queries_are_bit_equal_to_one_at_a_time() {
+        let mut rng = Lcg(17);
+        for level in Level::available() {
+            for (n, count) in [(576usize, 5usize), (512, 3), (100, 1), (8, 2), (64, 4)] {
+                let w: Vec<f16> = rng.vec(n).into_iter().map(f16::from_f32).collect();
+                let xs = rng.vec(count * n);
+                let mut got = vec![f32::NAN; count];
+                dots_with(level, &w, &xs, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let want = dot_with(level, &w, &xs[j * n..(j + 1) * n]);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "dots {level:?} n {n} query {j}"
+                    );
+                }
+                // Rows of a paged cache: every other one of a longer table.
+                let rows = 7;
+                let table: Vec<f16> = rng
+                    .vec(2 * rows * n)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let row = |p: usize| &table[2 * p * n..(2 * p + 1) * n];
+                let stride = rows + 3;
+                let coeffs = rng.vec(count * stride);
+                let start = rng.vec(count * n);
+                let mut got = start.clone();
+                axpy_rows_with(level, rows, row, &coeffs, stride, &mut got, n);
+                let mut want = start;
+                for p in 0..rows {
+                    for (j, acc) in want.chunks_exact_mut(n).enumerate() {
+                        axpy_with(level, acc, coeffs[j * stride + p], row(p));
+                    }
+                }
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "axpy_rows {level:?} n {n} count {count}"
+                );
+            }
         }
     }
 
