@@ -1,6 +1,8 @@
-//! Time the two MLA evaluations for one prefill chunk with GLM-4.7-Flash shapes.
+//! Time MLA attention with GLM-4.7-Flash shapes: both evaluations of one prefill chunk of
+//! `rows` tokens, or with `--decode` the absorbed decode of one token after `rows` cached ones
+//! (best and median of 41 calls).
 //!
-//! `cargo run --release -p trellis-backend --example mla_prefill [rows...]`
+//! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [rows...]`
 
 use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -9,8 +11,13 @@ use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, MlaMode}
 use trellis_backend::{Backend, Batch, KvCacheLayout, KvDtype, MlaSpec, RopeSpec};
 
 fn main() {
-    let rows_list: Vec<usize> = std::env::args()
-        .skip(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let decode = args.first().is_some_and(|a| a == "--decode");
+    if decode {
+        args.remove(0);
+    }
+    let rows_list: Vec<usize> = args
+        .iter()
         .map(|a| a.parse().expect("row counts"))
         .collect();
     let rows_list = if rows_list.is_empty() {
@@ -46,7 +53,11 @@ fn main() {
         interleaved: true,
     };
     println!("threads {}", b.threads());
-    println!("rows  absorbed_ms  expanded_ms");
+    if decode {
+        println!("rows  decode_best_us  decode_median_us");
+    } else {
+        println!("rows  absorbed_ms  expanded_ms");
+    }
     for rows in rows_list {
         let blocks = rows.div_ceil(16);
         let layout = KvCacheLayout {
@@ -81,6 +92,29 @@ fn main() {
             &mut cache,
             0,
         );
+        if decode {
+            // The last position's query alone, against all `rows` cached ones.
+            let batch = Batch {
+                positions: &positions[rows - 1..],
+                sequence: &sequence[rows - 1..],
+                ..batch
+            };
+            let q0: Vec<f32> = (0..s.heads * s.qk_head_dim())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut times = Vec::new();
+            for _ in 0..41 {
+                let mut q = CpuBuffer(q0.clone());
+                let mut out = CpuBuffer(vec![0.0; s.heads * s.v_head_dim]);
+                let t = Instant::now();
+                let mode = MlaMode::Absorbed;
+                b.mla_attention_mode(mode, &mut q, &kv_b, &rope, &s, &batch, &cache, 0, &mut out);
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            times.sort_by(f64::total_cmp);
+            println!("{rows:5}  {:13.1}  {:15.1}", times[0], times[20]);
+            continue;
+        }
         let q0: Vec<f32> = (0..rows * s.heads * s.qk_head_dim())
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();

@@ -849,22 +849,8 @@ impl Backend for CudaBackend {
     fn linears(&self, x: &CudaBuffer, rows: usize, linears: &mut [(&CudaLinear, &mut CudaBuffer)]) {
         match self.fused_targets(linears) {
             Some((targets, n)) => {
-                let map = RowMap::plain_trellis(&self.dev, rows);
-                trellis_launch(
-                    &self.dev,
-                    &mut self.scratch(),
-                    &TrellisJob {
-                        map: &map,
-                        x: x.ptr(),
-                        in_stride: targets[0].shape.in_features,
-                        x_up: 0,
-                        norm: None,
-                        residual: false,
-                        targets: &targets[..n],
-                        combine: None,
-                        tiles_settled: false,
-                    },
-                );
+                let in_stride = targets[0].shape.in_features;
+                self.launch_targets(x, in_stride, rows, &targets[..n], None);
             }
             None => {
                 for (w, out) in linears.iter_mut() {
@@ -885,28 +871,12 @@ impl Backend for CudaBackend {
     ) {
         match self.fused_targets(linears) {
             Some((targets, n)) if targets[0].shape.in_features == norm.len => {
-                let map = RowMap::plain_trellis(&self.dev, rows);
-                trellis_launch(
-                    &self.dev,
-                    &mut self.scratch(),
-                    &TrellisJob {
-                        map: &map,
-                        x: x.ptr(),
-                        in_stride: norm.len,
-                        x_up: 0,
-                        norm: Some((norm.mem.ptr, eps)),
-                        residual: false,
-                        targets: &targets[..n],
-                        combine: None,
-                        tiles_settled: false,
-                    },
-                );
+                let folded = Some((norm.mem.ptr, eps));
+                self.launch_targets(x, norm.len, rows, &targets[..n], folded);
             }
             _ => {
                 self.rms_norm(x, norm, eps, rows, h);
-                for (w, out) in linears.iter_mut() {
-                    self.linear(w, h, rows, out);
-                }
+                self.linears(h, rows, linears);
             }
         }
     }
@@ -997,6 +967,34 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// One trellis launch of `targets` (all reading `x`, rows `in_stride` apart), with the
+    /// RMSNorm `norm` (weights, eps) folded into its input stage when given.
+    fn launch_targets(
+        &self,
+        x: &CudaBuffer,
+        in_stride: usize,
+        rows: usize,
+        targets: &[TrellisTarget],
+        norm: Option<(u64, f32)>,
+    ) {
+        let map = RowMap::plain_trellis(&self.dev, rows);
+        trellis_launch(
+            &self.dev,
+            &mut self.scratch(),
+            &TrellisJob {
+                map: &map,
+                x: x.ptr(),
+                in_stride,
+                x_up: 0,
+                norm,
+                residual: false,
+                targets,
+                combine: None,
+                tiles_settled: false,
+            },
+        );
+    }
+
     /// The trellis targets of `linears` if one fused launch can serve them all.
     fn fused_targets(
         &self,

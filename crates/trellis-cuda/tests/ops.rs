@@ -1082,51 +1082,31 @@ fn fused_norm_linears() {
         for rows in [1usize, 3, 12, 17, 40] {
             let x = uniform(&mut r, rows * in_f, 2.0);
             let cx = trellis_backend::cpu::CpuBuffer(x.clone());
-            let mut ch = c.alloc(rows * in_f).unwrap();
-            let mut couts: Vec<_> = outs.iter().map(|&o| c.alloc(rows * o).unwrap()).collect();
-            {
-                let mut pairs: Vec<_> = cw.iter().zip(couts.iter_mut()).collect();
-                c.rms_norm_linears(&cx, &cn, 1e-5, rows, &mut ch, &mut pairs);
-            }
             let gx = gpu_buffer(&x, 0);
-            let mut gh = g.alloc(rows * in_f).unwrap();
-            let spare = 32;
-            let mut gouts: Vec<_> = outs.iter().map(|&o| poisoned(rows * o + spare)).collect();
-            {
-                let mut pairs: Vec<_> = gw.iter().zip(gouts.iter_mut()).collect();
-                g.rms_norm_linears(&gx, &gn, 1e-5, rows, &mut gh, &mut pairs);
-            }
-            for (i, &o) in outs.iter().enumerate() {
-                let what = format!("norm+linear {in_f}→{outs:?} K={bits} output {i} rows {rows}");
-                check(
-                    &what,
-                    &read_gpu(&gouts[i], rows * o),
-                    &couts[i].0,
-                    LINEAR_TOL,
-                );
-                assert_tail_untouched(&what, &gouts[i], rows * o, spare);
-            }
+            let what = format!("{in_f}→{outs:?} K={bits} rows {rows}");
+            compare_products(
+                &format!("norm+linears {what}"),
+                (&cw, &gw),
+                outs,
+                rows,
+                |pairs| {
+                    let mut ch = c.alloc(rows * in_f).unwrap();
+                    c.rms_norm_linears(&cx, &cn, 1e-5, rows, &mut ch, pairs)
+                },
+                |pairs| {
+                    let mut gh = g.alloc(rows * in_f).unwrap();
+                    g.rms_norm_linears(&gx, &gn, 1e-5, rows, &mut gh, pairs)
+                },
+            );
             // The same products without the norm: `linears` (one launch for a pair).
-            let mut couts: Vec<_> = outs.iter().map(|&o| c.alloc(rows * o).unwrap()).collect();
-            {
-                let mut pairs: Vec<_> = cw.iter().zip(couts.iter_mut()).collect();
-                c.linears(&cx, rows, &mut pairs);
-            }
-            let mut gouts: Vec<_> = outs.iter().map(|&o| poisoned(rows * o + spare)).collect();
-            {
-                let mut pairs: Vec<_> = gw.iter().zip(gouts.iter_mut()).collect();
-                g.linears(&gx, rows, &mut pairs);
-            }
-            for (i, &o) in outs.iter().enumerate() {
-                let what = format!("linears {in_f}→{outs:?} K={bits} output {i} rows {rows}");
-                check(
-                    &what,
-                    &read_gpu(&gouts[i], rows * o),
-                    &couts[i].0,
-                    LINEAR_TOL,
-                );
-                assert_tail_untouched(&what, &gouts[i], rows * o, spare);
-            }
+            compare_products(
+                &format!("linears {what}"),
+                (&cw, &gw),
+                outs,
+                rows,
+                |pairs| c.linears(&cx, rows, pairs),
+                |pairs| g.linears(&gx, rows, pairs),
+            );
         }
     }
     // Fallbacks: a dense weight, and three trellis weights (more than one launch takes).
@@ -1173,57 +1153,69 @@ fn fused_norm_linears() {
         let rows = 5;
         let x = uniform(&mut r, rows * in_f, 2.0);
         let cx = trellis_backend::cpu::CpuBuffer(x.clone());
-        let mut ch = c.alloc(rows * in_f).unwrap();
-        let mut couts: Vec<_> = outs[range.clone()]
-            .iter()
-            .map(|&o| c.alloc(rows * o).unwrap())
-            .collect();
-        {
-            let mut pairs: Vec<_> = cw[range.clone()].iter().zip(couts.iter_mut()).collect();
-            c.rms_norm_linears(&cx, &cn, 1e-6, rows, &mut ch, &mut pairs);
-        }
         let gx = gpu_buffer(&x, 0);
-        let mut gh = g.alloc(rows * in_f).unwrap();
-        let mut gouts: Vec<_> = outs[range.clone()]
-            .iter()
-            .map(|&o| poisoned(rows * o))
-            .collect();
-        {
-            let mut pairs: Vec<_> = gw[range.clone()].iter().zip(gouts.iter_mut()).collect();
-            g.rms_norm_linears(&gx, &gn, 1e-6, rows, &mut gh, &mut pairs);
-        }
-        for (i, &o) in outs[range.clone()].iter().enumerate() {
-            check(
-                &format!("norm+linears fallback {what} output {i}"),
-                &read_gpu(&gouts[i], rows * o),
-                &couts[i].0,
-                LINEAR_TOL,
-            );
-        }
-        let mut gouts: Vec<_> = outs[range.clone()]
-            .iter()
-            .map(|&o| poisoned(rows * o))
-            .collect();
-        {
-            let mut pairs: Vec<_> = gw[range.clone()].iter().zip(gouts.iter_mut()).collect();
-            g.linears(&gx, rows, &mut pairs);
-        }
-        let mut couts: Vec<_> = outs[range.clone()]
-            .iter()
-            .map(|&o| c.alloc(rows * o).unwrap())
-            .collect();
-        {
-            let mut pairs: Vec<_> = cw[range.clone()].iter().zip(couts.iter_mut()).collect();
-            c.linears(&cx, rows, &mut pairs);
-        }
-        for (i, &o) in outs[range.clone()].iter().enumerate() {
-            check(
-                &format!("linears fallback {what} output {i}"),
-                &read_gpu(&gouts[i], rows * o),
-                &couts[i].0,
-                LINEAR_TOL,
-            );
-        }
+        let weights = (&cw[range.clone()], &gw[range.clone()]);
+        compare_products(
+            &format!("norm+linears fallback {what}"),
+            weights,
+            &outs[range.clone()],
+            rows,
+            |pairs| {
+                let mut ch = c.alloc(rows * in_f).unwrap();
+                c.rms_norm_linears(&cx, &cn, 1e-6, rows, &mut ch, pairs)
+            },
+            |pairs| {
+                let mut gh = g.alloc(rows * in_f).unwrap();
+                g.rms_norm_linears(&gx, &gn, 1e-6, rows, &mut gh, pairs)
+            },
+        );
+        compare_products(
+            &format!("linears fallback {what}"),
+            weights,
+            &outs[range.clone()],
+            rows,
+            |pairs| c.linears(&cx, rows, pairs),
+            |pairs| g.linears(&gx, rows, pairs),
+        );
+    }
+}
+
+/// The same products of several weights on both backends (`cpu_op` and `gpu_op` get the
+/// (weight, output) pairs), every output compared; the GPU's outputs are poisoned, with 32
+/// values past their ends that must stay untouched.
+fn compare_products(
+    what: &str,
+    (cw, gw): (
+        &[trellis_backend::cpu::CpuLinear],
+        &[trellis_cuda::CudaLinear],
+    ),
+    outs: &[usize],
+    rows: usize,
+    cpu_op: impl FnOnce(
+        &mut [(
+            &trellis_backend::cpu::CpuLinear,
+            &mut trellis_backend::cpu::CpuBuffer,
+        )],
+    ),
+    gpu_op: impl FnOnce(&mut [(&trellis_cuda::CudaLinear, &mut trellis_cuda::CudaBuffer)]),
+) {
+    let spare = 32;
+    let mut couts: Vec<_> = outs
+        .iter()
+        .map(|&o| cpu().alloc(rows * o).unwrap())
+        .collect();
+    cpu_op(&mut cw.iter().zip(couts.iter_mut()).collect::<Vec<_>>());
+    let mut gouts: Vec<_> = outs.iter().map(|&o| poisoned(rows * o + spare)).collect();
+    gpu_op(&mut gw.iter().zip(gouts.iter_mut()).collect::<Vec<_>>());
+    for (i, &o) in outs.iter().enumerate() {
+        let what = format!("{what} output {i}");
+        check(
+            &what,
+            &read_gpu(&gouts[i], rows * o),
+            &couts[i].0,
+            LINEAR_TOL,
+        );
+        assert_tail_untouched(&what, &gouts[i], rows * o, spare);
     }
 }
 

@@ -494,10 +494,11 @@ fn absorbed(
 /// most [`simd::MANY`]). Each query moves into latent space as one transposed product over its
 /// head's `W_UK` rows; each cached row `[c ‖ k_rope]` meets all of the group's queries in one
 /// pass (576-wide dots); after the softmax the rows pass again, a 64-column block at a time,
-/// adding into every head's latent output, which leaves through `W_UV`. Every sum runs in the order of one head at a
-/// time, so the results are the same bits; a row is read (and widened) once per group instead
-/// of once per head, which at long contexts is most of the work (`mla_decode` example, 20
-/// heads, 2 threads: 1,437 → 793 µs at 2,048 cached tokens, 5,342 → 3,035 at 8,192).
+/// adding into every head's latent output, which leaves through `W_UV`. Every sum runs in the
+/// order of one head at a time, so the results are the same bits; a row is read (and widened)
+/// once per group instead of once per head, which at long contexts is most of the work
+/// (`mla_prefill --decode` example, 20 heads, 2 threads: 1,437 → 793 µs at 2,048 cached
+/// tokens, 5,342 → 3,035 at 8,192).
 fn absorbed_with<T: Elem>(
     w: &[T],
     q: &[f32],
