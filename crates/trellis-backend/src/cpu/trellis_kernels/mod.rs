@@ -744,14 +744,7 @@ pub fn gemm_batch_with<'a>(
         let z = &mut z[..total_z];
         // Input transforms: one task per job (a few rows each).
         {
-            let mut parts: [&mut [f32]; MAX_GEMM_BATCH] =
-                std::array::from_fn(|_| Default::default());
-            let mut rest = &mut inputs[..];
-            for (j, part) in parts.iter_mut().enumerate().take(jobs) {
-                let (a, b) = rest.split_at_mut(input_at[j + 1] - input_at[j]);
-                *part = a;
-                rest = b;
-            }
+            let mut parts = split_at_offsets(&mut inputs[..], &input_at[..=jobs]);
             parts[..jobs]
                 .par_iter_mut()
                 .enumerate()
@@ -812,16 +805,32 @@ pub fn gemm_batch_with<'a>(
             );
         });
         let z: &[f32] = z;
-        let mut rest = &mut out[..out_at[jobs]];
-        for j in 0..jobs {
-            let (p, _, rows) = job(j);
-            let (o, r) = rest.split_at_mut(rows * p.out_features);
-            rest = r;
-            for (row, orow) in o.chunks_exact_mut(p.out_features).enumerate() {
-                output_transform(p, &z[z_at[j] + row * STRIP..], rows * STRIP, orow);
-            }
-        }
+        // Output transforms: one task per job, as the input transforms, so that they no longer
+        // run on one thread while the others wait.
+        let mut parts = split_at_offsets(&mut out[..], &out_at[..=jobs]);
+        parts[..jobs]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(j, part)| {
+                let (p, _, rows) = job(j);
+                for (row, orow) in part.chunks_exact_mut(p.out_features).enumerate() {
+                    output_transform(p, &z[z_at[j] + row * STRIP..], rows * STRIP, orow);
+                }
+            });
     });
+}
+
+/// `buf` cut at `offsets` (ascending, the first 0): part `j` is `offsets[j]..offsets[j + 1]`,
+/// and the parts past `offsets.len() - 1` are empty. An array, so a batch allocates nothing.
+fn split_at_offsets<'b>(buf: &'b mut [f32], offsets: &[usize]) -> [&'b mut [f32]; MAX_GEMM_BATCH] {
+    let mut parts: [&mut [f32]; MAX_GEMM_BATCH] = std::array::from_fn(|_| Default::default());
+    let mut rest = buf;
+    for (part, edge) in parts.iter_mut().zip(offsets.windows(2)) {
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(edge[1] - edge[0]);
+        *part = a;
+        rest = b;
+    }
+    parts
 }
 
 /// A raw pointer handed to parallel tasks that write disjoint parts of its buffer.
