@@ -850,7 +850,7 @@ impl Backend for CudaBackend {
         match self.fused_targets(linears) {
             Some((targets, n)) => {
                 let in_stride = targets[0].shape.in_features;
-                self.launch_targets(x, in_stride, rows, &targets[..n], None);
+                self.launch_targets(x, in_stride, rows, &targets[..n], None, false);
             }
             None => {
                 for (w, out) in linears.iter_mut() {
@@ -872,7 +872,7 @@ impl Backend for CudaBackend {
         match self.fused_targets(linears) {
             Some((targets, n)) if targets[0].shape.in_features == norm.len => {
                 let folded = Some((norm.mem.ptr, eps));
-                self.launch_targets(x, norm.len, rows, &targets[..n], folded);
+                self.launch_targets(x, norm.len, rows, &targets[..n], folded, false);
             }
             _ => {
                 self.rms_norm(x, norm, eps, rows, h);
@@ -893,22 +893,8 @@ impl Backend for CudaBackend {
         match w {
             CudaLinear::Trellis(t) if !self.dev.unfused_linear => {
                 debug_assert_eq!(t.shape.out_features, out_features);
-                let map = RowMap::plain_trellis(&self.dev, rows);
-                trellis_launch(
-                    &self.dev,
-                    &mut self.scratch(),
-                    &TrellisJob {
-                        map: &map,
-                        x: x.ptr(),
-                        in_stride: t.shape.in_features,
-                        x_up: 0,
-                        norm: None,
-                        residual: true,
-                        targets: &[TrellisTarget::of(t, residual.ptr())],
-                        combine: None,
-                        tiles_settled: false,
-                    },
-                );
+                let target = [TrellisTarget::of(t, residual.ptr())];
+                self.launch_targets(x, t.shape.in_features, rows, &target, None, true);
             }
             _ => {
                 self.linear(w, x, rows, tmp);
@@ -968,7 +954,8 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// One trellis launch of `targets` (all reading `x`, rows `in_stride` apart), with the
-    /// RMSNorm `norm` (weights, eps) folded into its input stage when given.
+    /// RMSNorm `norm` (weights, eps) folded into its input stage when given; with `add_into`
+    /// each product is added to what its output already holds instead of replacing it.
     fn launch_targets(
         &self,
         x: &CudaBuffer,
@@ -976,6 +963,7 @@ impl CudaBackend {
         rows: usize,
         targets: &[TrellisTarget],
         norm: Option<(u64, f32)>,
+        add_into: bool,
     ) {
         let map = RowMap::plain_trellis(&self.dev, rows);
         trellis_launch(
@@ -987,7 +975,7 @@ impl CudaBackend {
                 in_stride,
                 x_up: 0,
                 norm,
-                residual: false,
+                residual: add_into,
                 targets,
                 combine: None,
                 tiles_settled: false,
