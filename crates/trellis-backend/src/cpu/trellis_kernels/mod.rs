@@ -19,7 +19,9 @@
 //!   and take integer dot products with the codebook's byte sums, skipping its fp16 rounding
 //!   (`x86_vnni`: an approximation with a measured, tested error bound; a row's results do not
 //!   depend on the rows beside it); the other codebooks run the exact kernels of the best
-//!   level below.
+//!   level below. Products of `x86_amx::MIN_ROWS` rows or more run on AMX tiles where the
+//!   CPU has AMX-INT8 (`x86_amx`, bit-equal to the VNNI kernels; `TRELLIS_CPU_AMX=0` turns
+//!   it off).
 //!
 //! Every other kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
@@ -31,6 +33,8 @@
 mod aarch64_neon;
 mod layout;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
@@ -643,6 +647,17 @@ fn gemm_strips(
         // tiles in registers, and its z layout ([strip][16]) is the GEMM's for one row.
         gemv_strips(p, isa, &inputs[..input_len], strips, z);
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni
+        && isa.approximates(p.codebook)
+        && rows >= x86_amx::MIN_ROWS
+        && x86_amx::is_available()
+    {
+        let len = ALIGN_SLACK + 16 * x86_amx::gemm_scratch_vectors(tiles_k);
+        return with_task_scratch(len, |scratch| {
+            x86_amx::gemm(p, inputs, input_len, rows, strips, z, aligned(scratch))
+        });
     }
     #[cfg(target_arch = "x86_64")]
     if isa.approximates(p.codebook) {

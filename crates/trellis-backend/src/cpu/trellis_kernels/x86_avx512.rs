@@ -134,7 +134,7 @@ trait Codebook512 {
 /// # Safety
 /// AVX-512BW must be available.
 #[inline(always)]
-unsafe fn mul_halves(s: __m512i, m: u32) -> (__m512i, __m512i) {
+pub(super) unsafe fn mul_halves(s: __m512i, m: u32) -> (__m512i, __m512i) {
     // SAFETY: plain AVX-512BW arithmetic.
     unsafe {
         let m_lo = _mm512_set1_epi16(m as u16 as i16);

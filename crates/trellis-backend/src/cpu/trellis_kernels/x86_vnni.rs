@@ -26,10 +26,11 @@
 //! activations and of each other, and the relative L2 error of an output vector is ~2·10^-4
 //! (the tests bound it by 10^-3 on random inputs with outliers, on every width).
 //!
-//! Rows never mix: a row's integer sums are exact and its f32 folds run in the same order in
-//! [`gemv`] and [`gemm`], so its results are bit-equal whatever rows share the product (a
-//! sequence decodes the same alone or batched, which the exact kernels also give, to f32
-//! rounding). The GEMM computes each block's byte sums once into L1 and runs one `vpdpwssd` per
+//! Rows never mix: per block, each column's integer sum `D_kc` is exact and rounded once to f32
+//! ([`block_columns`]), then folded with the block's scale in block order, in [`gemv`],
+//! [`gemm`] and the AMX kernel alike; so a row's results are bit-equal whatever rows share the
+//! product and whichever of them ran it (a sequence decodes the same alone or batched, which
+//! the exact kernels also give, to f32 rounding). The GEMM computes each block's byte sums once into L1 and runs one `vpdpwssd` per
 //! row and 32 weights.
 //!
 //! The kernel keeps the states' 16-bit lanes of the exact AVX-512 kernels: the byte sums come
@@ -57,7 +58,7 @@ use trellis_codec::hadamard::HADAMARD_SIZE;
 
 /// Tiles (16 rows each) per quantization block: one Hadamard block, whose values the rotation
 /// has mixed, so they share a magnitude.
-const TILES_PER_BLOCK: usize = HADAMARD_SIZE / STRIP;
+pub(super) const TILES_PER_BLOCK: usize = HADAMARD_SIZE / STRIP;
 
 /// Largest |t|.
 const RANGE: f32 = 32767.0;
@@ -67,9 +68,23 @@ const BYTE_SUM_MEAN: f64 = 510.0;
 
 /// Floats of prepared input for `tiles_k` tiles: per tile 32 activations in 16-bit lanes (its
 /// 16 rows in `CHUNK_ROW_ORDER`, twice: once per column of a group), per block its scale
-/// `S·s_k`, and `E`.
+/// `S·s_k` lifted by the row's power of two ([`row_lift`]), then `E` and that power's inverse.
 pub fn input_len(tiles_k: usize) -> usize {
-    tiles_k * STRIP + tiles_k / TILES_PER_BLOCK + 1
+    tiles_k * STRIP + tiles_k / TILES_PER_BLOCK + 2
+}
+
+/// The power of two `2^k` by which a row's block scales are stored, and `2^-k`, by which its
+/// sums are brought back: `k` makes the row's largest block scale about 1, so that the scales
+/// of tiny activations (a block maximum of 1e-35 gives `S·s_k` ≈ 2·10^-42) are not subnormal
+/// f32, which would cost them their precision. A power of two scales every f32 result exactly,
+/// so rows of ordinary magnitude get the same results whatever `k` is.
+pub(super) fn row_lift(row_max: f32) -> (f64, f32) {
+    if !(row_max >= f32::MIN_POSITIVE && row_max.is_finite()) {
+        return (1.0, 1.0);
+    }
+    let top = f64::from(row_max) / f64::from(RANGE) * f64::from(MUL1_SCALE);
+    let k = (-top.log2().floor()).clamp(-126.0, 126.0) as i32;
+    (2f64.powi(k), 2f32.powi(-k))
 }
 
 /// Quantize one row of transformed activations (`xh`, `k_padded` values) into `input`.
@@ -92,6 +107,15 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
     // SAFETY: every load is of 16 floats inside `xh` (blocks · 128 = its length), every store
     // of 16 floats' worth inside `acts` (16 floats a tile); AVX-512F/BW are enabled here.
     unsafe {
+        let mut row_max = _mm512_setzero_ps();
+        for t in 0..tiles_k {
+            row_max = _mm512_max_ps(
+                row_max,
+                _mm512_abs_ps(_mm512_loadu_ps(xh.as_ptr().add(t * STRIP))),
+            );
+        }
+        let (lift, unlift) = row_lift(_mm512_reduce_max_ps(row_max));
+        rest[blocks + 1] = unlift;
         let order = _mm512_loadu_si512(CHUNK_ROW_ORDER.map(|r| r as u32).as_ptr().cast());
         for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
             let x = xh.as_ptr().add(b * HADAMARD_SIZE);
@@ -124,7 +148,7 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
                 _mm512_storeu_si512(acts.as_mut_ptr().add(tile * STRIP).cast(), both);
             }
             let block_scale = f64::from(scale) * f64::from(MUL1_SCALE);
-            *block_scale_out = block_scale as f32;
+            *block_scale_out = (block_scale * lift) as f32;
             sum_st += block_scale * f64::from(_mm512_reduce_add_epi32(tsum));
         }
     }
@@ -227,13 +251,13 @@ unsafe fn gemv_vnni<const WIDENED: bool>(
     assert!(input.len() >= input_len(tiles_k) && z.len() >= strips.len() * STRIP);
     assert!(strips.end <= p.strips());
     let acts = input.as_ptr();
-    let (scales, e) = input[tiles_k * STRIP..].split_at(blocks);
-    let e = e[0];
+    let (scales, rest) = input[tiles_k * STRIP..].split_at(blocks);
+    let (e, unlift) = (rest[0], rest[1]);
     for (strip, zs) in strips.zip(z.chunks_exact_mut(STRIP)) {
         // SAFETY: tiles of strips below `p.strips()` lie inside the stream, whose pads cover
         // the vector loads around them; `input` has 16 floats per tile (asserted above).
         unsafe {
-            let mut sums = [_mm512_setzero_ps(); 8];
+            let mut sums = _mm512_setzero_ps();
             let mut tile = p.stream().as_ptr().add(p.tile_offset(strip, 0));
             for (b, &scale) in scales.iter().enumerate() {
                 // |D| per lane per tile ≤ 2·32767·1020 < 2^26: a block of 8 tiles stays
@@ -252,17 +276,88 @@ unsafe fn gemv_vnni<const WIDENED: bool>(
                     group::<7, WIDENED>(tile, stride, tile_bytes, &w, x, &mut acc);
                     tile = tile.add(tile_bytes);
                 }
-                let scale = _mm512_set1_ps(scale);
-                for (s, a) in sums.iter_mut().zip(&acc) {
-                    *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), scale, *s);
-                }
+                sums = _mm512_fmadd_ps(block_columns(&acc), _mm512_set1_ps(scale), sums);
             }
-            finish(&sums.map(|s| _mm512_castps_si512(s)), e, zs);
+            finish(sums, e, unlift, zs);
         }
     }
 }
 
-/// Rows whose running sums (8 vectors each) a GEMM pass keeps in task scratch while one block's
+/// Each column's block sum `D` (exact, then rounded once to f32), in column order, from the
+/// 8 group accumulators (lanes 0..8: column g's row pairs; 8..16: column g+8's).
+///
+/// Every product path folds a block through this one rounding of the exact integer, so that
+/// they agree bit for bit whatever order their integer sums ran in (the AMX kernel's
+/// differs). Four row pairs stay inside int32 (|D| ≤ 64·32767·1020 < 2^31); the last sum of
+/// two such halves runs in f64, where it is exact.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+pub(super) unsafe fn block_columns(acc: &[__m512i; 8]) -> __m512 {
+    // SAFETY: plain AVX-512F shuffles, adds and conversions.
+    unsafe {
+        // Per 128-bit lane of a pair (a, b): [a0+a2, b0+b2, a1+a3, b1+b3].
+        let pair = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+        };
+        let (u01, u23) = (pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+        let (u45, u67) = (pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+        // Per 128-bit lane: columns (g, g+1, g+2, g+3) summed over the lane's 4 row pairs;
+        // lanes 0, 1: g = 0 (pairs 0..4, 4..8); lanes 2, 3: g = 8.
+        let quad = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+        };
+        let (low, high) = (quad(u01, u23), quad(u45, u67));
+        // Columns 0..16 in order, over pairs 0..4 (`first`) and 4..8 (`second`).
+        let first_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+        let second_idx =
+            _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        let first = _mm512_permutex2var_epi32(low, first_idx, high);
+        let second = _mm512_permutex2var_epi32(low, second_idx, high);
+        let sum = |i: __m256i, j: __m256i| {
+            _mm512_cvtpd_ps(_mm512_add_pd(_mm512_cvtepi32_pd(i), _mm512_cvtepi32_pd(j)))
+        };
+        let columns_0_8 = sum(
+            _mm512_castsi512_si256(first),
+            _mm512_castsi512_si256(second),
+        );
+        let columns_8_16 = sum(
+            _mm512_extracti64x4_epi64::<1>(first),
+            _mm512_extracti64x4_epi64::<1>(second),
+        );
+        let low = _mm512_castpd256_pd512(_mm256_castps_pd(columns_0_8));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, _mm256_castps_pd(columns_8_16)))
+    }
+}
+
+/// 16 columns' block sums `D = 256·high + low` (exact in f64), each rounded once to f32: the
+/// AMX kernel's two accumulators of one column, lane = token.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+pub(super) unsafe fn block_columns_f64_pair(high: __m512i, low: __m512i) -> __m512 {
+    // SAFETY: plain AVX-512F conversions and arithmetic.
+    unsafe {
+        let half = |h: __m256i, l: __m256i| {
+            _mm512_cvtpd_ps(_mm512_fmadd_pd(
+                _mm512_cvtepi32_pd(h),
+                _mm512_set1_pd(256.0),
+                _mm512_cvtepi32_pd(l),
+            ))
+        };
+        let first = half(_mm512_castsi512_si256(high), _mm512_castsi512_si256(low));
+        let second = half(
+            _mm512_extracti64x4_epi64::<1>(high),
+            _mm512_extracti64x4_epi64::<1>(low),
+        );
+        let first = _mm512_castpd256_pd512(_mm256_castps_pd(first));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(first, _mm256_castps_pd(second)))
+    }
+}
+
+/// Rows whose running sums (a vector each) a GEMM pass keeps in task scratch while one block's
 /// byte sums stay in L1.
 const GEMM_ROW_BLOCK: usize = 64;
 
@@ -291,12 +386,12 @@ unsafe fn gemm_vnni<const WIDENED: bool>(
     assert!(input_stride >= input_len(tiles_k) && rows > 0);
     assert!(inputs.len() >= (rows - 1) * input_stride + input_len(tiles_k));
     assert!(z.len() >= strips.len() * rows * STRIP && strips.end <= p.strips());
-    assert!(scratch.len() >= BLOCK_GROUPS + 8 * block_rows);
+    assert!(scratch.len() >= BLOCK_GROUPS + block_rows);
     let (bs, sums) = scratch.split_at_mut(BLOCK_GROUPS);
     for (strip, zs) in strips.zip(z.chunks_exact_mut(rows * STRIP)) {
         for row0 in (0..rows).step_by(GEMM_ROW_BLOCK) {
             let block_rows = GEMM_ROW_BLOCK.min(rows - row0);
-            let sums = &mut sums[..8 * block_rows];
+            let sums = &mut sums[..block_rows];
             sums.fill(_mm512_setzero_si512());
             // SAFETY: tiles of strips below `p.strips()` lie inside the stream, whose pads
             // cover the vector loads around them; every row's input has `input_len` floats
@@ -324,7 +419,7 @@ unsafe fn gemm_vnni<const WIDENED: bool>(
                             byte_sums::<WIDENED>(group_states::<7>(tile, stride, tile_bytes, &w));
                         tile = tile.add(tile_bytes);
                     }
-                    for (r, row_sums) in sums.chunks_exact_mut(8).enumerate() {
+                    for (r, row_sums) in sums.iter_mut().enumerate() {
                         let input = inputs.as_ptr().add((row0 + r) * input_stride);
                         let scale = *input.add(tiles_k * STRIP + b);
                         let mut acc = [_mm512_setzero_si512(); 8];
@@ -336,45 +431,42 @@ unsafe fn gemm_vnni<const WIDENED: bool>(
                                 *a = _mm512_dpwssd_epi32(*a, bs[t * 8 + g], x);
                             }
                         }
-                        let scale = _mm512_set1_ps(scale);
-                        for (s, a) in row_sums.iter_mut().zip(&acc) {
-                            let sum = _mm512_castsi512_ps(*s);
-                            let sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), scale, sum);
-                            *s = _mm512_castps_si512(sum);
-                        }
+                        let sum = _mm512_castsi512_ps(*row_sums);
+                        let sum = _mm512_fmadd_ps(block_columns(&acc), _mm512_set1_ps(scale), sum);
+                        *row_sums = _mm512_castps_si512(sum);
                     }
                 }
-                for (r, row_sums) in sums.chunks_exact(8).enumerate() {
-                    let e = *inputs
+                for (r, row_sums) in sums.iter().enumerate() {
+                    let tail = inputs
                         .as_ptr()
-                        .add((row0 + r) * input_stride + tiles_k * STRIP + blocks);
+                        .add((row0 + r) * input_stride + tiles_k * STRIP);
+                    let (e, unlift) = (*tail.add(blocks), *tail.add(blocks + 1));
                     let zr = &mut zs[(row0 + r) * STRIP..(row0 + r + 1) * STRIP];
-                    finish(row_sums, e, zr);
+                    finish(_mm512_castsi512_ps(*row_sums), e, unlift, zr);
                 }
             }
         }
     }
 }
 
-/// A strip's 16 outputs from its 8 running sums (f32 lanes; 0..8 column g, 8..16 column g+8).
+/// A strip's 16 outputs from its running sums (one lane per column, lifted by the row's power
+/// of two, see [`row_lift`]).
 ///
 /// # Safety
 /// AVX-512F must be available.
 #[inline(always)]
-unsafe fn finish(sums: &[__m512i], e: f32, z: &mut [f32]) {
-    // SAFETY: plain AVX-512F extractions.
+unsafe fn finish(sums: __m512, e: f32, unlift: f32, z: &mut [f32]) {
+    assert!(z.len() >= STRIP);
+    // SAFETY: a 16-float store into `z`, whose length was asserted.
     unsafe {
-        for (g, s) in sums.iter().enumerate() {
-            let s = _mm512_castsi512_ps(*s);
-            z[g] = reduce8(_mm512_castps512_ps256(s)) + e;
-            z[g + 8] = reduce8(_mm512_extractf32x8_ps::<1>(s)) + e;
-        }
+        let sums = _mm512_mul_ps(sums, _mm512_set1_ps(unlift));
+        _mm512_storeu_ps(z.as_mut_ptr(), _mm512_add_ps(sums, _mm512_set1_ps(e)))
     }
 }
 
 /// Vectors of task scratch [`gemm`] needs for `rows` rows.
 pub fn gemm_scratch_vectors(rows: usize) -> usize {
-    BLOCK_GROUPS + 8 * rows.min(GEMM_ROW_BLOCK)
+    BLOCK_GROUPS + rows.min(GEMM_ROW_BLOCK)
 }
 
 /// The mul1 product of several rows (`inputs` holds each one's [`prepare_input`], `input_stride`
@@ -409,21 +501,6 @@ pub fn gemm(
                 gemm_vnni::<true>(p, inputs, input_stride, rows, strips, z, scratch)
             }
         }
-    }
-}
-
-/// The sum of 8 lanes.
-///
-/// # Safety
-/// AVX must be available.
-#[inline(always)]
-unsafe fn reduce8(v: __m256) -> f32 {
-    // SAFETY: plain AVX shuffles and adds.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
     }
 }
 
