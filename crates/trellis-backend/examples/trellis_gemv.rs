@@ -2,12 +2,15 @@
 //!
 //! ```text
 //! cargo run --release -p trellis-backend --example trellis_gemv -- \
-//!     [--threads N] [--isa scalar,avx2,avx512,avx512fp16,avx512vnni] [--rows 1,256] [--bits 3,4]
-//!     [--codebooks mul1,mcg] [--shapes expert_gate_up,...] [--seconds S] [--cold-mb MB]
+//!     [--threads N] [--isa scalar,avx2,avx2int16,avx512,avx512fp16,avx512vnni]
+//!     [--rows 1,256] [--bits 3,4] [--codebooks mul1,mcg] [--shapes expert_gate_up,...]
+//!     [--seconds S] [--cold-mb MB]
 //! ```
 //!
-//! `avx512vnni` differs from `avx512fp16` only on one-row mul1 products (activations quantized
-//! to int16, see `trellis_kernels`); elsewhere it runs the same exact kernels.
+//! `avx512vnni` and `avx2int16` differ from the exact levels below them only on mul1 products
+//! (activations quantized to int16, see `trellis_kernels`; `TRELLIS_CPU_AMX=0` keeps
+//! `avx512vnni`'s many-row products off the AMX tiles); elsewhere they run the same exact
+//! kernels.
 //!
 //! One line per (shape, K, codebook, rows, level): best and median time per call, and from
 //! the best, weight bytes read per second (the packed trellis plus scales) and weights decoded

@@ -30,7 +30,7 @@ impl Level {
     pub fn of(isa: Isa) -> Level {
         match isa {
             Isa::Scalar => Level::Scalar,
-            Isa::Avx2 => Level::Avx2,
+            Isa::Avx2 | Isa::Avx2Int16 => Level::Avx2,
             Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => Level::Avx512,
             Isa::Neon | Isa::NeonFp16 => Level::Neon,
         }

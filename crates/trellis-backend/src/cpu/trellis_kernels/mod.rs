@@ -22,6 +22,8 @@
 //!   level below. Products of `x86_amx::MIN_ROWS` rows or more run on AMX tiles where the
 //!   CPU has AMX-INT8 (`x86_amx`, bit-equal to the VNNI kernels; `TRELLIS_CPU_AMX=0` turns
 //!   it off).
+//! * [`Isa::Avx2Int16`] (AVX2): the same approximation of mul1 with `vpmaddwd`, for CPUs
+//!   without AVX-512 (`x86_avx2_int16`); the other codebooks run the exact AVX2 kernels.
 //!
 //! Every other kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
@@ -37,6 +39,8 @@ mod scalar;
 mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2_int16;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
 #[cfg(target_arch = "x86_64")]
@@ -57,6 +61,7 @@ use trellis_codec::hadamard::HADAMARD_SIZE;
 pub enum Isa {
     Scalar,
     Avx2,
+    Avx2Int16,
     Avx512,
     Avx512Fp16,
     Avx512Vnni,
@@ -66,9 +71,10 @@ pub enum Isa {
 
 impl Isa {
     /// Every level, lowest first within an architecture (a CPU supports one architecture's).
-    pub const ALL: [Isa; 7] = [
+    pub const ALL: [Isa; 8] = [
         Isa::Scalar,
         Isa::Avx2,
+        Isa::Avx2Int16,
         Isa::Avx512,
         Isa::Avx512Fp16,
         Isa::Avx512Vnni,
@@ -80,6 +86,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx2Int16 => "avx2int16",
             Isa::Avx512 => "avx512",
             Isa::Avx512Fp16 => "avx512fp16",
             Isa::Avx512Vnni => "avx512vnni",
@@ -102,6 +109,8 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("fma")
                     && std::arch::is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Int16 => Isa::Avx2.is_supported(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 Isa::Avx2.is_supported()
@@ -157,6 +166,7 @@ impl Isa {
         match self {
             Isa::Avx512Vnni if Isa::Avx512Fp16.is_supported() => Isa::Avx512Fp16,
             Isa::Avx512Vnni => Isa::Avx512,
+            Isa::Avx2Int16 => Isa::Avx2,
             isa => isa,
         }
     }
@@ -164,14 +174,18 @@ impl Isa {
     /// Whether products of `codebook` at this level quantize the activations (their error is
     /// bounded by a test, not bit-exact like the rest).
     pub fn approximates(self, codebook: trellis_codec::Codebook) -> bool {
-        self == Isa::Avx512Vnni && codebook == trellis_codec::Codebook::Mul1
+        matches!(self, Isa::Avx512Vnni | Isa::Avx2Int16)
+            && codebook == trellis_codec::Codebook::Mul1
     }
 
     /// Floats of one row's prepared input for products of `p`.
     fn row_input_len(self, p: &PackedTrellis) -> usize {
         #[cfg(target_arch = "x86_64")]
         if self.approximates(p.codebook) {
-            return x86_vnni::input_len(p.tiles_k());
+            return match self {
+                Isa::Avx2Int16 => x86_avx2_int16::input_len(p.tiles_k()),
+                _ => x86_vnni::input_len(p.tiles_k()),
+            };
         }
         p.tiles_k() * self.exact().input_per_tile()
     }
@@ -182,7 +196,9 @@ impl Isa {
     fn native_row_col(self, i: usize) -> (usize, usize) {
         match self {
             Isa::Scalar => (i % STRIP, i / STRIP),
-            Isa::Avx2 | Isa::Neon | Isa::NeonFp16 => trellis_codec::tile::position_to_row_col(i),
+            Isa::Avx2 | Isa::Avx2Int16 | Isa::Neon | Isa::NeonFp16 => {
+                trellis_codec::tile::position_to_row_col(i)
+            }
             Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
                 (CHUNK_ROW_ORDER[i % STRIP], i / STRIP)
             }
@@ -193,7 +209,7 @@ impl Isa {
     /// the activations of its rows (2c, 2c+1, 2c+8, 2c+9), repeated for its two columns.
     fn input_per_tile(self) -> usize {
         match self {
-            Isa::Avx2 => 2 * STRIP,
+            Isa::Avx2 | Isa::Avx2Int16 => 2 * STRIP,
             _ => STRIP,
         }
     }
@@ -203,7 +219,7 @@ impl Isa {
 fn prepare_input(isa: Isa, xh: &[f32], input: &mut [f32]) {
     match isa {
         Isa::Scalar => input.copy_from_slice(xh),
-        Isa::Avx2 => {
+        Isa::Avx2 | Isa::Avx2Int16 => {
             for (dst, src) in input
                 .chunks_exact_mut(2 * STRIP)
                 .zip(xh.chunks_exact(STRIP))
@@ -228,7 +244,10 @@ fn prepare_input(isa: Isa, xh: &[f32], input: &mut [f32]) {
 fn prepare_row_input(isa: Isa, p: &PackedTrellis, xh: &[f32], input: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa.approximates(p.codebook) {
-        return x86_vnni::prepare_input(xh, input);
+        return match isa {
+            Isa::Avx2Int16 => x86_avx2_int16::prepare_input(xh, input),
+            _ => x86_vnni::prepare_input(xh, input),
+        };
     }
     prepare_input(isa.exact(), xh, input)
 }
@@ -489,6 +508,10 @@ fn gemv_strips(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86_avx2::gemv(p, input, strips, z),
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Int16 if isa.approximates(p.codebook) => x86_avx2_int16::gemv(p, input, strips, z),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Int16 => x86_avx2::gemv(p, input, strips, z),
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 => x86_avx512::gemv(p, isa, input, strips, z),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni if isa.approximates(p.codebook) => {
@@ -509,7 +532,7 @@ fn decode_tiles(p: &PackedTrellis, isa: Isa, strip: usize, kt0: usize, wt: &mut 
     match isa {
         Isa::Scalar => scalar::decode_tiles(p, strip, kt0, wt),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86_avx2::decode_tiles(p, strip, kt0, wt),
+        Isa::Avx2 | Isa::Avx2Int16 => x86_avx2::decode_tiles(p, strip, kt0, wt),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
             x86_avx512::decode_tiles(p, isa.exact(), strip, kt0, wt)
@@ -534,7 +557,9 @@ fn accumulate_rows(
     match isa {
         Isa::Scalar => scalar::accumulate_rows(wt, tiles, inputs, input_stride, acc),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86_avx2::accumulate_rows(wt, tiles, inputs, input_stride, acc),
+        Isa::Avx2 | Isa::Avx2Int16 => {
+            x86_avx2::accumulate_rows(wt, tiles, inputs, input_stride, acc)
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Fp16 | Isa::Avx512Vnni => {
             x86_avx512::accumulate_rows(wt, tiles, inputs, input_stride, acc)
@@ -550,7 +575,7 @@ fn accumulate_rows(
 /// The 16 outputs of a strip from one row's accumulators.
 fn finish_strip(isa: Isa, acc: &[f32], z: &mut [f32]) {
     match isa {
-        Isa::Avx2 => {
+        Isa::Avx2 | Isa::Avx2Int16 => {
             // Vector g: lanes 0..4 belong to column g, lanes 4..8 to column g+8.
             for (g, lanes) in acc[..64].chunks_exact(8).enumerate() {
                 z[g] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
@@ -657,6 +682,13 @@ fn gemm_strips(
         let len = ALIGN_SLACK + 16 * x86_amx::gemm_scratch_vectors(tiles_k);
         return with_task_scratch(len, |scratch| {
             x86_amx::gemm(p, inputs, input_len, rows, strips, z, aligned(scratch))
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Int16 && isa.approximates(p.codebook) {
+        let len = ALIGN_SLACK + 8 * x86_avx2_int16::gemm_scratch_vectors(rows);
+        return with_task_scratch(len, |scratch| {
+            x86_avx2_int16::gemm(p, inputs, input_len, rows, strips, z, aligned(scratch))
         });
     }
     #[cfg(target_arch = "x86_64")]

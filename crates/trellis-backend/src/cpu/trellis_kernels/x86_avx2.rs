@@ -18,13 +18,15 @@ const CHUNKS: usize = 4;
 
 /// Where the windows of each chunk lie, relative to the group's start 16 bits before its
 /// first code bit (as in `layout`), for one bit width.
-struct ChunkTables {
+pub(super) struct ChunkTables {
     /// First byte of the chunk's 16-byte window.
     base: [usize; CHUNKS],
     /// `vpshufb` indices (both halves index the same 16 bytes).
     shuffle: [[u8; 32]; CHUNKS],
     /// Right shift that aligns each lane's state at bit 0.
-    shift: [[u32; 8]; CHUNKS],
+    pub(super) shift: [[u32; 8]; CHUNKS],
+    /// Left shift that aligns each lane's state at bit 16 (`16 − shift`).
+    pub(super) left_shift: [[u32; 8]; CHUNKS],
 }
 
 impl ChunkTables {
@@ -33,6 +35,7 @@ impl ChunkTables {
             base: [0; CHUNKS],
             shuffle: [[0; 32]; CHUNKS],
             shift: [[0; 8]; CHUNKS],
+            left_shift: [[0; 8]; CHUNKS],
         };
         let g = GroupTables::of(bits);
         for c in 0..CHUNKS {
@@ -47,12 +50,13 @@ impl ChunkTables {
                     t.shuffle[c][4 * lane + i] = (rel + 3 - i) as u8;
                 }
                 t.shift[c][lane] = 16 - u32::from(bit);
+                t.left_shift[c][lane] = u32::from(bit);
             }
         }
         t
     }
 
-    fn of(bits: BitWidth) -> &'static ChunkTables {
+    pub(super) fn of(bits: BitWidth) -> &'static ChunkTables {
         static TABLES: PerWidth<ChunkTables> = per_width_cache();
         per_width(&TABLES, bits, ChunkTables::compute)
     }
@@ -63,7 +67,28 @@ impl ChunkTables {
 /// # Safety
 /// AVX2 must be available; `tile − 2 … tile + tile_bytes + 16` must be readable.
 #[inline(always)]
-unsafe fn chunk_states<const G: usize>(
+pub(super) unsafe fn chunk_states<const G: usize>(
+    tile: *const u8,
+    stride: usize,
+    tile_bytes: usize,
+    t: &ChunkTables,
+    c: usize,
+) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let words = chunk_words::<G>(tile, stride, tile_bytes, t, c);
+        let shifted = _mm256_srlv_epi32(words, _mm256_loadu_si256(t.shift[c].as_ptr().cast()));
+        _mm256_and_si256(shifted, _mm256_set1_epi32(0xFFFF))
+    }
+}
+
+/// The 32-bit big-endian window of each of chunk `c`'s 8 states (the state lies in its bits
+/// `shift … shift + 16`).
+///
+/// # Safety
+/// As [`chunk_states`].
+#[inline(always)]
+pub(super) unsafe fn chunk_words<const G: usize>(
     tile: *const u8,
     stride: usize,
     tile_bytes: usize,
@@ -86,12 +111,10 @@ unsafe fn chunk_states<const G: usize>(
         } else {
             _mm_loadu_si128(src.cast())
         };
-        let words = _mm256_shuffle_epi8(
+        _mm256_shuffle_epi8(
             _mm256_broadcastsi128_si256(bytes),
             _mm256_loadu_si256(t.shuffle[c].as_ptr().cast()),
-        );
-        let shifted = _mm256_srlv_epi32(words, _mm256_loadu_si256(t.shift[c].as_ptr().cast()));
-        _mm256_and_si256(shifted, _mm256_set1_epi32(0xFFFF))
+        )
     }
 }
 
