@@ -30,8 +30,8 @@
 //! ([`block_columns`]), then folded with the block's scale in block order, in [`gemv`],
 //! [`gemm`] and the AMX kernel alike; so a row's results are bit-equal whatever rows share the
 //! product and whichever of them ran it (a sequence decodes the same alone or batched, which
-//! the exact kernels also give, to f32 rounding). The GEMM computes each block's byte sums once into L1 and runs one `vpdpwssd` per
-//! row and 32 weights.
+//! the exact kernels also give, to f32 rounding). The GEMM computes each block's byte sums once
+//! into L1 and runs one `vpdpwssd` per row and 32 weights.
 //!
 //! The kernel keeps the states' 16-bit lanes of the exact AVX-512 kernels: the byte sums come
 //! out in 16-bit lanes (rows of two columns), and one `vpdpwssd` multiplies them by the 16-bit
