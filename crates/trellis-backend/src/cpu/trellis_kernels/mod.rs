@@ -302,6 +302,21 @@ pub fn forward_with(p: &PackedTrellis, isa: Isa, x: &[f32], rows: usize, out: &m
     }
 }
 
+/// `buf` (from [`aligned`]) as vectors of `V`, as the x86 GEMMs keep their scratch.
+///
+/// # Safety
+/// `V` must be plain bits of a multiple of 4 bytes (an x86 vector type), so that any floats'
+/// bytes are a valid `V`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn float_vectors<V>(buf: &mut [f32]) -> &mut [V] {
+    let floats = std::mem::size_of::<V>() / 4;
+    assert!(floats > 0 && buf.as_ptr().cast::<V>().is_aligned());
+    // SAFETY: the start is aligned for `V` (asserted), the length is rounded down to whole
+    // vectors, `V` accepts any bits (the caller's promise), and `buf` is borrowed mutably for
+    // as long as the result lives.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<V>(), buf.len() / floats) }
+}
+
 /// Floats of slack a scratch request adds so that [`aligned`] can skip to a cache line.
 const ALIGN_SLACK: usize = 16;
 

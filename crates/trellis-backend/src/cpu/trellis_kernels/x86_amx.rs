@@ -369,11 +369,8 @@ pub fn gemm(
 ) {
     assert!(p.codebook == trellis_codec::Codebook::Mul1);
     assert!(is_available());
-    assert!(scratch.as_ptr().cast::<__m512i>().is_aligned());
-    // SAFETY: `__m512i` is 16 floats of plain bits, and the start is aligned (asserted).
-    let scratch = unsafe {
-        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<__m512i>(), scratch.len() / 16)
-    };
+    // SAFETY: `__m512i` is plain bits.
+    let scratch = unsafe { super::float_vectors::<__m512i>(scratch) };
     // SAFETY: `is_available` checked the VNNI level's features (which include every one
     // enabled on the kernel), AMX-INT8 and the OS's permission.
     unsafe { gemm_amx(p, inputs, input_stride, rows, strips, z, scratch) }

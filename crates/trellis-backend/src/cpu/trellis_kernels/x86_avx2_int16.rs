@@ -25,8 +25,8 @@
 
 use super::layout::{GROUPS, PackedTrellis, STRIP, group_stride};
 use super::x86_avx2::{ChunkTables, chunk_words};
-use super::x86_avx512::{MUL1_AT_ZERO, MUL1_SCALE};
-use super::x86_vnni::row_lift;
+use super::x86_avx512::MUL1_SCALE;
+use super::x86_vnni::{RANGE, block_quantization, row_constant, row_lift};
 use std::arch::x86_64::*;
 use trellis_codec::codebook::MUL1_MULTIPLIER;
 use trellis_codec::hadamard::HADAMARD_SIZE;
@@ -56,12 +56,6 @@ const PAIR_ROWS: [usize; 2 * STRIP] = {
     rows
 };
 
-/// Largest |t|.
-const RANGE: f32 = 32767.0;
-
-/// The mean of mul1's byte sum, by which the sums are centred (see `x86_vnni`).
-const BYTE_SUM_MEAN: f64 = 510.0;
-
 /// Floats (32-bit lanes) of prepared input for `tiles_k` tiles: per tile 32 int16 activations
 /// in [`PAIR_ROWS`] order; per block its scale `S·s_k` lifted by the row's power of two
 /// (`x86_vnni::row_lift`); `E` and that power's inverse.
@@ -86,32 +80,26 @@ unsafe fn prepare_input_avx2(xh: &[f32], input: &mut [f32]) {
     let mut sum_a = 0.0f64;
     let mut sum_st = 0.0f64;
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    let mut row_max = _mm256_setzero_ps();
-    for v in xh.chunks_exact(8) {
-        // SAFETY: an 8-float load of an 8-float chunk.
-        let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
-        row_max = _mm256_max_ps(row_max, _mm256_and_ps(v, abs_mask));
-    }
-    let (lift, unlift) = row_lift(lanes(row_max).into_iter().fold(0.0f32, f32::max));
-    rest[blocks + 1] = unlift;
-    for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
-        let x = &xh[b * HADAMARD_SIZE..(b + 1) * HADAMARD_SIZE];
+    // Each block's largest magnitude (kept in its scale's slot until the scale is known) and
+    // the row's sum; the largest of them sets the row's lift.
+    for (b, block_max) in rest[..blocks].iter_mut().enumerate() {
         let mut max = _mm256_setzero_ps();
         let mut sum = _mm256_setzero_ps();
-        for v in x.chunks_exact(8) {
+        for v in xh[b * HADAMARD_SIZE..(b + 1) * HADAMARD_SIZE].chunks_exact(8) {
             // SAFETY: an 8-float load of an 8-float chunk.
             let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
             max = _mm256_max_ps(max, _mm256_and_ps(v, abs_mask));
             sum = _mm256_add_ps(sum, v);
         }
-        let (max, sum) = (lanes(max), lanes(sum));
-        let max = max.into_iter().fold(0.0f32, f32::max);
-        sum_a += f64::from(sum.iter().sum::<f32>());
-        // A zero block (padding) gets scale 0 and zero activations, and so does a block of
-        // subnormals, whose reciprocal would overflow (its part of `E` stays exact).
-        let normal = max >= f32::MIN_POSITIVE;
-        let recip = _mm256_set1_ps(if normal { 1.0 / max } else { 0.0 });
-        let scale = if normal { max / RANGE } else { 0.0 };
+        *block_max = lanes(max).into_iter().fold(0.0f32, f32::max);
+        sum_a += f64::from(lanes(sum).iter().sum::<f32>());
+    }
+    let (lift, unlift) = row_lift(rest[..blocks].iter().fold(0.0f32, |m, &v| m.max(v)));
+    rest[blocks + 1] = unlift;
+    for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
+        let x = &xh[b * HADAMARD_SIZE..(b + 1) * HADAMARD_SIZE];
+        let (recip, scale) = block_quantization(*block_scale_out);
+        let recip = _mm256_set1_ps(recip);
         let range = _mm256_set1_ps(RANGE);
         let mut tsum = _mm256_setzero_si256();
         for (t, rows) in x.chunks_exact(STRIP).enumerate() {
@@ -155,8 +143,7 @@ unsafe fn prepare_input_avx2(xh: &[f32], input: &mut [f32]) {
         let tsum: i64 = tsum.iter().map(|&v| i64::from(v)).sum();
         sum_st += block_scale * tsum as f64;
     }
-    let centre = f64::from(MUL1_AT_ZERO) + BYTE_SUM_MEAN * f64::from(MUL1_SCALE);
-    rest[blocks] = (centre * sum_a - BYTE_SUM_MEAN * sum_st) as f32;
+    rest[blocks] = row_constant(sum_a, sum_st);
 }
 
 /// The 8 lanes of a vector.
@@ -446,11 +433,8 @@ pub fn gemm(
 ) {
     assert!(p.codebook == trellis_codec::Codebook::Mul1);
     assert!(super::Isa::Avx2.is_supported());
-    assert!(scratch.as_ptr().cast::<__m256i>().is_aligned());
-    // SAFETY: `__m256i` is 8 floats of plain bits, and the start is aligned (asserted).
-    let scratch = unsafe {
-        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<__m256i>(), scratch.len() / 8)
-    };
+    // SAFETY: `__m256i` is plain bits.
+    let scratch = unsafe { super::float_vectors::<__m256i>(scratch) };
     // SAFETY: AVX2, FMA and F16C were checked above.
     unsafe { gemm_avx2(p, inputs, input_stride, rows, strips, z, scratch) }
 }

@@ -61,7 +61,7 @@ use trellis_codec::hadamard::HADAMARD_SIZE;
 pub(super) const TILES_PER_BLOCK: usize = HADAMARD_SIZE / STRIP;
 
 /// Largest |t|.
-const RANGE: f32 = 32767.0;
+pub(super) const RANGE: f32 = 32767.0;
 
 /// The mean of mul1's byte sum (4 bytes of mean 127.5), by which the sums are centred.
 const BYTE_SUM_MEAN: f64 = 510.0;
@@ -71,6 +71,25 @@ const BYTE_SUM_MEAN: f64 = 510.0;
 /// `S·s_k` lifted by the row's power of two ([`row_lift`]), then `E` and that power's inverse.
 pub fn input_len(tiles_k: usize) -> usize {
     tiles_k * STRIP + tiles_k / TILES_PER_BLOCK + 2
+}
+
+/// How a 128-row block with largest magnitude `max` is quantized: the reciprocal to multiply
+/// its values by (before [`RANGE`]) and its scale `s_k`. A zero block (padding) gets scale 0
+/// and zero activations, and so does a block of subnormals, whose reciprocal would overflow
+/// (its part of `E` stays exact). The reciprocal and the range are applied apart: RANGE / max
+/// overflows below 1e-34.
+pub(super) fn block_quantization(max: f32) -> (f32, f32) {
+    if max >= f32::MIN_POSITIVE {
+        (1.0 / max, max / RANGE)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// `E` from the row's exact `Σa` and `Σ_k S·s_k·T_k`.
+pub(super) fn row_constant(sum_a: f64, sum_st: f64) -> f32 {
+    let centre = f64::from(MUL1_AT_ZERO) + BYTE_SUM_MEAN * f64::from(MUL1_SCALE);
+    (centre * sum_a - BYTE_SUM_MEAN * sum_st) as f32
 }
 
 /// The power of two `2^k` by which a row's block scales are stored, and `2^-k`, by which its
@@ -107,17 +126,9 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
     // SAFETY: every load is of 16 floats inside `xh` (blocks · 128 = its length), every store
     // of 16 floats' worth inside `acts` (16 floats a tile); AVX-512F/BW are enabled here.
     unsafe {
-        let mut row_max = _mm512_setzero_ps();
-        for t in 0..tiles_k {
-            row_max = _mm512_max_ps(
-                row_max,
-                _mm512_abs_ps(_mm512_loadu_ps(xh.as_ptr().add(t * STRIP))),
-            );
-        }
-        let (lift, unlift) = row_lift(_mm512_reduce_max_ps(row_max));
-        rest[blocks + 1] = unlift;
-        let order = _mm512_loadu_si512(CHUNK_ROW_ORDER.map(|r| r as u32).as_ptr().cast());
-        for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
+        // Each block's largest magnitude (kept in its scale's slot until the scale is known)
+        // and the row's sum; the largest of them sets the row's lift.
+        for (b, block_max) in rest[..blocks].iter_mut().enumerate() {
             let x = xh.as_ptr().add(b * HADAMARD_SIZE);
             let mut max = _mm512_setzero_ps();
             let mut sum = _mm512_setzero_ps();
@@ -126,14 +137,16 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
                 max = _mm512_max_ps(max, _mm512_abs_ps(v));
                 sum = _mm512_add_ps(sum, v);
             }
-            let max = _mm512_reduce_max_ps(max);
+            *block_max = _mm512_reduce_max_ps(max);
             sum_a += f64::from(_mm512_reduce_add_ps(sum));
-            // A zero block (padding) gets scale 0 and zero activations, and so does a block of
-            // subnormals, whose reciprocal would overflow (its part of `E` stays exact). The
-            // reciprocal and the range are applied apart: RANGE / max overflows below 1e-34.
-            let normal = max >= f32::MIN_POSITIVE;
-            let recip = _mm512_set1_ps(if normal { 1.0 / max } else { 0.0 });
-            let scale = if normal { max / RANGE } else { 0.0 };
+        }
+        let (lift, unlift) = row_lift(rest[..blocks].iter().fold(0.0f32, |m, &v| m.max(v)));
+        rest[blocks + 1] = unlift;
+        let order = _mm512_loadu_si512(CHUNK_ROW_ORDER.map(|r| r as u32).as_ptr().cast());
+        for (b, block_scale_out) in rest[..blocks].iter_mut().enumerate() {
+            let x = xh.as_ptr().add(b * HADAMARD_SIZE);
+            let (recip, scale) = block_quantization(*block_scale_out);
+            let recip = _mm512_set1_ps(recip);
             let range = _mm512_set1_ps(RANGE);
             let mut tsum = _mm512_setzero_si512();
             for t in 0..TILES_PER_BLOCK {
@@ -152,8 +165,7 @@ unsafe fn prepare_input_avx512(xh: &[f32], input: &mut [f32]) {
             sum_st += block_scale * f64::from(_mm512_reduce_add_epi32(tsum));
         }
     }
-    let centre = f64::from(MUL1_AT_ZERO) + BYTE_SUM_MEAN * f64::from(MUL1_SCALE);
-    rest[blocks] = (centre * sum_a - BYTE_SUM_MEAN * sum_st) as f32;
+    rest[blocks] = row_constant(sum_a, sum_st);
 }
 
 /// How mul1's byte sums of 32 states (16-bit lanes in, 16-bit lanes out) are computed; both
@@ -485,11 +497,8 @@ pub fn gemm(
 ) {
     assert!(p.codebook == trellis_codec::Codebook::Mul1);
     assert!(super::Isa::Avx512Vnni.is_supported());
-    assert!(scratch.as_ptr().cast::<__m512i>().is_aligned());
-    // SAFETY: `__m512i` is 16 floats of plain bits, and the start is aligned (asserted).
-    let scratch = unsafe {
-        std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<__m512i>(), scratch.len() / 16)
-    };
+    // SAFETY: `__m512i` is plain bits.
+    let scratch = unsafe { super::float_vectors::<__m512i>(scratch) };
     // SAFETY: the level's features (which include every one enabled on the kernel) were
     // checked just above.
     unsafe {
