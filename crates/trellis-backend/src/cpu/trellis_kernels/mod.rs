@@ -414,7 +414,7 @@ pub fn gemv_batch_into<'a>(
     job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
     outs: &mut [&mut [f32]],
 ) {
-    gemv_batch_impl(Isa::selected(), jobs, job, |j, f| f(&mut *outs[j]))
+    gemv_batch_impl(Isa::selected(), jobs, job, outs)
 }
 
 /// [`gemv_batch`] with an explicit instruction-set level (which must be supported).
@@ -424,50 +424,59 @@ pub fn gemv_batch_with<'a>(
     job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
     out: &mut [f32],
 ) {
-    let mut rest = out;
-    gemv_batch_impl(isa, jobs, &job, |j, f| {
-        let n = job(j).0.out_features;
-        let (o, r) = std::mem::take(&mut rest).split_at_mut(n);
-        rest = r;
-        f(o)
-    });
+    assert!(jobs <= MAX_BATCH, "at most {MAX_BATCH} products per batch");
+    let mut out_at = [0usize; MAX_BATCH + 1];
+    for j in 0..jobs {
+        out_at[j + 1] = out_at[j] + job(j).0.out_features;
+    }
+    assert!(out.len() >= out_at[jobs]);
+    let mut outs = split_at_offsets(out, &out_at[..=jobs]);
+    gemv_batch_impl(isa, jobs, &job, &mut outs[..jobs])
 }
 
-/// The batch: `output(j, f)` hands job j's output slice to `f` (called once per job, in
-/// order, after all products are done).
+/// The batch: job j's results go to `outs[j]`.
 fn gemv_batch_impl<'a>(
     isa: Isa,
     jobs: usize,
     job: impl Fn(usize) -> (&'a PackedTrellis, &'a [f32]) + Sync,
-    mut output: impl FnMut(usize, &mut dyn FnMut(&mut [f32])),
+    outs: &mut [&mut [f32]],
 ) {
     assert!(isa.is_supported(), "{isa:?} kernels on a CPU without them");
     assert!(jobs <= MAX_BATCH, "at most {MAX_BATCH} products per batch");
-    // Offsets (in floats) of each job's prepared input and first strip, and of its outputs.
+    assert!(outs.len() >= jobs);
+    // Offsets (in floats) of each job's prepared input and of its first strip.
     let mut input_at = [0usize; MAX_BATCH + 1];
     let mut strip_at = [0usize; MAX_BATCH + 1];
-    let mut k_max = 0;
     for j in 0..jobs {
         let (p, x) = job(j);
         assert!(x.len() >= p.in_features);
         // Inputs start on a cache line (16 floats) each.
         input_at[j + 1] = input_at[j] + isa.row_input_len(p).next_multiple_of(16);
         strip_at[j + 1] = strip_at[j] + p.strips();
-        k_max = k_max.max(p.k_padded);
     }
     let strips = strip_at[jobs];
     with_op_scratch(ALIGN_SLACK + input_at[jobs] + strips * STRIP, |scratch| {
         let (inputs, z) = aligned(scratch).split_at_mut(input_at[jobs]);
         let z = &mut z[..strips * STRIP];
-        with_task_scratch(k_max, |xh| {
-            for j in 0..jobs {
-                let (p, x) = job(j);
-                let xh = &mut xh[..p.k_padded];
+        // The transforms of a job are serial work of a few µs (a MoE layer's decode has 15
+        // jobs); one task per job spreads them over the threads instead of leaving all but
+        // one waiting.
+        let prepare = |j: usize, input: &mut [f32]| {
+            let (p, x) = job(j);
+            with_task_scratch(p.k_padded, |xh| {
                 input_transform(p, x, xh);
-                let len = isa.row_input_len(p);
-                prepare_row_input(isa, p, xh, &mut inputs[input_at[j]..input_at[j] + len]);
-            }
-        });
+                prepare_row_input(isa, p, xh, &mut input[..isa.row_input_len(p)]);
+            });
+        };
+        if jobs == 1 {
+            prepare(0, inputs);
+        } else {
+            let mut parts = split_at_offsets(&mut inputs[..], &input_at[..=jobs]);
+            parts[..jobs]
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(j, part)| prepare(j, part));
+        }
         let inputs: &[f32] = inputs;
         // Several tasks per thread: a thread that loses its core to another process then
         // holds up little of the batch.
@@ -495,16 +504,19 @@ fn gemv_batch_impl<'a>(
                     );
                 }
             });
-        for j in 0..jobs {
+        let z: &[f32] = z;
+        let finish = |j: usize, o: &mut [f32]| {
             let (p, _) = job(j);
-            output(j, &mut |o: &mut [f32]| {
-                output_transform(
-                    p,
-                    &z[strip_at[j] * STRIP..strip_at[j + 1] * STRIP],
-                    STRIP,
-                    &mut o[..p.out_features],
-                )
-            });
+            let zj = &z[strip_at[j] * STRIP..strip_at[j + 1] * STRIP];
+            output_transform(p, zj, STRIP, &mut o[..p.out_features]);
+        };
+        if jobs == 1 {
+            finish(0, &mut *outs[0]);
+        } else {
+            outs[..jobs]
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(j, o)| finish(j, o));
         }
     });
 }
