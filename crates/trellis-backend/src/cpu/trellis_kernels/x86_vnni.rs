@@ -331,19 +331,33 @@ pub(super) unsafe fn block_columns(acc: &[__m512i; 8]) -> __m512 {
             _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
         let first = _mm512_permutex2var_epi32(low, first_idx, high);
         let second = _mm512_permutex2var_epi32(low, second_idx, high);
-        let sum = |i: __m256i, j: __m256i| {
-            _mm512_cvtpd_ps(_mm512_add_pd(_mm512_cvtepi32_pd(i), _mm512_cvtepi32_pd(j)))
+        rounded_sums(first, 1.0, second)
+    }
+}
+
+/// `weight·a + b` per lane of two int32 vectors (exact in f64 for `weight` 1 or 256), rounded
+/// once to f32: how every product path turns a block's integer column sums into floats.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+unsafe fn rounded_sums(a: __m512i, weight: f64, b: __m512i) -> __m512 {
+    // SAFETY: plain AVX-512F conversions and arithmetic.
+    unsafe {
+        let half = |a: __m256i, b: __m256i| {
+            _mm512_cvtpd_ps(_mm512_fmadd_pd(
+                _mm512_cvtepi32_pd(a),
+                _mm512_set1_pd(weight),
+                _mm512_cvtepi32_pd(b),
+            ))
         };
-        let columns_0_8 = sum(
-            _mm512_castsi512_si256(first),
-            _mm512_castsi512_si256(second),
+        let low = half(_mm512_castsi512_si256(a), _mm512_castsi512_si256(b));
+        let high = half(
+            _mm512_extracti64x4_epi64::<1>(a),
+            _mm512_extracti64x4_epi64::<1>(b),
         );
-        let columns_8_16 = sum(
-            _mm512_extracti64x4_epi64::<1>(first),
-            _mm512_extracti64x4_epi64::<1>(second),
-        );
-        let low = _mm512_castpd256_pd512(_mm256_castps_pd(columns_0_8));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, _mm256_castps_pd(columns_8_16)))
+        let low = _mm512_castpd256_pd512(_mm256_castps_pd(low));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, _mm256_castps_pd(high)))
     }
 }
 
@@ -354,23 +368,8 @@ pub(super) unsafe fn block_columns(acc: &[__m512i; 8]) -> __m512 {
 /// AVX-512F must be available.
 #[inline(always)]
 pub(super) unsafe fn block_columns_f64_pair(high: __m512i, low: __m512i) -> __m512 {
-    // SAFETY: plain AVX-512F conversions and arithmetic.
-    unsafe {
-        let half = |h: __m256i, l: __m256i| {
-            _mm512_cvtpd_ps(_mm512_fmadd_pd(
-                _mm512_cvtepi32_pd(h),
-                _mm512_set1_pd(256.0),
-                _mm512_cvtepi32_pd(l),
-            ))
-        };
-        let first = half(_mm512_castsi512_si256(high), _mm512_castsi512_si256(low));
-        let second = half(
-            _mm512_extracti64x4_epi64::<1>(high),
-            _mm512_extracti64x4_epi64::<1>(low),
-        );
-        let first = _mm512_castpd256_pd512(_mm256_castps_pd(first));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(first, _mm256_castps_pd(second)))
-    }
+    // SAFETY: AVX-512F is available (the caller's contract).
+    unsafe { rounded_sums(high, 256.0, low) }
 }
 
 /// One tile's byte sums turned for many-row products: `groups[g]` holds column g's row pairs
@@ -409,13 +408,14 @@ unsafe fn pairs_by_column(groups: [__m512i; 8]) -> [__m512i; 8] {
     }
 }
 
-/// One block of two rows against a block of [`pairs_by_column`] sums: per row, 8 accumulators
-/// (one per row pair) whose lanes are the 16 columns.
+/// One block of two rows (one row without `TWO`, `second` then unread) against a block of
+/// [`pairs_by_column`] sums: per row, 8 accumulators (one per row pair) whose lanes are the 16
+/// columns.
 ///
 /// # Safety
-/// AVX-512F/VNNI must be available; both inputs must hold block `b`'s 8 tiles.
+/// AVX-512F/VNNI must be available; the inputs read must hold block `b`'s 8 tiles.
 #[inline(always)]
-unsafe fn pair_products(
+unsafe fn pair_products<const TWO: bool>(
     bs: &[__m512i],
     first: *const f32,
     second: *const f32,
@@ -426,11 +426,14 @@ unsafe fn pair_products(
         let mut acc = ([_mm512_setzero_si512(); 8], [_mm512_setzero_si512(); 8]);
         for t in 0..TILES_PER_BLOCK {
             let at = (b * TILES_PER_BLOCK + t) * STRIP;
-            let (x0, x1) = (first.add(at).cast::<i32>(), second.add(at).cast::<i32>());
+            let x0 = first.add(at).cast::<i32>();
             for p in 0..8 {
                 let v = bs[t * 8 + p];
                 acc.0[p] = _mm512_dpwssd_epi32(acc.0[p], v, _mm512_set1_epi32(*x0.add(p)));
-                acc.1[p] = _mm512_dpwssd_epi32(acc.1[p], v, _mm512_set1_epi32(*x1.add(p)));
+                if TWO {
+                    let x1 = second.add(at).cast::<i32>();
+                    acc.1[p] = _mm512_dpwssd_epi32(acc.1[p], v, _mm512_set1_epi32(*x1.add(p)));
+                }
             }
         }
         acc
@@ -445,25 +448,12 @@ unsafe fn pair_products(
 /// AVX-512F must be available.
 #[inline(always)]
 unsafe fn pair_columns(acc: &[__m512i; 8]) -> __m512 {
-    // SAFETY: plain AVX-512F adds and conversions.
+    // SAFETY: plain AVX-512F adds; `rounded_sums` needs only AVX-512F.
     unsafe {
         let add4 = |a: &[__m512i]| {
             _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))
         };
-        let (first, second) = (add4(&acc[..4]), add4(&acc[4..]));
-        let sum = |i: __m256i, j: __m256i| {
-            _mm512_cvtpd_ps(_mm512_add_pd(_mm512_cvtepi32_pd(i), _mm512_cvtepi32_pd(j)))
-        };
-        let columns_0_8 = sum(
-            _mm512_castsi512_si256(first),
-            _mm512_castsi512_si256(second),
-        );
-        let columns_8_16 = sum(
-            _mm512_extracti64x4_epi64::<1>(first),
-            _mm512_extracti64x4_epi64::<1>(second),
-        );
-        let low = _mm512_castpd256_pd512(_mm256_castps_pd(columns_0_8));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, _mm256_castps_pd(columns_8_16)))
+        rounded_sums(add4(&acc[..4]), 1.0, add4(&acc[4..]))
     }
 }
 
@@ -538,13 +528,13 @@ unsafe fn gemm_vnni<const WIDENED: bool>(
                     // Two rows at a time share each vector of byte sums.
                     let mut r = 0;
                     for pair in sums.chunks_exact_mut(2) {
-                        let (a, b_acc) = pair_products(bs, input(r), input(r + 1), b);
+                        let (a, b_acc) = pair_products::<true>(bs, input(r), input(r + 1), b);
                         fold(&mut pair[0], &a, r);
                         fold(&mut pair[1], &b_acc, r + 1);
                         r += 2;
                     }
                     if r < block_rows {
-                        let (a, _) = pair_products(bs, input(r), input(r), b);
+                        let (a, _) = pair_products::<false>(bs, input(r), input(r), b);
                         fold(&mut sums[r], &a, r);
                     }
                 }
