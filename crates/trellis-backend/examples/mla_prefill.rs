@@ -1,10 +1,12 @@
-//! Time MLA attention with GLM-4.7-Flash shapes: both evaluations of one prefill chunk of
-//! `rows` tokens, or with `--decode` the absorbed decode of one token after `rows` cached ones
-//! (best and median of 41 calls).
+//! Time MLA attention with GLM-4.7-Flash shapes (`kv_b` in bf16, as models load it): both
+//! evaluations of one prefill chunk of `rows` tokens, or with `--decode` the absorbed decode of
+//! one token after `rows` cached ones (best and median of 41 calls). `--cold N` cycles the
+//! decode through N copies of `kv_b` (9.2 MB each), so that with N × 9.2 MB past the last-level
+//! cache each call reads its weights from memory, as a model's 47 layers do.
 //!
-//! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [rows...]`
+//! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [--cold N] [rows...]`
 
-use half::f16;
+use half::bf16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, MlaMode};
@@ -16,6 +18,17 @@ fn main() {
     if decode {
         args.remove(0);
     }
+    let copies = match args.iter().position(|a| a == "--cold") {
+        Some(i) => {
+            let n: usize = args
+                .get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .expect("--cold N");
+            args.drain(i..i + 2);
+            n.max(1)
+        }
+        None => 1,
+    };
     let rows_list: Vec<usize> = args
         .iter()
         .map(|a| a.parse().expect("row counts"))
@@ -37,14 +50,17 @@ fn main() {
     let b = CpuBackend::new();
     let mut rng = StdRng::seed_from_u64(1);
     let per_head = s.qk_nope_dim + s.v_head_dim;
-    let kv_b = CpuMlaKvB {
-        weight: DenseData::F16(
-            (0..s.heads * per_head * s.kv_lora_rank)
-                .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
-                .collect(),
-        ),
-        rank: s.kv_lora_rank,
-    };
+    let kv_bs: Vec<CpuMlaKvB> = (0..copies)
+        .map(|_| CpuMlaKvB {
+            weight: DenseData::BF16(
+                (0..s.heads * per_head * s.kv_lora_rank)
+                    .map(|_| bf16::from_f32(rng.random_range(-0.05..0.05)))
+                    .collect(),
+            ),
+            rank: s.kv_lora_rank,
+        })
+        .collect();
+    let kv_b = &kv_bs[0];
     let rope = RopeSpec {
         inv_freq: (0..32)
             .map(|i| 1.0 / 1e6f32.powf(i as f32 / 32.0))
@@ -103,12 +119,13 @@ fn main() {
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let mut times = Vec::new();
-            for _ in 0..41 {
+            for it in 0..41 {
+                let kv_b = &kv_bs[it % copies];
                 let mut q = CpuBuffer(q0.clone());
                 let mut out = CpuBuffer(vec![0.0; s.heads * s.v_head_dim]);
                 let t = Instant::now();
                 let mode = MlaMode::Absorbed;
-                b.mla_attention_mode(mode, &mut q, &kv_b, &rope, &s, &batch, &cache, 0, &mut out);
+                b.mla_attention_mode(mode, &mut q, kv_b, &rope, &s, &batch, &cache, 0, &mut out);
                 times.push(t.elapsed().as_secs_f64() * 1e6);
             }
             times.sort_by(f64::total_cmp);
@@ -125,7 +142,7 @@ fn main() {
                 let mut q = CpuBuffer(q0.clone());
                 let mut out = CpuBuffer(vec![0.0; rows * s.heads * s.v_head_dim]);
                 let t = Instant::now();
-                b.mla_attention_mode(mode, &mut q, &kv_b, &rope, &s, &batch, &cache, 0, &mut out);
+                b.mla_attention_mode(mode, &mut q, kv_b, &rope, &s, &batch, &cache, 0, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             times.push(best * 1e3);

@@ -591,6 +591,7 @@ fn absorbed_on<T: Elem, C: Elem>(
                             let uv =
                                 &w[(first_row + nope) * rank..(first_row + per_head_rows) * rank];
                             for (ov, uv_row) in o.iter_mut().zip(uv.chunks_exact(rank)) {
+                                simd::prefetch_ahead(uv_row);
                                 *ov = simd::dot_with(level, uv_row, lat);
                             }
                         }
