@@ -881,7 +881,8 @@ pub fn gemv_t_with<T: Elem>(level: Level, w: &[T], x: &[f32], out: &mut [f32]) {
 }
 
 /// How far past the row being read [`prefetch_ahead`] asks for weights (`mla_prefill --decode
-/// --cold 100 16`, Intel Xeon, 2 threads: 2 KiB gave the shortest times, 4 and 8 KiB less).
+/// --cold 100 16`, Intel Xeon, 2 threads: 2 KiB gave the shortest times, 4 and 8 KiB gained
+/// less).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH_AHEAD: usize = 2048;
 
