@@ -1,4 +1,4 @@
-//! Time MLA attention with GLM-4.7-Flash shapes (`kv_b` in bf16, as models load it): both
+//! Time MLA attention with GLM-4.7-Flash shapes (`kv_b` in f16, as EXL3 files store it): both
 //! evaluations of one prefill chunk of `rows` tokens, or with `--decode` the absorbed decode of
 //! one token after `rows` cached ones (best and median of 41 calls). `--cold N` cycles the
 //! decode through N copies of `kv_b` (9.2 MB each), so that with N × 9.2 MB past the last-level
@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [--cold N] [rows...]`
 
-use half::bf16;
+use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
 use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, MlaMode};
@@ -52,9 +52,9 @@ fn main() {
     let per_head = s.qk_nope_dim + s.v_head_dim;
     let kv_bs: Vec<CpuMlaKvB> = (0..copies)
         .map(|_| CpuMlaKvB {
-            weight: DenseData::BF16(
+            weight: DenseData::F16(
                 (0..s.heads * per_head * s.kv_lora_rank)
-                    .map(|_| bf16::from_f32(rng.random_range(-0.05..0.05)))
+                    .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
                     .collect(),
             ),
             rank: s.kv_lora_rank,

@@ -881,34 +881,45 @@ pub fn gemv_t_with<T: Elem>(level: Level, w: &[T], x: &[f32], out: &mut [f32]) {
 }
 
 /// How far past the row being read [`prefetch_ahead`] asks for weights (`mla_prefill --decode
-/// --cold 100 16`, Intel Xeon, 2 threads: 2 KiB gave the shortest times, 4 and 8 KiB gained
-/// less).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// --cold 100 16`, Intel Xeon, 2 threads, 2-byte weights: 2 KiB gave the shortest times, 4 and
+/// 8 KiB gained less).
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Ask for the bytes [`PREFETCH_AHEAD`] past `row`, as many as `row` has, to be brought into
 /// L1: for weights streamed from memory a row at a time with few vector operations per cache
-/// line, where the hardware prefetchers alone fall behind (MLA's bf16 `kv_b` read cold at
-/// ~17–20 GB/s on two cores of the Intel Xeon box, where a plain streaming read gets 28–32).
-/// A prefetch past the end of the data is harmless.
+/// line, where the hardware prefetchers alone fall behind (MLA's f16 `kv_b`, read cold in
+/// the median at 16–19 GB/s on two cores of the Intel Xeon box, where a plain streaming read
+/// gets 28–32).
 #[inline(always)]
 pub fn prefetch_ahead<T>(row: &[T]) {
+    prefetch(
+        row.as_ptr().cast(),
+        PREFETCH_AHEAD,
+        std::mem::size_of_val(row),
+    );
+}
+
+/// Ask for the `len` bytes that start `ahead` bytes past `at` to be brought into L1, a cache
+/// line at a time (x86-64; a no-op elsewhere). A prefetch never faults, so running past the
+/// end of the data is harmless; wrapping arithmetic keeps the address defined.
+#[inline(always)]
+pub fn prefetch(at: *const u8, ahead: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let ahead = row.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        let start = at.wrapping_add(ahead);
         let mut line = 0;
-        while line < std::mem::size_of_val(row) {
+        while line < len {
             // SAFETY: a prefetch reads nothing architecturally and never faults; SSE is
             // baseline on x86-64.
             unsafe {
                 use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line).cast());
             }
             line += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
+    let _ = (at, ahead, len);
 }
 
 /// `out[r·ld + o] = Σ_i x[r·k + i]·w[o·k + i]` for `r < m`, `o < n`: `m` rows of `x` against
