@@ -54,6 +54,16 @@ decodes after the prompt (as trellis does), so expect decode slightly below tg12
 not that of a real file read cold from disk (holes need no I/O). The machine has ~24 GB of RAM:
 run this and trellis one after the other, never together, or their 12-17 GB of weights evict
 each other's pages and both slow down.
+
+`side-by-side` does exactly that: per round, this script's `bench` in a child process (so
+llama.cpp's memory is gone before trellis loads), then `trellis bench` with the same prompt
+length, generated tokens, threads and repeats. It keeps every report as JSON under --out and
+prints one line per round with both engines' medians and trellis's ratios, then the medians
+over rounds:
+
+    $PY scripts/llama_cpp_glm_bench.py side-by-side --gguf /work/llama-bench/glm-q4_k.gguf \
+        --trellis target/release/trellis --model-dir /work/models/glm-synth-4bpw \
+        --prompt-tokens 512 --gen-tokens 128 --rounds 2 --out /tmp/sbs
 """
 
 import argparse
@@ -63,6 +73,7 @@ import os
 import resource
 import statistics
 import struct
+import subprocess
 import sys
 import time
 
@@ -422,6 +433,52 @@ def bench(args):
     llama_cpp.llama_model_free(model)
 
 
+# ---------------------------------------------------------------------------------------------
+# side-by-side
+
+
+def run_json(command):
+    """Run a benchmark command and parse the JSON report it prints on stdout."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        sys.exit(f"{' '.join(command)} failed with exit code {done.returncode}:\n{tail}")
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        sys.exit(f"{' '.join(command)} printed no JSON report ({e}):\n{done.stdout[-2000:]}")
+
+
+def side_by_side(args):
+    os.makedirs(args.out, exist_ok=True)
+    common = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+              "--threads", str(args.threads), "--repeat", str(args.repeat), "--json"]
+    llama = [sys.executable, os.path.abspath(__file__), "bench", "--model", args.gguf] + common
+    if args.no_repack:
+        llama.append("--no-repack")
+    trellis = [args.trellis, "bench", args.model_dir] + common
+    print(f"{args.prompt_tokens}-token prompt, {args.gen_tokens} generated, {args.threads} "
+          f"threads, medians of {args.repeat} runs; llama.cpp "
+          f"{'without' if args.no_repack else 'with'} weight repacking")
+    print("round  llama.cpp prefill / decode   trellis prefill / decode   trellis / llama.cpp")
+    ratios = []
+    for r in range(1, args.rounds + 1):
+        theirs = run_json(llama)
+        ours = run_json(trellis)
+        for name, report in (("llama", theirs), ("trellis", ours)):
+            with open(os.path.join(args.out, f"{name}-{r}.json"), "w") as f:
+                json.dump(report, f, indent=2)
+        prefill = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+        decode = ours["decode_tok_s"] / theirs["decode_tok_s"]
+        ratios.append((prefill, decode))
+        print(f"{r:>5}  {theirs['prefill_tok_s']:>16.2f} / {theirs['decode_tok_s']:<7.2f}"
+              f"  {ours['prefill_tok_s']:>15.2f} / {ours['decode_tok_s']:<7.2f}"
+              f"  prefill {prefill:.2f}x, decode {decode:.2f}x", flush=True)
+    print(f"median ratio over {args.rounds} round(s): prefill "
+          f"{statistics.median(p for p, _ in ratios):.2f}x, decode "
+          f"{statistics.median(d for _, d in ratios):.2f}x (reports in {args.out})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -453,9 +510,27 @@ def main():
                    help="how the llama.cpp library was built, copied into the report")
     b.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
+    c = sub.add_parser("side-by-side",
+                       help="llama.cpp's bench and `trellis bench` in turn, with ratios")
+    c.add_argument("--gguf", required=True, help="the GGUF for llama.cpp (make-gguf writes one)")
+    c.add_argument("--trellis", default="trellis", help="the trellis binary")
+    c.add_argument("--model-dir", required=True, help="the model directory for trellis")
+    c.add_argument("--prompt-tokens", type=int, default=512)
+    c.add_argument("--gen-tokens", type=int, default=128)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--repeat", type=int, default=2, help="runs per engine per round")
+    c.add_argument("--rounds", type=int, default=2, help="alternations of the two engines")
+    c.add_argument("--no-repack", action="store_true", help="passed to llama.cpp's bench")
+    c.add_argument("--out", required=True, help="directory for every JSON report")
+
     args = parser.parse_args()
     if args.command == "make-gguf":
         make_gguf(args)
+    elif args.command == "side-by-side":
+        if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.repeat < 1 or args.rounds < 1:
+            parser.error("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeat and "
+                         "--rounds >= 1")
+        side_by_side(args)
     else:
         if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.repeat < 1:
             parser.error("--prompt-tokens must be >= 1, --gen-tokens >= 2 and --repeat >= 1")
