@@ -3,19 +3,28 @@
 //!
 //! A tile multiply `C[m][n] += Σ_k Σ_j A[m][4k+j]·B[k][4n+j]` sums four byte products per
 //! dword, and mul1's byte sum is the sum of the four bytes of the 32-bit product `s·M`: so with
-//! `A` the weights' products (row = output column, dword k = input row k) and `B` an
-//! activation copied into all four bytes of its dword (row k = input row, dword n = token),
-//! `C[column][token]` is the dot product of the byte sums with the activations. Activations
-//! are int16 and the tile unit multiplies bytes: each is split into a signed high byte and an
-//! unsigned low byte, multiplied apart (`tdpbusd`, `tdpbuud`) into two accumulators, and
-//! `D = 256·C_high + C_low` is formed exactly in f64. Per block of 128 input rows each column's
-//! `D` is rounded once to f32 and folded like the VNNI kernels fold theirs
+//! `A` the weights' products (row = output column) and `B` the activations (dword n = token),
+//! each activation in the bytes of `B` that meet its product's bytes in `A`, `C[column][token]`
+//! is the dot product of the byte sums with the activations. A dword of `A` holds the low (or
+//! the high) 16-bit halves of two input rows' products, as the multiplies leave them, and its
+//! dword of `B` the two rows' activations, each twice ([`weight_tile`], [`token_tile`]).
+//! Activations are int16 and the tile unit multiplies bytes: each is split into a signed high
+//! byte and an unsigned low byte, multiplied apart (`tdpbusd`, `tdpbuud`) into two
+//! accumulators, and `D = 256·C_high + C_low` is formed exactly in f64. Per block of 128 input
+//! rows each column's `D` is rounded once to f32 and folded like the VNNI kernels fold theirs
 //! ([`super::x86_vnni::block_columns`]), so every row's results equal the one-row GEMV's bit
 //! for bit.
 //!
 //! A pass keeps a few tiles of 16 tokens' activations (in that form, 8 bytes per value) in L2;
-//! each strip decodes a block's 8 weight tiles once into L1 and multiplies them into every
-//! token tile of the pass.
+//! strips go in pairs, each decoding a block's 8 weight tiles once into L1, and every
+//! activation tile loaded is multiplied into both strips' tiles.
+//!
+//! Measured on the Intel Xeon dev box (`trellis_gemv --threads 2`, weights in cache, best of
+//! ~1 s, 4 bits): the pairs, a pass of two token tiles for 5120 inputs (1.5 MB, not 1 MB) and
+//! the halves layout (which dropped an interleave and a permute per 32 weights) took a
+//! 2048 → 1536 product from 0.281 to 0.239 ms at 16 rows and 3.72–3.88 to 3.14–3.19 at 256,
+//! and a 5120 → 2048 product from 0.85–0.87 to 0.70 at 16 rows and 14.5–15.0 to 11.3–12.1 at
+//! 256.
 //!
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made
 //! once by [`is_available`]; each call loads its tile configuration and releases the tiles at
@@ -33,17 +42,21 @@ use trellis_codec::codebook::MUL1_MULTIPLIER;
 const TILE_VECTORS: usize = 16;
 
 /// Bytes of one pass's activations (both bytes of every value, four copies each) that stay
-/// in L2 while the strips go over them.
-const PASS_BYTES: usize = 1 << 20;
+/// in L2 while the strips go over them. Each pass decodes all weights again, so it should hold
+/// as many token tiles as fit: 1.5 MB gives products with 5120 inputs two token tiles a pass,
+/// ~10 % faster than one (1 MB) at 32–256 rows here; 2 MB (three) was slower again.
+const PASS_BYTES: usize = 3 << 19;
 
 /// Most token tiles (16 rows each) in one pass.
 const MAX_PASS_TILES: usize = 4;
 
 /// Fewest rows for which the tile unit beats the VNNI GEMM: a token tile costs the same for
-/// one token as for 16. On the H200 host's Xeon (2 threads, `trellis_gemv`) 8 rows of a
-/// 2048 → 1536 product took 0.55 ms on tiles against 0.34 with VNNI, 16 rows 0.54 against
-/// 0.56, 256 rows 6.9 against 10.5; a 5120 → 2048 product of 16 rows 1.43 against 1.90.
-pub const MIN_ROWS: usize = 16;
+/// one token as for 16. On the Intel Xeon dev box (2 threads, `trellis_gemv`, 3 and 4 bits) 8
+/// rows of a 2048 → 1536 product took 0.216 ms on tiles against 0.211 with VNNI, 10 rows 0.222
+/// against 0.241, 14 rows 0.23 against 0.30–0.32; a 5120 → 2048 product of 8 rows 0.64
+/// against 0.67. (Before the pairs and the halves layout the bound was 16; the H200 host's
+/// 16-core Xeon was too noisy on the day to time the new kernel, 2× between runs.)
+pub const MIN_ROWS: usize = 8;
 
 /// Whether AMX-INT8 is present and the OS lets this process use it (asked once); never on
 /// a CPU without AVX-512 VNNI, whose input layout the kernel reads, or with
@@ -95,17 +108,23 @@ fn pass_tiles(tiles_k: usize) -> usize {
 pub fn gemm_scratch_vectors(tiles_k: usize) -> usize {
     let pass = pass_tiles(tiles_k);
     let blocks = tiles_k / TILES_PER_BLOCK;
-    // The block's weight tiles, the two accumulators, the pass's activations (high and low
-    // tiles per weight tile), its block scales and running sums.
-    TILES_PER_BLOCK * TILE_VECTORS
-        + 2 * TILE_VECTORS
+    // For each of a pair of strips its block's weight tiles, its two accumulators and its
+    // running sums; the pass's activations (high and low tiles per weight tile) and block
+    // scales.
+    PAIR * (TILES_PER_BLOCK * TILE_VECTORS + 2 * TILE_VECTORS + pass * STRIP)
         + pass * tiles_k * 2 * TILE_VECTORS
         + pass * blocks
-        + pass * STRIP
 }
 
-/// The tile shapes: tiles 0, 1 accumulate (16 columns × 16 tokens of int32), 2 holds weights
-/// (16 columns × 16 rows of 4 bytes), 3 and 4 activations (16 rows × 16 tokens of 4 bytes).
+/// Strips multiplied side by side: each activation tile, once loaded, goes into both strips'
+/// products (a tile load per product saved) and the two strips' accumulations are independent
+/// chains for the tile unit.
+const PAIR: usize = 2;
+
+/// The tile shapes, all 16 rows of 64 bytes: tiles 0, 1 accumulate the first strip's products
+/// (16 columns × 16 tokens of int32, high and low activation bytes) and 5, 6 the second's; 2
+/// and 7 hold their weights (16 columns × 16 rows of 4 bytes); 3 and 4 the activations (16
+/// rows × 16 tokens of 4 bytes).
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -113,7 +132,7 @@ impl TileConfig {
     fn new() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
-        for tile in 0..5 {
+        for tile in 0..8 {
             // Bytes per row (u16 at 16 + 2·tile), rows (u8 at 48 + tile).
             c[16 + 2 * tile] = 64;
             c[48 + tile] = 16;
@@ -122,8 +141,12 @@ impl TileConfig {
     }
 }
 
-/// The weight tile of one 16×16 trellis tile: row c holds column c's 16 products `s·M`, in the
-/// input rows' `CHUNK_ROW_ORDER` (the order of the prepared activations).
+/// The weight tile of one 16×16 trellis tile: row c holds column c's 16 products `s·M` as
+/// their low 16-bit halves (in the input rows' `CHUNK_ROW_ORDER`, two to a dword) and then
+/// their high halves in the same order. A dword's four bytes are then two rows' halves, not
+/// one row's product, which the activation tiles match ([`token_tile`]); the byte sums are the
+/// same, and the halves go into the tile as they come out of the multiplies, with one
+/// 128-bit-lane shuffle per column instead of an interleave and a permute.
 ///
 /// # Safety
 /// As `group_states`; `out` has 16 writable vectors.
@@ -149,16 +172,9 @@ unsafe fn weight_tile(
                 group_states::<G>(tile, stride, tile_bytes, w),
                 MUL1_MULTIPLIER,
             );
-            // Per 128-bit lane (column G's rows 0..8, 8..16, then column G+8's), the 32-bit
-            // products of its 16-bit lanes 0..4 (`first`) and 4..8 (`second`).
-            let first = _mm512_unpacklo_epi16(lo, hi);
-            let second = _mm512_unpackhi_epi16(lo, hi);
-            let column_g = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-            let column_g8 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-            out.add(G)
-                .write(_mm512_permutex2var_epi64(first, column_g, second));
-            out.add(G + 8)
-                .write(_mm512_permutex2var_epi64(first, column_g8, second));
+            // The lower 256 bits of each are column G's rows, the upper column G+8's.
+            out.add(G).write(_mm512_shuffle_i64x2::<0x44>(lo, hi));
+            out.add(G + 8).write(_mm512_shuffle_i64x2::<0xEE>(lo, hi));
         }
     }
     // SAFETY: forwarded from the caller.
@@ -175,8 +191,10 @@ unsafe fn weight_tile(
 }
 
 /// One token tile's activations as tile rows: for weight tile kt, 16 vectors of high bytes
-/// then 16 of low bytes, row k = input row k's value for each of the 16 tokens, in all four
-/// bytes of its dword; tokens past `count` are zero. Also each block's scales (lane = token).
+/// then 16 of low bytes. Row k < 8 holds, for each of the 16 tokens, the values of the input
+/// rows at chunk positions 2k and 2k+1, each in two bytes of the dword (the layout of the
+/// weight tile's halves, [`weight_tile`]), and row k + 8 repeats row k; tokens past `count`
+/// are zero. Also each block's scales (lane = token).
 ///
 /// # Safety
 /// `inputs` holds `count` rows of `input_len(tiles_k)` floats, `stride` apart; `acts` has
@@ -198,29 +216,29 @@ unsafe fn token_tile(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(stride as i32),
         );
-        // Byte b of each dword copied into all four of its bytes.
-        let copies = |b: i8| {
-            let d = |n: i8| [4 * n + b; 4];
+        // Of each dword's two 16-bit values, byte b of the first twice, then byte b of the
+        // second twice.
+        let halves = |b: i8| {
+            let d = |n: i8| [4 * n + b, 4 * n + b, 4 * n + 2 + b, 4 * n + 2 + b];
             let lane: [i8; 16] = [d(0), d(1), d(2), d(3)].concat().try_into().unwrap();
             _mm512_broadcast_i32x4(_mm_loadu_si128(lane.as_ptr().cast()))
         };
-        let (low0, high0, low1, high1) = (copies(0), copies(1), copies(2), copies(3));
+        let (low, high) = (halves(0), halves(1));
         for kt in 0..tiles_k {
             let out = acts.add(kt * 2 * TILE_VECTORS);
             for m in 0..8 {
-                // Token n's dword: rows 2m (low half) and 2m+1 (high half) of tile kt.
+                // Token n's dword: the values at chunk positions 2m and 2m+1 of tile kt.
                 let v = _mm512_mask_i32gather_epi32::<4>(
                     _mm512_setzero_si512(),
                     mask,
                     offsets,
                     inputs.add(kt * STRIP + m).cast(),
                 );
-                out.add(2 * m).write(_mm512_shuffle_epi8(v, high0));
-                out.add(2 * m + 1).write(_mm512_shuffle_epi8(v, high1));
-                out.add(TILE_VECTORS + 2 * m)
-                    .write(_mm512_shuffle_epi8(v, low0));
-                out.add(TILE_VECTORS + 2 * m + 1)
-                    .write(_mm512_shuffle_epi8(v, low1));
+                let (h, l) = (_mm512_shuffle_epi8(v, high), _mm512_shuffle_epi8(v, low));
+                out.add(m).write(h);
+                out.add(m + 8).write(h);
+                out.add(TILE_VECTORS + m).write(l);
+                out.add(TILE_VECTORS + m + 8).write(l);
             }
         }
         let blocks = tiles_k / TILES_PER_BLOCK;
@@ -254,11 +272,11 @@ unsafe fn gemm_amx(
     assert!(z.len() >= strips.len() * rows * STRIP && strips.end <= p.strips());
     assert!(scratch.len() >= gemm_scratch_vectors(tiles_k));
     assert!(i32::try_from(15 * input_stride).is_ok());
-    let (weights, rest) = scratch.split_at_mut(TILES_PER_BLOCK * TILE_VECTORS);
-    let (products, rest) = rest.split_at_mut(2 * TILE_VECTORS);
+    let (weights, rest) = scratch.split_at_mut(PAIR * TILES_PER_BLOCK * TILE_VECTORS);
+    let (products, rest) = rest.split_at_mut(PAIR * 2 * TILE_VECTORS);
     let (acts, rest) = rest.split_at_mut(pass * tiles_k * 2 * TILE_VECTORS);
     let (scales, rest) = rest.split_at_mut(pass * blocks);
-    let sums = &mut rest[..pass * STRIP];
+    let sums = &mut rest[..PAIR * pass * STRIP];
     let as_floats = |v: &mut [__m512i]| {
         // SAFETY: `__m512` and `__m512i` are both 64 aligned bytes of plain bits; the slice
         // is borrowed mutably for as long as the result lives.
@@ -268,7 +286,6 @@ unsafe fn gemm_amx(
     let config = TileConfig::new();
     // SAFETY: a valid palette-1 configuration (the caller checked AMX and the OS permission).
     unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
-    let row_bytes = 64usize;
     for row0 in (0..rows).step_by(pass * 16) {
         let token_tiles = (rows - row0).div_ceil(16).min(pass);
         for tt in 0..token_tiles {
@@ -286,66 +303,64 @@ unsafe fn gemm_amx(
                 );
             }
         }
-        for (strip, zs) in strips.clone().zip(z.chunks_exact_mut(rows * STRIP)) {
+        let strip_at = |s: usize| (s - strips.start) * rows * STRIP;
+        for first_strip in strips.clone().step_by(PAIR) {
+            let count = (strips.end - first_strip).min(PAIR);
             sums.fill(_mm512_setzero_ps());
             // SAFETY: tiles of strips below `p.strips()` lie inside the stream, whose pads
             // cover the vector loads around them; tile loads and stores move 16 rows of 64
             // bytes inside `weights`, `acts` and `products`.
             unsafe {
-                let mut tile = p.stream().as_ptr().add(p.tile_offset(strip, 0));
+                let mut tiles: [*const u8; PAIR] = std::array::from_fn(|i| {
+                    p.stream()
+                        .as_ptr()
+                        .add(p.tile_offset(first_strip + i.min(count - 1), 0))
+                });
                 for b in 0..blocks {
-                    for t in 0..TILES_PER_BLOCK {
-                        let out = weights.as_mut_ptr().add(t * TILE_VECTORS);
-                        weight_tile(tile, stride, tile_bytes, &w, out);
-                        tile = tile.add(tile_bytes);
+                    for (i, tile) in tiles.iter_mut().enumerate().take(count) {
+                        for t in 0..TILES_PER_BLOCK {
+                            let out = weights
+                                .as_mut_ptr()
+                                .add((i * TILES_PER_BLOCK + t) * TILE_VECTORS);
+                            weight_tile(*tile, stride, tile_bytes, &w, out);
+                            *tile = tile.add(tile_bytes);
+                        }
                     }
                     for tt in 0..token_tiles {
-                        asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
-                        for t in 0..TILES_PER_BLOCK {
-                            let kt = b * TILES_PER_BLOCK + t;
-                            let high = acts.as_ptr().add((tt * tiles_k + kt) * 2 * TILE_VECTORS);
-                            asm!(
-                                "tileloadd tmm2, [{w} + {s} * 1]",
-                                "tileloadd tmm3, [{h} + {s} * 1]",
-                                "tileloadd tmm4, [{l} + {s} * 1]",
-                                "tdpbusd tmm0, tmm2, tmm3",
-                                "tdpbuud tmm1, tmm2, tmm4",
-                                w = in(reg) weights.as_ptr().add(t * TILE_VECTORS),
-                                h = in(reg) high,
-                                l = in(reg) high.add(TILE_VECTORS),
-                                s = in(reg) row_bytes,
-                                options(nostack),
-                            );
+                        if count == PAIR {
+                            pair_block(weights, acts, tiles_k, tt, b, products);
+                        } else {
+                            single_block(weights, acts, tiles_k, tt, b, products);
                         }
-                        asm!(
-                            "tilestored [{h} + {s} * 1], tmm0",
-                            "tilestored [{l} + {s} * 1], tmm1",
-                            h = in(reg) products.as_mut_ptr(),
-                            l = in(reg) products.as_mut_ptr().add(TILE_VECTORS),
-                            s = in(reg) row_bytes,
-                            options(nostack),
-                        );
                         let scale = scales[tt * blocks + b];
-                        for c in 0..STRIP {
-                            let d = block_columns_f64_pair(products[c], products[TILE_VECTORS + c]);
-                            let s = &mut sums[tt * STRIP + c];
-                            *s = _mm512_fmadd_ps(d, scale, *s);
+                        for i in 0..count {
+                            let products = &products[i * 2 * TILE_VECTORS..];
+                            for c in 0..STRIP {
+                                let d =
+                                    block_columns_f64_pair(products[c], products[TILE_VECTORS + c]);
+                                let s = &mut sums[(i * pass + tt) * STRIP + c];
+                                *s = _mm512_fmadd_ps(d, scale, *s);
+                            }
                         }
                     }
                 }
             }
-            // Column c's lane n is token n: z is [row][column].
-            for tt in 0..token_tiles {
-                let first = row0 + 16 * tt;
-                for n in 0..(rows - first).min(16) {
-                    let row = first + n;
-                    let tail = row * input_stride + tiles_k * STRIP + blocks;
-                    let (e, unlift) = (inputs[tail], inputs[tail + 1]);
-                    let zr = &mut zs[row * STRIP..(row + 1) * STRIP];
-                    for (c, zc) in zr.iter_mut().enumerate() {
-                        // SAFETY: `__m512` is 16 f32.
-                        let lanes: [f32; 16] = unsafe { std::mem::transmute(sums[tt * STRIP + c]) };
-                        *zc = lanes[n] * unlift + e;
+            // Column c's lane n is token n: z is [strip][row][column].
+            for i in 0..count {
+                let zs = &mut z[strip_at(first_strip + i)..][..rows * STRIP];
+                for tt in 0..token_tiles {
+                    let first = row0 + 16 * tt;
+                    for n in 0..(rows - first).min(16) {
+                        let row = first + n;
+                        let tail = row * input_stride + tiles_k * STRIP + blocks;
+                        let (e, unlift) = (inputs[tail], inputs[tail + 1]);
+                        let zr = &mut zs[row * STRIP..(row + 1) * STRIP];
+                        for (c, zc) in zr.iter_mut().enumerate() {
+                            // SAFETY: `__m512` is 16 f32.
+                            let lanes: [f32; 16] =
+                                unsafe { std::mem::transmute(sums[(i * pass + tt) * STRIP + c]) };
+                            *zc = lanes[n] * unlift + e;
+                        }
                     }
                 }
             }
@@ -353,6 +368,113 @@ unsafe fn gemm_amx(
     }
     // SAFETY: releases the tile state this call configured.
     unsafe { asm!("tilerelease", options(nostack)) };
+}
+
+/// One block (8 weight tiles along the input) of one strip against token tile `tt`: the
+/// integer sums for the high and low activation bytes into `products` (16 vectors each).
+///
+/// # Safety
+/// The tile configuration of [`gemm_amx`] is loaded; `weights` holds the strip's block, `acts`
+/// the pass's activation tiles, `products` 32 writable vectors.
+#[inline(always)]
+unsafe fn single_block(
+    weights: &[__m512i],
+    acts: &[__m512i],
+    tiles_k: usize,
+    tt: usize,
+    b: usize,
+    products: &mut [__m512i],
+) {
+    let row_bytes = 64usize;
+    // SAFETY: every tile load and store moves 16 rows of 64 bytes inside the slices (the
+    // caller sized them); the tiles are configured.
+    unsafe {
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
+        for t in 0..TILES_PER_BLOCK {
+            let kt = b * TILES_PER_BLOCK + t;
+            let high = acts.as_ptr().add((tt * tiles_k + kt) * 2 * TILE_VECTORS);
+            asm!(
+                "tileloadd tmm2, [{w} + {s} * 1]",
+                "tileloadd tmm3, [{h} + {s} * 1]",
+                "tileloadd tmm4, [{l} + {s} * 1]",
+                "tdpbusd tmm0, tmm2, tmm3",
+                "tdpbuud tmm1, tmm2, tmm4",
+                w = in(reg) weights.as_ptr().add(t * TILE_VECTORS),
+                h = in(reg) high,
+                l = in(reg) high.add(TILE_VECTORS),
+                s = in(reg) row_bytes,
+                options(nostack),
+            );
+        }
+        asm!(
+            "tilestored [{h} + {s} * 1], tmm0",
+            "tilestored [{l} + {s} * 1], tmm1",
+            h = in(reg) products.as_mut_ptr(),
+            l = in(reg) products.as_mut_ptr().add(TILE_VECTORS),
+            s = in(reg) row_bytes,
+            options(nostack),
+        );
+    }
+}
+
+/// [`single_block`] for two strips at once: `weights` holds both blocks (the second 8 tiles
+/// on), `products` both strips' sums (the second 32 vectors on).
+///
+/// # Safety
+/// As [`single_block`], with room for both strips.
+#[inline(always)]
+unsafe fn pair_block(
+    weights: &[__m512i],
+    acts: &[__m512i],
+    tiles_k: usize,
+    tt: usize,
+    b: usize,
+    products: &mut [__m512i],
+) {
+    let row_bytes = 64usize;
+    // SAFETY: as in `single_block`.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm5",
+            "tilezero tmm6",
+            options(nostack)
+        );
+        for t in 0..TILES_PER_BLOCK {
+            let kt = b * TILES_PER_BLOCK + t;
+            let high = acts.as_ptr().add((tt * tiles_k + kt) * 2 * TILE_VECTORS);
+            asm!(
+                "tileloadd tmm3, [{h} + {s} * 1]",
+                "tileloadd tmm2, [{w0} + {s} * 1]",
+                "tdpbusd tmm0, tmm2, tmm3",
+                "tileloadd tmm7, [{w1} + {s} * 1]",
+                "tdpbusd tmm5, tmm7, tmm3",
+                "tileloadd tmm4, [{l} + {s} * 1]",
+                "tdpbuud tmm1, tmm2, tmm4",
+                "tdpbuud tmm6, tmm7, tmm4",
+                w0 = in(reg) weights.as_ptr().add(t * TILE_VECTORS),
+                w1 = in(reg) weights.as_ptr().add((TILES_PER_BLOCK + t) * TILE_VECTORS),
+                h = in(reg) high,
+                l = in(reg) high.add(TILE_VECTORS),
+                s = in(reg) row_bytes,
+                options(nostack),
+            );
+        }
+        let second = products.as_mut_ptr().add(2 * TILE_VECTORS);
+        asm!(
+            "tilestored [{h0} + {s} * 1], tmm0",
+            "tilestored [{l0} + {s} * 1], tmm1",
+            "tilestored [{h1} + {s} * 1], tmm5",
+            "tilestored [{l1} + {s} * 1], tmm6",
+            h0 = in(reg) products.as_mut_ptr(),
+            l0 = in(reg) products.as_mut_ptr().add(TILE_VECTORS),
+            h1 = in(reg) second,
+            l1 = in(reg) second.add(TILE_VECTORS),
+            s = in(reg) row_bytes,
+            options(nostack),
+        );
+    }
 }
 
 /// The mul1 product of several rows on AMX, with [`super::x86_vnni::gemm`]'s arguments and
