@@ -386,8 +386,11 @@ unsafe fn single_block(
     products: &mut [__m512i],
 ) {
     let row_bytes = 64usize;
-    // SAFETY: every tile load and store moves 16 rows of 64 bytes inside the slices (the
-    // caller sized them); the tiles are configured.
+    let last_act = (tt * tiles_k + (b + 1) * TILES_PER_BLOCK) * 2 * TILE_VECTORS;
+    assert!(weights.len() >= TILES_PER_BLOCK * TILE_VECTORS && acts.len() >= last_act);
+    assert!(products.len() >= 2 * TILE_VECTORS);
+    // SAFETY: every tile load and store moves 16 rows of 64 bytes inside the slices (asserted
+    // above); the tiles are configured.
     unsafe {
         asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
         for t in 0..TILES_PER_BLOCK {
@@ -432,6 +435,9 @@ unsafe fn pair_block(
     products: &mut [__m512i],
 ) {
     let row_bytes = 64usize;
+    let last_act = (tt * tiles_k + (b + 1) * TILES_PER_BLOCK) * 2 * TILE_VECTORS;
+    assert!(weights.len() >= PAIR * TILES_PER_BLOCK * TILE_VECTORS && acts.len() >= last_act);
+    assert!(products.len() >= PAIR * 2 * TILE_VECTORS);
     // SAFETY: as in `single_block`.
     unsafe {
         asm!(
