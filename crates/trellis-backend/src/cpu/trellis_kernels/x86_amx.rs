@@ -327,11 +327,9 @@ unsafe fn gemm_amx(
                         }
                     }
                     for tt in 0..token_tiles {
-                        if count == PAIR {
-                            pair_block(weights, acts, tiles_k, tt, b, products);
-                        } else {
-                            single_block(weights, acts, tiles_k, tt, b, products);
-                        }
+                        // A last, unpaired strip leaves the second weight slot as it was (any
+                        // bits) and its products unread.
+                        pair_block(weights, acts, tiles_k, tt, b, products);
                         let scale = scales[tt * blocks + b];
                         for i in 0..count {
                             let products = &products[i * 2 * TILE_VECTORS..];
@@ -370,61 +368,13 @@ unsafe fn gemm_amx(
     unsafe { asm!("tilerelease", options(nostack)) };
 }
 
-/// One block (8 weight tiles along the input) of one strip against token tile `tt`: the
-/// integer sums for the high and low activation bytes into `products` (16 vectors each).
+/// One block (8 weight tiles along the input) of two strips against token tile `tt`: each
+/// strip's integer sums for the high and low activation bytes into `products` (16 vectors
+/// each, the first strip's 32 first). `weights` holds both strips' blocks (the second 8 tiles
+/// on).
 ///
 /// # Safety
-/// The tile configuration of [`gemm_amx`] is loaded; `weights` holds the strip's block, `acts`
-/// the pass's activation tiles, `products` 32 writable vectors.
-#[inline(always)]
-unsafe fn single_block(
-    weights: &[__m512i],
-    acts: &[__m512i],
-    tiles_k: usize,
-    tt: usize,
-    b: usize,
-    products: &mut [__m512i],
-) {
-    let row_bytes = 64usize;
-    let last_act = (tt * tiles_k + (b + 1) * TILES_PER_BLOCK) * 2 * TILE_VECTORS;
-    assert!(weights.len() >= TILES_PER_BLOCK * TILE_VECTORS && acts.len() >= last_act);
-    assert!(products.len() >= 2 * TILE_VECTORS);
-    // SAFETY: every tile load and store moves 16 rows of 64 bytes inside the slices (asserted
-    // above); the tiles are configured.
-    unsafe {
-        asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
-        for t in 0..TILES_PER_BLOCK {
-            let kt = b * TILES_PER_BLOCK + t;
-            let high = acts.as_ptr().add((tt * tiles_k + kt) * 2 * TILE_VECTORS);
-            asm!(
-                "tileloadd tmm2, [{w} + {s} * 1]",
-                "tileloadd tmm3, [{h} + {s} * 1]",
-                "tileloadd tmm4, [{l} + {s} * 1]",
-                "tdpbusd tmm0, tmm2, tmm3",
-                "tdpbuud tmm1, tmm2, tmm4",
-                w = in(reg) weights.as_ptr().add(t * TILE_VECTORS),
-                h = in(reg) high,
-                l = in(reg) high.add(TILE_VECTORS),
-                s = in(reg) row_bytes,
-                options(nostack),
-            );
-        }
-        asm!(
-            "tilestored [{h} + {s} * 1], tmm0",
-            "tilestored [{l} + {s} * 1], tmm1",
-            h = in(reg) products.as_mut_ptr(),
-            l = in(reg) products.as_mut_ptr().add(TILE_VECTORS),
-            s = in(reg) row_bytes,
-            options(nostack),
-        );
-    }
-}
-
-/// [`single_block`] for two strips at once: `weights` holds both blocks (the second 8 tiles
-/// on), `products` both strips' sums (the second 32 vectors on).
-///
-/// # Safety
-/// As [`single_block`], with room for both strips.
+/// The tile configuration of [`gemm_amx`] is loaded.
 #[inline(always)]
 unsafe fn pair_block(
     weights: &[__m512i],
@@ -438,7 +388,8 @@ unsafe fn pair_block(
     let last_act = (tt * tiles_k + (b + 1) * TILES_PER_BLOCK) * 2 * TILE_VECTORS;
     assert!(weights.len() >= PAIR * TILES_PER_BLOCK * TILE_VECTORS && acts.len() >= last_act);
     assert!(products.len() >= PAIR * 2 * TILE_VECTORS);
-    // SAFETY: as in `single_block`.
+    // SAFETY: every tile load and store moves 16 rows of 64 bytes inside the slices (asserted
+    // above); the tiles are configured.
     unsafe {
         asm!(
             "tilezero tmm0",
