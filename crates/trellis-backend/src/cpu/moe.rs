@@ -3,9 +3,16 @@
 
 use super::linear::CpuLinear;
 use super::ops::silu_mul;
-use super::scratch::with_layer_scratch;
-use super::trellis_kernels::{MAX_BATCH, MAX_GEMM_BATCH, PackedTrellis, gemm_batch, gemv_batch};
+use super::scratch::{with_layer_scratch, with_task_scratch};
+use super::trellis_kernels::{
+    MAX_BATCH, MAX_GEMM_BATCH, PackedTrellis, gemm_batch, gemv_batch, split_at_offsets,
+};
 use crate::spec::{GroupRanking, RouterSpec, ScoringFunction};
+use rayon::prelude::*;
+
+/// Token rows that a parallel task of routing, gathering or adding up takes at least (8 KiB
+/// each at GLM's width): enough that a task outweighs its scheduling.
+const ROWS_PER_TASK: usize = 8;
 
 pub struct CpuRouter {
     /// `[num_experts, hidden]`, widened to f32: routing runs in f32.
@@ -26,10 +33,17 @@ pub struct CpuExperts {
     pub experts: Vec<(CpuLinear, CpuLinear, CpuLinear)>,
 }
 
-/// Route one token: returns nothing, fills `ids`/`weights` (length top_k).
+/// The router's logits of one token.
+fn router_logits(router: &CpuRouter, x: &[f32], scores: &mut [f32]) {
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = super::linear::dot(&router.gate[j * router.hidden..(j + 1) * router.hidden], x);
+    }
+}
+
+/// Route one token from its router logits (`scores`, turned into scores in place): fills
+/// `ids`/`weights` (length top_k).
 fn route_row(
     router: &CpuRouter,
-    x: &[f32],
     scores: &mut [f32],
     select: &mut [f32],
     ids: &mut [u32],
@@ -37,9 +51,6 @@ fn route_row(
 ) {
     let spec = &router.spec;
     let e = spec.num_experts;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = super::linear::dot(&router.gate[j * router.hidden..(j + 1) * router.hidden], x);
-    }
     match spec.scoring {
         ScoringFunction::Sigmoid => scores
             .iter_mut()
@@ -100,23 +111,40 @@ fn route_row(
     weights.iter_mut().for_each(|w| *w *= spec.scaling);
 }
 
+/// Route `rows` tokens, a few tokens a task. One token (decode) is routed on the calling
+/// thread: splitting its logits over the pool measured no faster, the wake-up of a sleeping
+/// worker costing what the second thread saves. A token's numbers are the same either way.
 pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRouting) {
     let e = router.spec.num_experts;
     let k = router.spec.top_k;
+    let hidden = router.hidden;
     routing.top_k = k;
-    with_layer_scratch(2 * e, |buf| {
-        let (scores, select) = buf.split_at_mut(e);
-        for r in 0..rows {
+    if rows == 1 {
+        with_layer_scratch(2 * e, |buf| {
+            let (scores, select) = buf.split_at_mut(e);
+            router_logits(router, &x[..hidden], scores);
             route_row(
                 router,
-                &x[r * router.hidden..(r + 1) * router.hidden],
                 scores,
                 select,
-                &mut routing.ids[r * k..(r + 1) * k],
-                &mut routing.weights[r * k..(r + 1) * k],
+                &mut routing.ids[..k],
+                &mut routing.weights[..k],
             );
-        }
-    });
+        });
+        return;
+    }
+    routing.ids[..rows * k]
+        .par_chunks_mut(k)
+        .zip(routing.weights[..rows * k].par_chunks_mut(k))
+        .zip(x[..rows * hidden].par_chunks(hidden))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|((ids, weights), x)| {
+            with_task_scratch(2 * e, |buf| {
+                let (scores, select) = buf.split_at_mut(e);
+                router_logits(router, x, scores);
+                route_row(router, scores, select, ids, weights);
+            })
+        });
 }
 
 /// For each expert with tokens: gather its tokens' rows, run the gated MLP on them together,
@@ -336,33 +364,50 @@ pub fn block_batched(
         act_at[i + 1] = act_at[i] + 2 * member_rows(i) * linears(i)[0].out_features;
     }
     let gathered = row_at[m];
-    let len = 2 * gathered + gathered * hidden + act_at[m] + gathered * hidden;
+    // Per token, its gathered rows in member order (`per_token` of them): what it adds up.
+    let per_token = k + usize::from(shared.is_some());
+    let len = 2 * gathered + rows * per_token + gathered * hidden + act_at[m] + gathered * hidden;
     with_layer_scratch(len, |buf| {
         let (tokens, rest) = buf.split_at_mut(gathered);
         let (token_weights, rest) = rest.split_at_mut(gathered);
+        let (rows_of_token, rest) = rest.split_at_mut(rows * per_token);
         let (xg, rest) = rest.split_at_mut(gathered * hidden);
         let (act, down) = rest.split_at_mut(act_at[m]);
-        for i in 0..m {
-            let mut c = row_at[i];
-            for r in 0..rows {
-                let w = if members[i] == usize::MAX {
-                    Some(1.0)
-                } else {
-                    (0..k)
-                        .find(|&j| routing.ids[r * k + j] as usize == members[i])
-                        .map(|j| routing.weights[r * k + j])
-                };
-                if let Some(w) = w {
-                    // Token indices are small integers, exactly representable in f32.
-                    tokens[c] = r as f32;
-                    token_weights[c] = w;
-                    xg[c * hidden..(c + 1) * hidden]
-                        .copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
-                    c += 1;
-                }
+        // Token lists by one pass over the routing: tokens ascend within each member, and a
+        // token's experts ascend (as `CpuRouting` keeps them), so its rows come in member order.
+        // Indices below 2^24 are exact in f32.
+        let mut member_of = [usize::MAX; MAX_GEMM_BATCH / 2];
+        for (i, &e) in members[..m].iter().enumerate() {
+            if e != usize::MAX {
+                member_of[e] = i;
             }
-            debug_assert_eq!(c, row_at[i + 1]);
         }
+        let mut next = row_at;
+        for r in 0..rows {
+            let slots = &mut rows_of_token[r * per_token..(r + 1) * per_token];
+            for (j, slot) in slots.iter_mut().enumerate() {
+                let (i, w) = if j < k {
+                    let at = r * k + j;
+                    (member_of[routing.ids[at] as usize], routing.weights[at])
+                } else {
+                    (m - 1, 1.0)
+                };
+                let c = next[i];
+                next[i] += 1;
+                tokens[c] = r as f32;
+                token_weights[c] = w;
+                *slot = c as f32;
+            }
+        }
+        debug_assert!((0..m).all(|i| next[i] == row_at[i + 1]));
+        let tokens: &[f32] = tokens;
+        xg.par_chunks_mut(hidden)
+            .zip(tokens.par_iter())
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(dst, &r)| {
+                let r = r as usize;
+                dst.copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
+            });
         let xg: &[f32] = xg;
         // Gates and ups: [gate_0 (rows_0 × inter), up_0, gate_1, up_1, …].
         gemm_batch(
@@ -377,11 +422,13 @@ pub fn block_batched(
             },
             act,
         );
-        for i in 0..m {
-            let half = (act_at[i + 1] - act_at[i]) / 2;
-            let (gate, up) = act[act_at[i]..act_at[i + 1]].split_at_mut(half);
-            silu_mul(gate, up);
-        }
+        // One parallel region for all members (most hold a few rows each).
+        split_at_offsets(act, &act_at[..=m])[..m]
+            .par_iter_mut()
+            .for_each(|part| {
+                let (gate, up) = part.split_at_mut(part.len() / 2);
+                silu_mul(gate, up);
+            });
         let act: &[f32] = act;
         gemm_batch(
             m,
@@ -395,18 +442,24 @@ pub fn block_batched(
             },
             down,
         );
-        out[..rows * hidden].fill(0.0);
-        // Routed experts in ascending order, then the shared expert, as the reference adds.
-        for i in 0..m {
-            for c in row_at[i]..row_at[i + 1] {
-                let r = tokens[c] as usize;
-                let w = token_weights[c];
-                let d = &down[c * hidden..(c + 1) * hidden];
-                for (o, &v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(d) {
-                    *o += w * v;
+        // Per token: routed experts in ascending order, then the shared expert, as the
+        // reference adds them (the shared one's weight is 1, so `w·v` is `v`).
+        let (rows_of_token, token_weights, down): (&[f32], &[f32], &[f32]) =
+            (rows_of_token, token_weights, down);
+        out[..rows * hidden]
+            .par_chunks_mut(hidden)
+            .zip(rows_of_token.par_chunks(per_token))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(o, slots)| {
+                o.fill(0.0);
+                for &c in slots {
+                    let c = c as usize;
+                    let w = token_weights[c];
+                    for (o, &v) in o.iter_mut().zip(&down[c * hidden..(c + 1) * hidden]) {
+                        *o += w * v;
+                    }
                 }
-            }
-        }
+            });
     });
     true
 }
@@ -458,6 +511,56 @@ mod tests {
             *o += v;
         }
         out
+    }
+
+    #[test]
+    fn routing_many_tokens_in_parallel_matches_each_token_alone() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (hidden, e, k, rows) = (96, 16, 3, 45);
+        for n_group in [1, 4] {
+            let router = CpuRouter {
+                gate: (0..e * hidden)
+                    .map(|_| rng.random_range(-0.2f32..0.2))
+                    .collect(),
+                hidden,
+                selection_bias: Some((0..e).map(|_| rng.random_range(-0.1f32..0.1)).collect()),
+                spec: RouterSpec {
+                    num_experts: e,
+                    top_k: k,
+                    scoring: ScoringFunction::Sigmoid,
+                    n_group,
+                    topk_group: n_group.div_ceil(2),
+                    group_ranking: GroupRanking::TopTwoSum,
+                    normalize: true,
+                    scaling: 1.8,
+                },
+            };
+            let x: Vec<f32> = (0..rows * hidden)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let empty = |n: usize| CpuRouting {
+                top_k: 0,
+                ids: vec![u32::MAX; n * k],
+                weights: vec![f32::NAN; n * k],
+            };
+            let mut all = empty(rows);
+            route(&router, &x, rows, &mut all);
+            assert_eq!(all.top_k, k);
+            for r in 0..rows {
+                let mut one = empty(1);
+                route(&router, &x[r * hidden..(r + 1) * hidden], 1, &mut one);
+                assert_eq!(&all.ids[r * k..(r + 1) * k], &one.ids[..], "row {r}");
+                assert!(
+                    one.ids.windows(2).all(|p| p[0] < p[1]),
+                    "row {r}: {:?}",
+                    one.ids
+                );
+                let bits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&all.weights[r * k..(r + 1) * k]), bits(&one.weights));
+                let sum: f32 = one.weights.iter().sum();
+                assert!((sum - 1.8).abs() < 1e-5, "row {r}: weights sum to {sum}");
+            }
+        }
     }
 
     #[test]
@@ -517,6 +620,33 @@ mod tests {
             ));
             let err = trellis_testutil::rel_l2(&got, &want);
             assert!(err < 1e-5, "batched, {rows} rows: rel L2 {err:e}");
+            // Each token alone gets the same bits: rows never mix, and a token's experts are
+            // added in the same order however many tokens share the batch.
+            for r in 0..rows {
+                let one = CpuRouting {
+                    top_k: k,
+                    ids: routing.ids[r * k..(r + 1) * k].to_vec(),
+                    weights: routing.weights[r * k..(r + 1) * k].to_vec(),
+                };
+                let mut alone = vec![f32::NAN; hidden];
+                let x_r = &x[r * hidden..(r + 1) * hidden];
+                assert!(block_batched(
+                    &e,
+                    Some(shared),
+                    x_r,
+                    1,
+                    hidden,
+                    &one,
+                    &mut alone
+                ));
+                let row = &got[r * hidden..(r + 1) * hidden];
+                assert!(
+                    row.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{rows} rows: row {r} differs from the token alone"
+                );
+            }
             if rows == 1 {
                 let mut got = vec![f32::NAN; hidden];
                 assert!(block_decode(

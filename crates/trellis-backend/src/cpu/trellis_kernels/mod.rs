@@ -915,7 +915,10 @@ pub fn gemm_batch_with<'a>(
 
 /// `buf` cut at `offsets` (ascending, the first 0): part `j` is `offsets[j]..offsets[j + 1]`,
 /// and the parts past `offsets.len() - 1` are empty. An array, so a batch allocates nothing.
-fn split_at_offsets<'b>(buf: &'b mut [f32], offsets: &[usize]) -> [&'b mut [f32]; MAX_GEMM_BATCH] {
+pub(crate) fn split_at_offsets<'b>(
+    buf: &'b mut [f32],
+    offsets: &[usize],
+) -> [&'b mut [f32]; MAX_GEMM_BATCH] {
     let mut parts: [&mut [f32]; MAX_GEMM_BATCH] = std::array::from_fn(|_| Default::default());
     let mut rest = buf;
     for (part, edge) in parts.iter_mut().zip(offsets.windows(2)) {
