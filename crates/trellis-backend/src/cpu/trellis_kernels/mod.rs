@@ -788,6 +788,11 @@ fn gemm_strips(
 /// Most products one [`gemm_batch`] call runs.
 pub const MAX_GEMM_BATCH: usize = 256;
 
+/// What decoding a strip's tiles costs in the many-row products, in rows of products: a
+/// rough weight (a decoded tile serves all rows of a block) for sharing out tasks of equal
+/// work in [`gemm_batch`].
+const GEMM_STRIP_DECODE_ROWS: usize = 8;
+
 /// Several products of any row counts in one parallel region (a prefill chunk's MoE experts,
 /// each over its own tokens): job `j` is `(linear, x, rows)` from `job(j)` with `x` holding
 /// `rows × in_features` values, and its `rows × out_features` results follow the previous
@@ -855,34 +860,31 @@ pub fn gemm_batch_with<'a>(
         }
         let inputs: &[f32] = inputs;
         // Tasks are runs of strips of one job (a task never spans two jobs, whose row
-        // counts differ); split z accordingly without allocating: each job's z is cut into
-        // chunks of at most `per_task` strips.
-        let per_task = strips
-            .div_ceil(8 * rayon::current_num_threads().max(1))
-            .max(1);
-        let task_at = |j: usize| -> usize {
-            // Tasks before job j.
-            (0..j)
-                .map(|i| (strip_at[i + 1] - strip_at[i]).div_ceil(per_task))
-                .sum()
-        };
-        let tasks = task_at(jobs);
+        // counts differ), about eight a thread of equal work: a strip costs its job's rows
+        // plus the decode of its tiles, so a job of many rows (a prefill's shared expert,
+        // every token) gets short runs, and one of a few rows long ones. With runs of equal
+        // length, that job's few tasks each took many times the others' and, from 8 threads
+        // on, made the critical path. Split z accordingly without allocating.
+        let cost = |j: usize| -> usize { job(j).2 + GEMM_STRIP_DECODE_ROWS };
+        let total: usize = (0..jobs)
+            .map(|j| (strip_at[j + 1] - strip_at[j]) * cost(j))
+            .sum();
+        let task_work = total.div_ceil(8 * rayon::current_num_threads().max(1));
+        let mut per_task = [1usize; MAX_GEMM_BATCH];
+        let mut task_at = [0usize; MAX_GEMM_BATCH + 1];
+        for j in 0..jobs {
+            let job_strips = strip_at[j + 1] - strip_at[j];
+            per_task[j] = task_work.div_ceil(cost(j)).clamp(1, job_strips.max(1));
+            task_at[j + 1] = task_at[j] + job_strips.div_ceil(per_task[j]);
+        }
+        let tasks = task_at[jobs];
         let z_ptr = SharedMut(z.as_mut_ptr());
         (0..tasks).into_par_iter().for_each(|t| {
-            // Find the job of task t (jobs are few; a linear scan is cheap next to a task).
-            let mut j = 0;
-            let mut before = 0;
-            loop {
-                let n = (strip_at[j + 1] - strip_at[j]).div_ceil(per_task);
-                if t < before + n {
-                    break;
-                }
-                before += n;
-                j += 1;
-            }
+            // The job of task t: the last whose first task is at or before t.
+            let j = task_at[1..=jobs].partition_point(|&start| start <= t);
             let (p, _, rows) = job(j);
-            let first = (t - before) * per_task;
-            let last = (first + per_task).min(p.strips());
+            let first = (t - task_at[j]) * per_task[j];
+            let last = (first + per_task[j]).min(p.strips());
             let start = z_at[j] + first * rows * STRIP;
             let len = (last - first) * rows * STRIP;
             // SAFETY: tasks cover disjoint strip runs, so these ranges of z are disjoint and
