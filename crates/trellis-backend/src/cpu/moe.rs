@@ -111,6 +111,19 @@ fn route_row(
     weights.iter_mut().for_each(|w| *w *= spec.scaling);
 }
 
+/// Route one token with `buf` (2 × num_experts floats) as scratch.
+fn route_token(
+    router: &CpuRouter,
+    x: &[f32],
+    buf: &mut [f32],
+    ids: &mut [u32],
+    weights: &mut [f32],
+) {
+    let (scores, select) = buf.split_at_mut(router.spec.num_experts);
+    router_logits(router, x, scores);
+    route_row(router, scores, select, ids, weights);
+}
+
 /// Route `rows` tokens, a few tokens a task. One token (decode) is routed on the calling
 /// thread: splitting its logits over the pool measured no faster, the wake-up of a sleeping
 /// worker costing what the second thread saves. A token's numbers are the same either way.
@@ -119,31 +132,22 @@ pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRoutin
     let k = router.spec.top_k;
     let hidden = router.hidden;
     routing.top_k = k;
+    let (ids, weights) = (
+        &mut routing.ids[..rows * k],
+        &mut routing.weights[..rows * k],
+    );
     if rows == 1 {
         with_layer_scratch(2 * e, |buf| {
-            let (scores, select) = buf.split_at_mut(e);
-            router_logits(router, &x[..hidden], scores);
-            route_row(
-                router,
-                scores,
-                select,
-                &mut routing.ids[..k],
-                &mut routing.weights[..k],
-            );
+            route_token(router, &x[..hidden], buf, ids, weights)
         });
         return;
     }
-    routing.ids[..rows * k]
-        .par_chunks_mut(k)
-        .zip(routing.weights[..rows * k].par_chunks_mut(k))
+    ids.par_chunks_mut(k)
+        .zip(weights.par_chunks_mut(k))
         .zip(x[..rows * hidden].par_chunks(hidden))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((ids, weights), x)| {
-            with_task_scratch(2 * e, |buf| {
-                let (scores, select) = buf.split_at_mut(e);
-                router_logits(router, x, scores);
-                route_row(router, scores, select, ids, weights);
-            })
+            with_task_scratch(2 * e, |buf| route_token(router, x, buf, ids, weights))
         });
 }
 
