@@ -124,9 +124,19 @@ fn route_token(
     route_row(router, scores, select, ids, weights);
 }
 
-/// Route `rows` tokens, a few tokens a task. One token (decode) is routed on the calling
-/// thread: splitting its logits over the pool measured no faster, the wake-up of a sleeping
-/// worker costing what the second thread saves. A token's numbers are the same either way.
+/// Threads from which one token's router logits are split over the pool. On the 2-core Intel
+/// box the split was slower (61–66 → 68–71 µs a layer: waking the sleeping worker cost what
+/// the second thread saved). On the H200 host's 16-core Xeon one thread took 53–62 µs a layer
+/// (6 % of a decode step at 16 threads), reading the 512 KB of f32 router weights alone; split,
+/// 17–21 µs at 16 threads and 23–26 (from 44–45) at 4.
+const PARALLEL_ROUTE_THREADS: usize = 4;
+
+/// Router rows (experts) a task of one token's logits takes at least.
+const EXPERTS_PER_TASK: usize = 4;
+
+/// Route `rows` tokens, a few tokens a task. One token (decode) has its logits split over the
+/// pool from [`PARALLEL_ROUTE_THREADS`] threads on, and is routed on the calling thread. A
+/// token's numbers are the same either way (each logit is the same dot product).
 pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRouting) {
     let e = router.spec.num_experts;
     let k = router.spec.top_k;
@@ -137,8 +147,20 @@ pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRoutin
         &mut routing.weights[..rows * k],
     );
     if rows == 1 {
+        let x = &x[..hidden];
         with_layer_scratch(2 * e, |buf| {
-            route_token(router, &x[..hidden], buf, ids, weights)
+            if rayon::current_num_threads() < PARALLEL_ROUTE_THREADS {
+                return route_token(router, x, buf, ids, weights);
+            }
+            let (scores, select) = buf.split_at_mut(e);
+            scores
+                .par_iter_mut()
+                .enumerate()
+                .with_min_len(EXPERTS_PER_TASK)
+                .for_each(|(j, s)| {
+                    *s = super::linear::dot(&router.gate[j * hidden..(j + 1) * hidden], x)
+                });
+            route_row(router, scores, select, ids, weights);
         });
         return;
     }
@@ -521,6 +543,11 @@ mod tests {
     fn routing_many_tokens_in_parallel_matches_each_token_alone() {
         let mut rng = StdRng::seed_from_u64(5);
         let (hidden, e, k, rows) = (96, 16, 3, 45);
+        let bits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let wide_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(PARALLEL_ROUTE_THREADS)
+            .build()
+            .expect("a thread pool");
         for n_group in [1, 4] {
             let router = CpuRouter {
                 gate: (0..e * hidden)
@@ -554,12 +581,17 @@ mod tests {
                 let mut one = empty(1);
                 route(&router, &x[r * hidden..(r + 1) * hidden], 1, &mut one);
                 assert_eq!(&all.ids[r * k..(r + 1) * k], &one.ids[..], "row {r}");
+                // One token with its logits split over a pool of many threads.
+                let mut split = empty(1);
+                wide_pool
+                    .install(|| route(&router, &x[r * hidden..(r + 1) * hidden], 1, &mut split));
+                assert_eq!(split.ids, one.ids, "row {r}");
+                assert_eq!(bits(&split.weights), bits(&one.weights), "row {r}");
                 assert!(
                     one.ids.windows(2).all(|p| p[0] < p[1]),
                     "row {r}: {:?}",
                     one.ids
                 );
-                let bits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&all.weights[r * k..(r + 1) * k]), bits(&one.weights));
                 let sum: f32 = one.weights.iter().sum();
                 assert!((sum - 1.8).abs() < 1e-5, "row {r}: weights sum to {sum}");
