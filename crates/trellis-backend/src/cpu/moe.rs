@@ -33,10 +33,21 @@ pub struct CpuExperts {
     pub experts: Vec<(CpuLinear, CpuLinear, CpuLinear)>,
 }
 
-/// The router's logits of one token.
-fn router_logits(router: &CpuRouter, x: &[f32], scores: &mut [f32]) {
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = super::linear::dot(&router.gate[j * router.hidden..(j + 1) * router.hidden], x);
+/// The router's logits of one token, split over the pool when `split` (a few experts a
+/// task); each logit is the same dot product either way.
+fn router_logits(router: &CpuRouter, x: &[f32], scores: &mut [f32], split: bool) {
+    let logit =
+        |j: usize| super::linear::dot(&router.gate[j * router.hidden..(j + 1) * router.hidden], x);
+    if split {
+        scores
+            .par_iter_mut()
+            .enumerate()
+            .with_min_len(EXPERTS_PER_TASK)
+            .for_each(|(j, s)| *s = logit(j));
+    } else {
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = logit(j);
+        }
     }
 }
 
@@ -111,16 +122,18 @@ fn route_row(
     weights.iter_mut().for_each(|w| *w *= spec.scaling);
 }
 
-/// Route one token with `buf` (2 × num_experts floats) as scratch.
+/// Route one token with `buf` (2 × num_experts floats) as scratch, its logits split over the
+/// pool when `split`.
 fn route_token(
     router: &CpuRouter,
     x: &[f32],
     buf: &mut [f32],
     ids: &mut [u32],
     weights: &mut [f32],
+    split: bool,
 ) {
     let (scores, select) = buf.split_at_mut(router.spec.num_experts);
-    router_logits(router, x, scores);
+    router_logits(router, x, scores, split);
     route_row(router, scores, select, ids, weights);
 }
 
@@ -147,20 +160,9 @@ pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRoutin
         &mut routing.weights[..rows * k],
     );
     if rows == 1 {
-        let x = &x[..hidden];
+        let split = rayon::current_num_threads() >= PARALLEL_ROUTE_THREADS;
         with_layer_scratch(2 * e, |buf| {
-            if rayon::current_num_threads() < PARALLEL_ROUTE_THREADS {
-                return route_token(router, x, buf, ids, weights);
-            }
-            let (scores, select) = buf.split_at_mut(e);
-            scores
-                .par_iter_mut()
-                .enumerate()
-                .with_min_len(EXPERTS_PER_TASK)
-                .for_each(|(j, s)| {
-                    *s = super::linear::dot(&router.gate[j * hidden..(j + 1) * hidden], x)
-                });
-            route_row(router, scores, select, ids, weights);
+            route_token(router, &x[..hidden], buf, ids, weights, split)
         });
         return;
     }
@@ -169,7 +171,9 @@ pub fn route(router: &CpuRouter, x: &[f32], rows: usize, routing: &mut CpuRoutin
         .zip(x[..rows * hidden].par_chunks(hidden))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((ids, weights), x)| {
-            with_task_scratch(2 * e, |buf| route_token(router, x, buf, ids, weights))
+            with_task_scratch(2 * e, |buf| {
+                route_token(router, x, buf, ids, weights, false)
+            })
         });
 }
 
