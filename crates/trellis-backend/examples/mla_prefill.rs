@@ -2,14 +2,17 @@
 //! evaluations of one prefill chunk of `rows` tokens, or with `--decode` the absorbed decode of
 //! one token after `rows` cached ones (best and median of 41 calls). `--cold N` cycles the
 //! decode through N copies of `kv_b` (9.2 MB each), so that with N × 9.2 MB past the last-level
-//! cache each call reads its weights from memory, as a model's 47 layers do.
+//! cache each call reads its weights from memory, as a model's 47 layers do. `--int8` holds
+//! `kv_b` as `--kv-b-int8` does.
 //!
-//! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [--cold N] [rows...]`
+//! `cargo run --release -p trellis-backend --example mla_prefill [--decode] [--cold N] [--int8] [rows...]`
 
 use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::time::Instant;
-use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, MlaMode};
+use trellis_backend::cpu::{
+    CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, Int8Matrix, KvBWeight, MlaMode,
+};
 use trellis_backend::{Backend, Batch, KvCacheLayout, KvDtype, MlaSpec, RopeSpec};
 
 fn main() {
@@ -18,6 +21,13 @@ fn main() {
     if decode {
         args.remove(0);
     }
+    let int8 = match args.iter().position(|a| a == "--int8") {
+        Some(i) => {
+            args.remove(i);
+            true
+        }
+        None => false,
+    };
     let copies = match args.iter().position(|a| a == "--cold") {
         Some(i) => {
             let n: usize = args
@@ -51,13 +61,20 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(1);
     let per_head = s.qk_nope_dim + s.v_head_dim;
     let kv_bs: Vec<CpuMlaKvB> = (0..copies)
-        .map(|_| CpuMlaKvB {
-            weight: DenseData::F16(
-                (0..s.heads * per_head * s.kv_lora_rank)
-                    .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
-                    .collect(),
-            ),
-            rank: s.kv_lora_rank,
+        .map(|_| {
+            let w: Vec<f16> = (0..s.heads * per_head * s.kv_lora_rank)
+                .map(|_| f16::from_f32(rng.random_range(-0.05..0.05)))
+                .collect();
+            let weight = if int8 {
+                let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                KvBWeight::Int8(Int8Matrix::quantize(&wide, s.kv_lora_rank))
+            } else {
+                KvBWeight::Dense(DenseData::F16(w.into()))
+            };
+            CpuMlaKvB {
+                weight,
+                rank: s.kv_lora_rank,
+            }
         })
         .collect();
     let kv_b = &kv_bs[0];

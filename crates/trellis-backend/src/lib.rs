@@ -175,6 +175,11 @@ pub trait Backend {
     ) -> Result<Self::Experts>;
     /// `kv_b_proj` weight `[heads·(qk_nope + v), kv_lora_rank]` (HF orientation).
     fn upload_mla_kv_b(&self, weights: &LinearWeights<'_>, spec: &MlaSpec) -> Result<Self::MlaKvB>;
+    /// Bytes one decode step reads from `kv_b` where the backend holds it in another form than
+    /// the file's (`--kv-b-int8`); `None`: the file's bytes.
+    fn mla_kv_b_bytes(&self, _kv_b: &Self::MlaKvB) -> Option<u64> {
+        None
+    }
     fn alloc(&self, len: usize) -> Result<Self::Buffer>;
     fn alloc_routing(&self, rows: usize, top_k: usize) -> Result<Self::Routing>;
     fn alloc_kv_cache(&self, layout: &KvCacheLayout) -> Result<Self::KvCache>;

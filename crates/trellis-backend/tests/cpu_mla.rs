@@ -3,7 +3,7 @@
 
 use half::f16;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, MlaMode};
+use trellis_backend::cpu::{CpuBackend, CpuBuffer, CpuMlaKvB, DenseData, KvBWeight, MlaMode};
 use trellis_backend::{Backend, Batch, KvCacheLayout, KvDtype, MlaSpec, RopeSpec};
 
 fn spec() -> MlaSpec {
@@ -33,7 +33,9 @@ fn absorbed_and_expanded_agree_with_the_definition() {
     let per_head = s.qk_nope_dim + s.v_head_dim;
     let kv_b_f32 = random(&mut rng, s.heads * per_head * s.kv_lora_rank);
     let kv_b = CpuMlaKvB {
-        weight: DenseData::F16(kv_b_f32.iter().map(|&v| f16::from_f32(v)).collect()),
+        weight: KvBWeight::Dense(DenseData::F16(
+            kv_b_f32.iter().map(|&v| f16::from_f32(v)).collect(),
+        )),
         rank: s.kv_lora_rank,
     };
     let kv_b_f32: Vec<f32> = kv_b_f32

@@ -222,6 +222,29 @@ fn bench_reports_speed_memory_and_roofline() {
     assert_eq!(json["prompt_tokens"], 16);
     assert!(!json["cpu_isa"].as_str().unwrap_or("").is_empty());
     assert_eq!(json["runs"].as_array().map(Vec::len), Some(1));
+    assert!(json.get("kv_b_int8").is_none());
+
+    // `--kv-b-int8`: three layers of kv_b [1792, 512], f16 in the file, now one byte a value
+    // plus f32 scales for 1792 rows and 512 channels.
+    let int8 = ok(&[
+        "bench",
+        path(&model),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--kv-b-int8",
+    ]);
+    let int8: serde_json::Value = serde_json::from_str(&int8).expect("bench prints JSON");
+    assert_eq!(int8["kv_b_int8"], true);
+    assert!(int8["decode_tok_s"].as_f64().is_some_and(|v| v > 0.0));
+    let saved = 3 * (1792 * 512 * 2 - (1792 * 512 + 4 * (1792 + 512)));
+    assert_eq!(
+        json["weight_bytes_per_token"].as_u64().unwrap() - saved,
+        int8["weight_bytes_per_token"].as_u64().unwrap()
+    );
     fails_with(
         &["bench", path(&model), "--batch", "4"],
         &["--batch 4", "not available"],
@@ -302,6 +325,32 @@ fn bad_inputs_give_clear_errors() {
             "all",
         ],
         &["cuda"],
+    );
+
+    // `--kv-b-int8` is a CPU option.
+    fails_with(
+        &[
+            "generate",
+            m,
+            "--prompt",
+            "hi",
+            "--kv-b-int8",
+            "--device",
+            "cuda",
+        ],
+        &["--kv-b-int8", "CPU"],
+    );
+    fails_with(
+        &[
+            "generate",
+            m,
+            "--prompt",
+            "hi",
+            "--kv-b-int8",
+            "--dequantize",
+            "all",
+        ],
+        &["--kv-b-int8", "--dequantize"],
     );
 
     // The quantizer's GPU search in a build without CUDA: refused before anything is

@@ -255,7 +255,10 @@ impl<B: Backend> Layer<B> {
             cfg.kv_lora_rank,
             heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
         )?;
-        layer_bytes += kv_b.storage_bytes() as u64;
+        let kv_b_held = b.upload_mla_kv_b(&kv_b, mla)?;
+        layer_bytes += b
+            .mla_kv_b_bytes(&kv_b_held)
+            .unwrap_or(kv_b.storage_bytes() as u64);
         let o = linear(
             store,
             &format!("{p}.self_attn.o_proj"),
@@ -276,7 +279,7 @@ impl<B: Backend> Layer<B> {
                 &format!("{p}.self_attn.kv_a_layernorm.weight"),
                 cfg.kv_lora_rank,
             )?,
-            kv_b: b.upload_mla_kv_b(&kv_b, mla)?,
+            kv_b: kv_b_held,
             o: upload(b, &o, &format!("{p}.self_attn.o_proj"), &mut layer_bytes)?,
         };
         let ffn = if cfg.is_moe_layer(l) {

@@ -17,8 +17,14 @@ struct Harness {
 
 impl Harness {
     fn load(rel: &str) -> Harness {
+        Harness::load_with(rel, false)
+    }
+
+    /// With `kv_b_int8`, MLA's `kv_b_proj` is held as `--kv-b-int8` holds it.
+    fn load_with(rel: &str, kv_b_int8: bool) -> Harness {
         let dir = ModelDir::open(&fixture(rel)).expect("model dir opens");
-        let backend = CpuBackend::new();
+        let mut backend = CpuBackend::new();
+        backend.set_kv_b_int8(kv_b_int8);
         let options = LoadOptions {
             max_rows: 128,
             max_logit_rows: 128,
@@ -257,6 +263,53 @@ fn exl3_2_5bpw_matches_exllamav3() {
 #[test]
 fn exl3_3bpw_mcg_matches_exllamav3() {
     check_exl3("glm4-moe-lite-tiny-3.0bpw-mcg");
+}
+
+/// `--kv-b-int8` against the exact path: its logits stay within 2·10⁻² of ExLlamaV3's
+/// (relative L2; the exact path is within 1·10⁻³–5·10⁻³), and measured against the float
+/// model, the error it adds is small next to the quantization's own (at most 2 % more),
+/// also for the float model itself (within 3·10⁻² of transformers). The 64 positions run
+/// absorbed, as decode does.
+#[test]
+fn int8_kv_b_costs_little_next_to_the_quantization() {
+    let float = TensorFile::open(fixture(
+        "ref/hf/glm4-moe-lite-tiny/reference_hf.safetensors",
+    ));
+    let float_logits = float.f32("logits");
+    let input = ids(&float, "input_ids");
+    let mut int8 = Harness::load_with("hf/glm4-moe-lite-tiny", true);
+    let err = rel_l2(&int8.logits_all(&input, None), &float_logits.data);
+    eprintln!("float model, int8 kv_b: rel {err:.3e} against transformers");
+    assert!(err <= 3e-2, "float model with int8 kv_b: rel L2 {err:.2e}");
+    for name in [
+        "glm4-moe-lite-tiny-4.0bpw",
+        "glm4-moe-lite-tiny-2.5bpw",
+        "glm4-moe-lite-tiny-3.0bpw-mcg",
+    ] {
+        let reference = TensorFile::open(fixture(&format!(
+            "ref/exl3/{name}/reference_exl3.safetensors"
+        )));
+        assert_eq!(ids(&reference, "input_ids"), input);
+        let exllamav3 = reference.f32("logits");
+        let exact = Harness::load(&format!("exl3/{name}")).logits_all(&input, None);
+        let int8 = Harness::load_with(&format!("exl3/{name}"), true).logits_all(&input, None);
+        let against_exllamav3 = rel_l2(&int8, &exllamav3.data);
+        let (exact_vs_float, int8_vs_float) = (
+            rel_l2(&exact, &float_logits.data),
+            rel_l2(&int8, &float_logits.data),
+        );
+        eprintln!(
+            "{name}, int8 kv_b: rel {against_exllamav3:.3e} against ExLlamaV3; against the float model {int8_vs_float:.4e} (exact path {exact_vs_float:.4e})"
+        );
+        assert!(
+            against_exllamav3 <= 2e-2,
+            "{name}: int8 kv_b rel L2 {against_exllamav3:.2e} against ExLlamaV3"
+        );
+        assert!(
+            int8_vs_float <= 1.02 * exact_vs_float,
+            "{name}: int8 kv_b {int8_vs_float:.4e} against the float model, exact {exact_vs_float:.4e}"
+        );
+    }
 }
 
 /// Token-by-token decode over the latent cache reproduces a one-pass prefill at every

@@ -15,7 +15,7 @@ mod scratch;
 pub mod simd;
 pub mod trellis_kernels;
 
-pub use attention::{MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
+pub use attention::{Int8Matrix, KvBWeight, MlaKvB as CpuMlaKvB, MlaMode, cheaper_mode};
 pub use kv::{CpuKvCache, KvData};
 pub use linear::{CpuLinear, DenseData};
 pub use moe::{CpuExperts, CpuRouter, CpuRouting};
@@ -44,6 +44,8 @@ pub struct CpuBackend {
     /// output head then shares the embedding table instead of holding a second copy. Only
     /// uploads (at load) touch it.
     uploaded_dense: Mutex<Vec<UploadedDense>>,
+    /// Hold MLA's `kv_b_proj` as [`Int8Matrix`] instead of the file's precision.
+    kv_b_int8: bool,
 }
 
 struct UploadedDense {
@@ -55,6 +57,7 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend {
             uploaded_dense: Mutex::new(Vec::new()),
+            kv_b_int8: false,
         }
     }
 
@@ -78,6 +81,13 @@ impl CpuBackend {
             data: data.clone(),
         });
         Ok(data)
+    }
+
+    /// Round MLA's `kv_b_proj` to int8 at load (set before loading a model): half the
+    /// memory of f16 and of the bytes each decode step reads from it, for results that
+    /// differ from the file's weights by the rounding (see [`Int8Matrix`]).
+    pub fn set_kv_b_int8(&mut self, on: bool) {
+        self.kv_b_int8 = on;
     }
 
     pub fn threads(&self) -> usize {
@@ -338,13 +348,22 @@ impl Backend for CpuBackend {
                 reason: format!("expected shape {expected:?}, got {:?}", weight.shape),
             });
         }
-        // Kept in its stored precision: the absorbed products read all of it every decode
-        // step (9 MB a layer in f16), so its width is memory traffic; the kernels widen it
-        // exactly in registers.
+        let weight = if self.kv_b_int8 {
+            KvBWeight::Int8(Int8Matrix::quantize(&weight.to_f32()?, spec.kv_lora_rank))
+        } else {
+            // Kept in its stored precision: the absorbed products read all of it every
+            // decode step (9 MB a layer in f16), so its width is memory traffic; the kernels
+            // widen it exactly in registers.
+            KvBWeight::Dense(self.dense_data(weight)?)
+        };
         Ok(CpuMlaKvB {
-            weight: self.dense_data(weight)?,
+            weight,
             rank: spec.kv_lora_rank,
         })
+    }
+
+    fn mla_kv_b_bytes(&self, kv_b: &CpuMlaKvB) -> Option<u64> {
+        Some(kv_b.bytes() as u64)
     }
 
     fn alloc(&self, len: usize) -> Result<CpuBuffer> {

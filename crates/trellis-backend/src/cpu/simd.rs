@@ -158,6 +158,36 @@ impl Elem for bf16 {
     }
 }
 
+impl Elem for i8 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const i8) -> __m512 {
+        // SAFETY: the caller guarantees the features and 16 readable values (16 bytes).
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> __m256 {
+        // SAFETY: the caller guarantees the features and 8 readable values (8 bytes, which is
+        // all `movq` reads).
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load4(p: *const i8) -> float32x4_t {
+        // SAFETY: the caller guarantees NEON and 4 readable values (4 bytes, read unaligned).
+        unsafe {
+            let word = p.cast::<u32>().read_unaligned();
+            let bytes = vreinterpret_s8_u32(vdup_n_u32(word));
+            vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(bytes))))
+        }
+    }
+}
+
 // ---- reference ------------------------------------------------------------------------------
 
 mod reference {
@@ -1072,6 +1102,12 @@ mod tests {
                     brains.iter().zip(&got).all(|(h, g)| h.to_f32() == *g),
                     "bf16 {level:?} {n}"
                 );
+                let bytes: Vec<i8> = v.iter().map(|&x| to_i8(x)).collect();
+                widen_with(level, &bytes, &mut got);
+                assert!(
+                    bytes.iter().zip(&got).all(|(&b, g)| f32::from(b) == *g),
+                    "i8 {level:?} {n}"
+                );
             }
         }
     }
@@ -1206,6 +1242,17 @@ mod tests {
     #[test]
     fn kernels_match_the_reference_bf16() {
         check(bf16::from_f32);
+    }
+
+    /// The int8 values of `--kv-b-int8` (the full range, ±127 and -128 included).
+    fn to_i8(v: f32) -> i8 {
+        (v * 128.5).floor().clamp(-128.0, 127.0) as i8
+    }
+
+    #[test]
+    fn kernels_match_the_reference_i8() {
+        check(to_i8);
+        check_gemm(to_i8);
     }
 
     #[test]

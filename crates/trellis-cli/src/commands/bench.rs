@@ -37,6 +37,9 @@ pub struct Report {
     /// `weight_bytes_per_token` counts them so.
     #[serde(skip_serializing_if = "Option::is_none")]
     dequantize: Option<String>,
+    /// `--kv-b-int8` (CPU): MLA's `kv_b_proj` held in int8, counted so in the bytes a token.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    kv_b_int8: bool,
     threads: usize,
     features: Vec<&'static str>,
     /// The CPU kernels' instruction-set level (`TRELLIS_CPU_ISA` can lower it); on the CPU
@@ -127,6 +130,7 @@ impl super::EngineTask for BenchTask {
             architecture: engine.info().architecture.clone(),
             device: engine.backend().name(),
             dequantize: args.run.dequantize.clone(),
+            kv_b_int8: args.run.kv_b_int8,
             threads: trellis_backend::cpu::CpuBackend::new().threads(),
             features: features(),
             cpu_isa: trellis_backend::cpu::trellis_kernels::Isa::selected().name(),

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use trellis_backend::cpu::{CpuBackend, OpsThread};
+use trellis_backend::cpu::OpsThread;
 use trellis_backend::{Backend, KvDtype};
 use trellis_format::ModelDir;
 use trellis_runtime::chat_template::ChatTemplate;
@@ -102,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.model,
         args.run.device,
         args.run.dequantize.clone(),
+        args.run.kv_b_int8,
         engine_options,
         tokenizer,
         config,
@@ -212,14 +213,16 @@ fn spawn_scheduler(
     path: &Path,
     device: Device,
     dequantize: Option<String>,
+    kv_b_int8: bool,
     options: EngineOptions,
     tokenizer: Tokenizer,
     config: SchedulerConfig,
 ) -> anyhow::Result<(SchedulerHandle, &'static str)> {
     let on_cpu = |path: &Path, options, tokenizer, config| {
-        spawn_on(path, || Ok(CpuBackend::new()), options, tokenizer, config).map(|s| (s, "cpu"))
+        let make = move || Ok(super::cpu_backend(kv_b_int8));
+        spawn_on(path, make, options, tokenizer, config).map(|s| (s, "cpu"))
     };
-    super::refuse_dequantize_on_cpu(device, dequantize.as_deref())?;
+    let device = super::check_device_options(device, dequantize.as_deref(), kv_b_int8)?;
     let gpu_spec = dequantize.clone();
     let on_gpu = |path: &Path, options, tokenizer, config| {
         let make = move || super::cuda_backend(gpu_spec.as_deref());
