@@ -57,7 +57,8 @@ each other's pages and both slow down.
 
 `side-by-side` does exactly that: per round, this script's `bench` in a child process (so
 llama.cpp's memory is gone before trellis loads), then `trellis bench` with the same prompt
-length, generated tokens, threads and repeats. It keeps every report as JSON under --out and
+length, generated tokens, threads and repeats (once per `--trellis-variant`, e.g. plain and
+with `--kv-b-int8`: `--trellis-variant= --trellis-variant=--kv-b-int8`). It keeps every report as JSON under --out and
 prints one line per round with both engines' medians and trellis's ratios, then the medians
 over rounds:
 
@@ -456,27 +457,33 @@ def side_by_side(args):
     llama = [sys.executable, os.path.abspath(__file__), "bench", "--model", args.gguf] + common
     if args.no_repack:
         llama.append("--no-repack")
-    trellis = [args.trellis, "bench", args.model_dir] + common
+    variants = args.trellis_variant or [""]
     print(f"{args.prompt_tokens}-token prompt, {args.gen_tokens} generated, {args.threads} "
           f"threads, medians of {args.repeat} runs; llama.cpp "
           f"{'without' if args.no_repack else 'with'} weight repacking")
-    print("round  llama.cpp prefill / decode   trellis prefill / decode   trellis / llama.cpp")
-    ratios = []
+    print("round  llama.cpp prefill / decode   trellis prefill / decode   trellis / llama.cpp"
+          "   trellis options")
+    ratios = {v: [] for v in variants}
     for r in range(1, args.rounds + 1):
         theirs = run_json(llama)
-        ours = run_json(trellis)
-        for name, report in (("llama", theirs), ("trellis", ours)):
-            with open(os.path.join(args.out, f"{name}-{r}.json"), "w") as f:
-                json.dump(report, f, indent=2)
-        prefill = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
-        decode = ours["decode_tok_s"] / theirs["decode_tok_s"]
-        ratios.append((prefill, decode))
-        print(f"{r:>5}  {theirs['prefill_tok_s']:>16.2f} / {theirs['decode_tok_s']:<7.2f}"
-              f"  {ours['prefill_tok_s']:>15.2f} / {ours['decode_tok_s']:<7.2f}"
-              f"  prefill {prefill:.2f}x, decode {decode:.2f}x", flush=True)
-    print(f"median ratio over {args.rounds} round(s): prefill "
-          f"{statistics.median(p for p, _ in ratios):.2f}x, decode "
-          f"{statistics.median(d for _, d in ratios):.2f}x (reports in {args.out})")
+        with open(os.path.join(args.out, f"llama-{r}.json"), "w") as f:
+            json.dump(theirs, f, indent=2)
+        for i, variant in enumerate(variants):
+            ours = run_json([args.trellis, "bench", args.model_dir] + common + variant.split())
+            name = f"trellis-{r}.json" if len(variants) == 1 else f"trellis-{i}-{r}.json"
+            with open(os.path.join(args.out, name), "w") as f:
+                json.dump(ours, f, indent=2)
+            prefill = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+            decode = ours["decode_tok_s"] / theirs["decode_tok_s"]
+            ratios[variant].append((prefill, decode))
+            print(f"{r:>5}  {theirs['prefill_tok_s']:>16.2f} / {theirs['decode_tok_s']:<7.2f}"
+                  f"  {ours['prefill_tok_s']:>15.2f} / {ours['decode_tok_s']:<7.2f}"
+                  f"  prefill {prefill:.2f}x, decode {decode:.2f}x   {variant or '(default)'}",
+                  flush=True)
+    for variant, rs in ratios.items():
+        print(f"median ratio over {args.rounds} round(s), {variant or '(default)'}: prefill "
+              f"{statistics.median(p for p, _ in rs):.2f}x, decode "
+              f"{statistics.median(d for _, d in rs):.2f}x (reports in {args.out})")
 
 
 def main():
@@ -521,6 +528,10 @@ def main():
     c.add_argument("--repeat", type=int, default=2, help="runs per engine per round")
     c.add_argument("--rounds", type=int, default=2, help="alternations of the two engines")
     c.add_argument("--no-repack", action="store_true", help="passed to llama.cpp's bench")
+    c.add_argument("--trellis-variant", action="append", metavar="OPTIONS",
+                   help="extra `trellis bench` options, written with `=` (--trellis-variant=--kv-b-int8); "
+                        "repeat to run several variants after each llama.cpp run (\"\" for none); "
+                        "default: one plain run")
     c.add_argument("--out", required=True, help="directory for every JSON report")
 
     args = parser.parse_args()
