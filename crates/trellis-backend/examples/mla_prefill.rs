@@ -67,7 +67,7 @@ fn main() {
                 .collect();
             let weight = if int8 {
                 let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-                KvBWeight::Int8(Int8Matrix::quantize(&wide, s.kv_lora_rank))
+                KvBWeight::Int8(Int8Matrix::quantize(&wide, s.kv_lora_rank).expect("finite"))
             } else {
                 KvBWeight::Dense(DenseData::F16(w.into()))
             };

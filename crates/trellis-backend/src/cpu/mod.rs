@@ -349,7 +349,17 @@ impl Backend for CpuBackend {
             });
         }
         let weight = if self.kv_b_int8 {
-            KvBWeight::Int8(Int8Matrix::quantize(&weight.to_f32()?, spec.kv_lora_rank))
+            let values = weight.to_f32()?;
+            KvBWeight::Int8(
+                Int8Matrix::quantize(&values, spec.kv_lora_rank).ok_or_else(|| {
+                    BackendError::Weight {
+                        tensor: weight.name.to_string(),
+                        reason: "holds NaN or infinite values, which int8 cannot represent \
+                                 (--kv-b-int8)"
+                            .into(),
+                    }
+                })?,
+            )
         } else {
             // Kept in its stored precision: the absorbed products read all of it every
             // decode step (9 MB a layer in f16), so its width is memory traffic; the kernels

@@ -62,9 +62,10 @@ pub struct RunOptions {
     /// `head`. Plain f16 products for 2–6× the memory of those weights.
     #[arg(long, value_name = "GROUPS")]
     pub dequantize: Option<String>,
-    /// CPU only: hold MLA's `kv_b_proj` in int8 (per-row and per-channel scales) instead of
-    /// the file's f16: half its memory and of the bytes each decoded token reads from it,
-    /// for logits that move by about 1 % of their size. With `--device auto` it picks the CPU.
+    /// CPU only: hold MLA's `kv_b_proj` (GLM-4.7-Flash; other models have none) in int8 with
+    /// per-row and per-channel scales instead of the file's f16: half its memory and of the
+    /// bytes each decoded token reads from it, for logits that move by about 1 % of their
+    /// size. With `--device auto` it picks the CPU.
     #[arg(long)]
     pub kv_b_int8: bool,
 }
