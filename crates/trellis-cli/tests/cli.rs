@@ -528,3 +528,39 @@ fn chat_keeps_the_conversation_in_the_cache() {
         .count();
     assert!(answers >= 3, "three answers on stdout, got {answers}");
 }
+
+/// `trellis kld` of a model against itself measures what `--kv-b-int8` costs: the reference
+/// runs as the file holds it, so without the option the divergence is exactly zero and with
+/// it small but not zero.
+#[test]
+fn kld_against_itself_measures_int8_kv_b() {
+    let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.txt");
+    let ids: Vec<String> = (0..96u32)
+        .map(|i| ((i * 677 + 31) % 2028).to_string())
+        .collect();
+    std::fs::write(&tokens, ids.join(" ")).unwrap();
+    let kld = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "kld",
+            path(&model),
+            "--reference",
+            path(&model),
+            "--tokens-file",
+            path(&tokens),
+            "--ctx",
+            "48",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).expect("kld prints JSON")
+    };
+    let same = kld(&[]);
+    assert_eq!(same["kld_mean"].as_f64(), Some(0.0), "{same}");
+    assert_eq!(same["top1_agreement"].as_f64(), Some(1.0), "{same}");
+    let int8 = kld(&["--kv-b-int8"]);
+    let mean = int8["kld_mean"].as_f64().unwrap_or(f64::NAN);
+    eprintln!("kld of int8 kv_b against the file's f16: {int8}");
+    assert!(mean > 0.0 && mean < 1e-3, "kld_mean {mean}");
+}

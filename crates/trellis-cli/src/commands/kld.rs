@@ -73,12 +73,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run.ctx_size = Some(run.ctx_size.unwrap_or(args.ctx).max(args.ctx));
     let windows: Vec<Vec<u32>> = tokens.chunks(args.ctx).map(<[u32]>::to_vec).collect();
 
+    // The reference runs as the file holds it: `--kv-b-int8` is part of the model under test
+    // (with the same directory as both, the KL is what the option costs).
+    let reference_run = super::RunOptions {
+        kv_b_int8: false,
+        ..run.clone()
+    };
     let opened = std::time::Instant::now();
     let reference = super::open_model(&args.reference)?;
     let reference_logits = super::with_engine(
         &reference,
         opened,
-        &run,
+        &reference_run,
         true,
         LogitsTask {
             windows: windows.clone(),
