@@ -58,9 +58,9 @@ each other's pages and both slow down.
 `side-by-side` does exactly that: per round, this script's `bench` in a child process (so
 llama.cpp's memory is gone before trellis loads), then `trellis bench` with the same prompt
 length, generated tokens, threads and repeats (once per `--trellis-variant`, e.g. plain and
-with `--kv-b-int8`: `--trellis-variant= --trellis-variant=--kv-b-int8`). It keeps every report as JSON under --out and
-prints one line per round with both engines' medians and trellis's ratios, then the medians
-over rounds:
+with `--kv-b-int8`: `--trellis-variant= --trellis-variant=--kv-b-int8`). It keeps every
+report as JSON under --out and prints one line per round and variant with both engines'
+medians and trellis's ratios, then the medians over rounds:
 
     $PY scripts/llama_cpp_glm_bench.py side-by-side --gguf /work/llama-bench/glm-q4_k.gguf \
         --trellis target/release/trellis --model-dir /work/models/glm-synth-4bpw \
