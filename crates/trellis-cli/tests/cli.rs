@@ -182,19 +182,23 @@ fn generate_streams_the_reference_greedy_tokens() {
 #[test]
 fn bench_reports_speed_memory_and_roofline() {
     let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
-    let out = ok(&[
-        "bench",
-        path(&model),
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "4",
-        "--repeat",
-        "1",
-        "--threads",
-        "2",
-    ]);
-    let json: serde_json::Value = serde_json::from_str(&out).expect("bench prints JSON");
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            path(&model),
+            "--prompt-tokens",
+            "16",
+            "--gen-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--threads",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).expect("bench prints JSON")
+    };
+    let json = bench(&[]);
     for field in [
         "prefill_tok_s",
         "decode_tok_s",
@@ -226,18 +230,7 @@ fn bench_reports_speed_memory_and_roofline() {
 
     // `--kv-b-int8`: three layers of kv_b [1792, 512], f16 in the file, now one byte a value
     // plus f32 scales for 1792 rows and 512 channels.
-    let int8 = ok(&[
-        "bench",
-        path(&model),
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "4",
-        "--repeat",
-        "1",
-        "--kv-b-int8",
-    ]);
-    let int8: serde_json::Value = serde_json::from_str(&int8).expect("bench prints JSON");
+    let int8 = bench(&["--kv-b-int8"]);
     assert_eq!(int8["kv_b_int8"], true);
     assert!(int8["decode_tok_s"].as_f64().is_some_and(|v| v > 0.0));
     let saved = 3 * (1792 * 512 * 2 - (1792 * 512 + 4 * (1792 + 512)));

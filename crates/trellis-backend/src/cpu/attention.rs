@@ -1051,33 +1051,77 @@ mod tests {
     use crate::spec::{KvCacheLayout, KvDtype};
     use trellis_testutil::noise;
 
+    /// A small MLA (3 heads, rank 32) with an f16 cache of `ctx` noise rows in blocks of 8,
+    /// the blocks taken in reverse order so that slots are not positions.
+    struct MlaCase {
+        spec: MlaSpec,
+        cache: CpuKvCache,
+        block_tables: Vec<u32>,
+    }
+
+    const MLA_CASE_BLOCK: usize = 8;
+
+    impl MlaCase {
+        fn new(ctx: usize) -> MlaCase {
+            let spec = MlaSpec {
+                heads: 3,
+                qk_nope_dim: 24,
+                qk_rope_dim: 8,
+                v_head_dim: 16,
+                kv_lora_rank: 32,
+                softmax_scale: 1.0 / 32f32.sqrt(),
+                latent_norm_eps: 1e-6,
+            };
+            let blocks = ctx.div_ceil(MLA_CASE_BLOCK);
+            let layout = KvCacheLayout {
+                layers: 1,
+                values_per_token: spec.cache_width(),
+                block_size: MLA_CASE_BLOCK,
+                num_blocks: blocks,
+                dtype: KvDtype::F16,
+            };
+            let mut case = MlaCase {
+                spec,
+                cache: CpuKvCache::new(&layout),
+                block_tables: (0..blocks as u32).rev().collect(),
+            };
+            for p in 0..ctx {
+                let row: Vec<f32> = (0..case.spec.cache_width())
+                    .map(|i| 2.0 * noise(i, 100 + p))
+                    .collect();
+                let slot = case.batch(&[], &[]).slot(0, p as u32);
+                case.cache.write_row(0, slot, 0, &row);
+            }
+            case
+        }
+
+        /// Rows at `positions` of sequence 0 (`sequence`: as many zeros).
+        fn batch<'a>(&'a self, positions: &'a [u32], sequence: &'a [u32]) -> Batch<'a> {
+            Batch {
+                positions,
+                sequence,
+                block_tables: &self.block_tables,
+                blocks_per_sequence: self.block_tables.len(),
+                block_size: MLA_CASE_BLOCK,
+            }
+        }
+
+        /// Noise queries for `rows` tokens.
+        fn queries(&self, rows: usize) -> Vec<f32> {
+            (0..rows * self.spec.heads * self.spec.qk_head_dim())
+                .map(|i| 2.0 * noise(i, 9))
+                .collect()
+        }
+    }
+
     /// Blocked expanded MLA against the per-token expansion: a chunk that starts mid-context
     /// (so the earliest key blocks are visible to every row and the last ones only to some),
     /// key blocks smaller than the chunk and a partial last block, an f16 kv_b and f16 cache.
     #[test]
     fn blocked_mla_expansion_matches_per_token() {
         use crate::cpu::linear::DenseData;
-        let spec = MlaSpec {
-            heads: 3,
-            qk_nope_dim: 24,
-            qk_rope_dim: 8,
-            v_head_dim: 16,
-            kv_lora_rank: 32,
-            softmax_scale: 1.0 / 32f32.sqrt(),
-            latent_norm_eps: 1e-6,
-        };
-        let block_size = 8;
-        let ctx = 75usize;
-        let blocks = ctx.div_ceil(block_size);
-        let layout = KvCacheLayout {
-            layers: 1,
-            values_per_token: spec.cache_width(),
-            block_size,
-            num_blocks: blocks,
-            dtype: KvDtype::F16,
-        };
-        let mut cache = CpuKvCache::new(&layout);
-        let block_tables: Vec<u32> = (0..blocks as u32).rev().collect();
+        let case = MlaCase::new(75);
+        let spec = &case.spec;
         let per_head = spec.qk_nope_dim + spec.v_head_dim;
         let weight = DenseData::F16(
             (0..spec.heads * per_head * spec.kv_lora_rank)
@@ -1088,33 +1132,17 @@ mod tests {
             weight: KvBWeight::Dense(weight.clone()),
             rank: spec.kv_lora_rank,
         };
-        let start = 41usize;
-        let positions: Vec<u32> = (start as u32..ctx as u32).collect();
+        let positions: Vec<u32> = (41..75).collect();
         let sequence = vec![0u32; positions.len()];
-        let batch = Batch {
-            positions: &positions,
-            sequence: &sequence,
-            block_tables: &block_tables,
-            blocks_per_sequence: blocks,
-            block_size,
-        };
-        for p in 0..ctx {
-            let row: Vec<f32> = (0..spec.cache_width())
-                .map(|i| 2.0 * noise(i, 100 + p))
-                .collect();
-            cache.write_row(0, batch.slot(0, p as u32), 0, &row);
-        }
-        let rows = positions.len();
-        let qk = spec.qk_head_dim();
-        let q: Vec<f32> = (0..rows * spec.heads * qk)
-            .map(|i| 2.0 * noise(i, 9))
-            .collect();
+        let batch = case.batch(&positions, &sequence);
+        let (rows, cache) = (positions.len(), &case.cache);
+        let q = case.queries(rows);
         let n = rows * spec.heads * spec.v_head_dim;
         let mut want = vec![0.0f32; n];
-        expanded_per_token(&q, &weight, &spec, &batch, &cache, 0, &mut want);
+        expanded_per_token(&q, &weight, spec, &batch, cache, 0, &mut want);
         for key_block in [16, 32, 256] {
             let mut got = vec![f32::NAN; n];
-            expanded_blocked(&q, &kv_b, &spec, &batch, &cache, 0, &mut got, key_block);
+            expanded_blocked(&q, &kv_b, spec, &batch, cache, 0, &mut got, key_block);
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     !g.is_nan() && (g - w).abs() <= 1e-5 + 1e-4 * w.abs(),
@@ -1164,27 +1192,8 @@ mod tests {
     /// absorbed form (scales folded into the query and the output) and the blocked expansion.
     #[test]
     fn int8_kv_b_matches_its_widened_weights() {
-        let spec = MlaSpec {
-            heads: 3,
-            qk_nope_dim: 24,
-            qk_rope_dim: 8,
-            v_head_dim: 16,
-            kv_lora_rank: 32,
-            softmax_scale: 1.0 / 32f32.sqrt(),
-            latent_norm_eps: 1e-6,
-        };
-        let block_size = 8;
-        let ctx = 150usize;
-        let blocks = ctx.div_ceil(block_size);
-        let layout = KvCacheLayout {
-            layers: 1,
-            values_per_token: spec.cache_width(),
-            block_size,
-            num_blocks: blocks,
-            dtype: KvDtype::F16,
-        };
-        let mut cache = CpuKvCache::new(&layout);
-        let block_tables: Vec<u32> = (0..blocks as u32).collect();
+        let case = MlaCase::new(150);
+        let spec = &case.spec;
         let (rank, per_head) = (spec.kv_lora_rank, spec.qk_nope_dim + spec.v_head_dim);
         let mut w: Vec<f32> = (0..spec.heads * per_head * rank)
             .map(|i| 0.3 * noise(i, 3))
@@ -1203,31 +1212,15 @@ mod tests {
             weight: KvBWeight::Dense(DenseData::F32(widened.into())),
             rank,
         };
-        for p in 0..ctx {
-            let row: Vec<f32> = (0..spec.cache_width())
-                .map(|i| 2.0 * noise(i, 100 + p))
-                .collect();
-            // Block tables are the identity here: slot p holds position p.
-            cache.write_row(0, p, 0, &row);
-        }
-        let qk = spec.qk_head_dim();
         // Decode rows at two positions, then a prefill chunk long enough to expand.
         for (positions, mode) in [
             (vec![3u32, 149], MlaMode::Absorbed),
             ((20..150).collect::<Vec<u32>>(), MlaMode::Expanded),
         ] {
             let sequence = vec![0u32; positions.len()];
-            let batch = Batch {
-                positions: &positions,
-                sequence: &sequence,
-                block_tables: &block_tables,
-                blocks_per_sequence: blocks,
-                block_size,
-            };
+            let batch = case.batch(&positions, &sequence);
             let rows = positions.len();
-            let q: Vec<f32> = (0..rows * spec.heads * qk)
-                .map(|i| 2.0 * noise(i, 9))
-                .collect();
+            let q = case.queries(rows);
             let rope = RopeSpec {
                 inv_freq: (0..spec.qk_rope_dim / 2)
                     .map(|i| 10000f32.powf(-2.0 * i as f32 / spec.qk_rope_dim as f32))
@@ -1240,7 +1233,7 @@ mod tests {
             let mut got = vec![f32::NAN; n];
             for (kv_b, out) in [(&dense, &mut want), (&quantized, &mut got)] {
                 let mut q = q.clone();
-                mla_attention_with(mode, &mut q, kv_b, &rope, &spec, &batch, &cache, 0, out);
+                mla_attention_with(mode, &mut q, kv_b, &rope, spec, &batch, &case.cache, 0, out);
             }
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!(
