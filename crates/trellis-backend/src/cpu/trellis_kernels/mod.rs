@@ -28,7 +28,8 @@
 //! Every other kernel produces W̃ exactly (bit-equal to the codebook's fp16 values) and
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
 //! several rows decode each tile once into L1 and multiply it into all rows (GEMM).
-//! Work is split over strips of 16 output columns on rayon's pool; the output Hadamard runs
+//! Work is split over strips of 16 output columns on rayon's pool (one-row products hand out
+//! ~64 KiB chunks of strips in memory order, [`strips_in_order`]); the output Hadamard runs
 //! after all strips are done, so strip ranges need not align to 128-column blocks.
 
 #[cfg(target_arch = "aarch64")]
@@ -381,15 +382,70 @@ fn gemv_forward(p: &PackedTrellis, isa: Isa, x: &[f32], out: &mut [f32]) {
         input_transform(p, x, xh);
         prepare_row_input(isa, p, xh, input);
         let input: &[f32] = input;
-        let per_task = strips_per_task(strips);
-        z.par_chunks_mut(per_task * STRIP)
-            .enumerate()
-            .for_each(|(task, z)| {
-                let first = task * per_task;
-                let range = first..first + z.len() / STRIP;
-                gemv_strips(p, isa, input, range, z);
-            });
+        let chunk = chunk_strips(strips, p.tiles_k() * p.tile_bytes);
+        strips_in_order(z, chunk, |range, z| gemv_strips(p, isa, input, range, z));
         output_transform(p, z, STRIP, &mut out[..p.out_features]);
+    });
+}
+
+/// Weight bytes a one-row product hands out to a thread at a time.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Most chunks per pool thread in one product: the counter's cache line moves between the
+/// cores at every claim, so a large product (the head) takes larger chunks.
+const MAX_CHUNKS_PER_THREAD: usize = 256;
+
+/// Strips per chunk of [`strips_in_order`] for `strips` strips of `strip_bytes` bytes each.
+fn chunk_strips(strips: usize, strip_bytes: usize) -> usize {
+    let by_bytes = CHUNK_BYTES / strip_bytes.max(1);
+    let by_count = strips.div_ceil(MAX_CHUNKS_PER_THREAD * rayon::current_num_threads().max(1));
+    by_bytes.max(by_count).max(1)
+}
+
+/// `f(range, z_range)` over all strips of `z` (16 floats each), in chunks of `chunk` strips
+/// that one task per pool thread claims in memory order from a shared counter.
+///
+/// Why not rayon's splitting: that gives each thread its own distant run of the weights (one
+/// from the start, one from the middle) and leaves the threads to finish at different times,
+/// so the early one goes to sleep and the next parallel region waits for it to wake. Claiming
+/// chunks in order keeps the threads reading neighbouring memory and ending together, and a
+/// thread that loses its core for a while holds up at most one chunk. Measured on the 4.0 bpw
+/// GLM decode (dev-2c, alternated): `o_proj` 428 → 395 µs, `q_b` 184 → 146, `q_a` + `kv_a`
+/// 190 → 168, the MLA attention after them 520 → 464; decode +4 %.
+fn strips_in_order(
+    z: &mut [f32],
+    chunk: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// `z`'s start, shared by the tasks that carve their claimed chunks out of it.
+    struct Results(*mut f32);
+    // SAFETY: the tasks only touch the chunks they claimed, which are disjoint (below).
+    unsafe impl Sync for Results {}
+    let strips = z.len() / STRIP;
+    let chunks = strips.div_ceil(chunk);
+    let next = AtomicUsize::new(0);
+    let results = Results(z.as_mut_ptr());
+    let tasks = rayon::current_num_threads().min(chunks).max(1);
+    (0..tasks).into_par_iter().for_each(|_| {
+        let results = &results;
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break;
+            }
+            let range = c * chunk..((c + 1) * chunk).min(strips);
+            // SAFETY: the counter hands out each chunk index once, so this task alone holds
+            // chunk c's floats, and range.end ≤ strips keeps them inside `z`, which stays
+            // borrowed mutably until every task has returned.
+            let zc = unsafe {
+                std::slice::from_raw_parts_mut(
+                    results.0.add(range.start * STRIP),
+                    range.len() * STRIP,
+                )
+            };
+            f(range, zc);
+        }
     });
 }
 
@@ -447,12 +503,14 @@ fn gemv_batch_impl<'a>(
     // Offsets (in floats) of each job's prepared input and of its first strip.
     let mut input_at = [0usize; MAX_BATCH + 1];
     let mut strip_at = [0usize; MAX_BATCH + 1];
+    let mut strip_bytes = 0;
     for j in 0..jobs {
         let (p, x) = job(j);
         assert!(x.len() >= p.in_features);
         // Inputs start on a cache line (16 floats) each.
         input_at[j + 1] = input_at[j] + isa.row_input_len(p).next_multiple_of(16);
         strip_at[j + 1] = strip_at[j] + p.strips();
+        strip_bytes = strip_bytes.max(p.tiles_k() * p.tile_bytes);
     }
     let strips = strip_at[jobs];
     with_op_scratch(ALIGN_SLACK + input_at[jobs] + strips * STRIP, |scratch| {
@@ -478,32 +536,27 @@ fn gemv_batch_impl<'a>(
                 .for_each(|(j, part)| prepare(j, part));
         }
         let inputs: &[f32] = inputs;
-        // Several tasks per thread: a thread that loses its core to another process then
-        // holds up little of the batch.
-        let per_task = strips
-            .div_ceil(8 * rayon::current_num_threads().max(1))
-            .max(1);
-        z.par_chunks_mut(per_task * STRIP)
-            .enumerate()
-            .for_each(|(task, z)| {
-                let first = task * per_task;
-                let last = first + z.len() / STRIP;
-                for j in 0..jobs {
-                    let (a, b) = (first.max(strip_at[j]), last.min(strip_at[j + 1]));
-                    if a >= b {
-                        continue;
-                    }
-                    let (p, _) = job(j);
-                    let local = a - strip_at[j]..b - strip_at[j];
-                    gemv_strips(
-                        p,
-                        isa,
-                        &inputs[input_at[j]..input_at[j + 1]],
-                        local,
-                        &mut z[(a - first) * STRIP..(b - first) * STRIP],
-                    );
+        // The jobs' strips in sequence: a chunk may end one job and start the next.
+        let run_range = |first: usize, last: usize, z: &mut [f32]| {
+            for j in 0..jobs {
+                let (a, b) = (first.max(strip_at[j]), last.min(strip_at[j + 1]));
+                if a >= b {
+                    continue;
                 }
-            });
+                let (p, _) = job(j);
+                let local = a - strip_at[j]..b - strip_at[j];
+                gemv_strips(
+                    p,
+                    isa,
+                    &inputs[input_at[j]..input_at[j + 1]],
+                    local,
+                    &mut z[(a - first) * STRIP..(b - first) * STRIP],
+                );
+            }
+        };
+        strips_in_order(z, chunk_strips(strips, strip_bytes), |range, z| {
+            run_range(range.start, range.end, z)
+        });
         let z: &[f32] = z;
         let finish = |j: usize, o: &mut [f32]| {
             let (p, _) = job(j);
@@ -941,5 +994,48 @@ unsafe impl Sync for SharedMut {}
 impl SharedMut {
     fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every strip is handed out exactly once, with its own results, for chunk sizes that
+    /// divide the strips and ones that leave a short last chunk.
+    #[test]
+    fn strips_in_order_covers_every_strip_once() {
+        for (strips, chunk) in [(1, 1), (50, 1), (50, 3), (48, 8), (7, 100)] {
+            let mut z = vec![0.0f32; strips * STRIP];
+            strips_in_order(&mut z, chunk, |range, zc| {
+                assert_eq!(zc.len(), range.len() * STRIP);
+                assert!(range.len() <= chunk);
+                for (s, values) in range.zip(zc.chunks_exact_mut(STRIP)) {
+                    for v in values {
+                        *v += s as f32 + 1.0;
+                    }
+                }
+            });
+            for (s, values) in z.chunks_exact(STRIP).enumerate() {
+                assert!(
+                    values.iter().all(|&v| v == s as f32 + 1.0),
+                    "strip {s} of {strips}"
+                );
+            }
+        }
+    }
+
+    /// Chunks hold about 64 KiB of weights, and a product never splits into more than 256
+    /// chunks a thread.
+    #[test]
+    fn chunk_sizes() {
+        let threads = rayon::current_num_threads();
+        // An expert's gate at 4 bits: 128 tiles of 128 bytes a strip.
+        assert_eq!(chunk_strips(96, 128 * 128), 4);
+        assert_eq!(chunk_strips(3, 1 << 20), 1);
+        // The head at 6 bits: 9,680 strips of 24 KiB.
+        let head = chunk_strips(9_680, 128 * 192);
+        assert!(9_680usize.div_ceil(head) <= 256 * threads);
+        assert!(head >= 2);
     }
 }
