@@ -915,7 +915,7 @@ pub fn gemv_t_with<T: Elem>(level: Level, w: &[T], x: &[f32], out: &mut [f32]) {
 /// 8 KiB gained less).
 const PREFETCH_AHEAD: usize = 2048;
 
-/// Ask for the bytes [`PREFETCH_AHEAD`] past `row`, as many as `row` has, to be brought into
+/// Ask for the bytes `PREFETCH_AHEAD` past `row`, as many as `row` has, to be brought into
 /// L1: for weights streamed from memory a row at a time with few vector operations per cache
 /// line, where the hardware prefetchers alone fall behind (MLA's f16 `kv_b`, read cold in
 /// the median at 16–19 GB/s on two cores of the Intel Xeon box, where a plain streaming read

@@ -29,7 +29,7 @@
 //! accumulates in f32. One row (decode) runs a fused GEMV with its accumulators in registers;
 //! several rows decode each tile once into L1 and multiply it into all rows (GEMM).
 //! Work is split over strips of 16 output columns on rayon's pool (one-row products hand out
-//! ~64 KiB chunks of strips in memory order, [`strips_in_order`]); the output Hadamard runs
+//! ~64 KiB chunks of strips in memory order, `strips_in_order`); the output Hadamard runs
 //! after all strips are done, so strip ranges need not align to 128-column blocks.
 
 #[cfg(target_arch = "aarch64")]
