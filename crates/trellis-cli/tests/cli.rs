@@ -22,6 +22,12 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
+/// Runs `args` followed by `extra`, succeeds, and prints one JSON document on stdout.
+fn ok_json(args: &[&str], extra: &[&str]) -> serde_json::Value {
+    let args = [args, extra].concat();
+    serde_json::from_str(&ok(&args)).unwrap_or_else(|e| panic!("trellis {args:?}: not JSON: {e}"))
+}
+
 /// Runs, fails, and says something containing each of `needles` on stderr.
 fn fails_with(args: &[&str], needles: &[&str]) {
     let out = trellis(args);
@@ -54,8 +60,7 @@ fn inspect_reports_parameters_and_bits() {
         ("exl3/qwen3-tiny-3.0bpw", 8_391_680, 3.0),
     ];
     for (dir, params, bpw) in cases {
-        let json: serde_json::Value =
-            serde_json::from_str(&ok(&["inspect", path(&fixture(dir)), "--json"])).unwrap();
+        let json = ok_json(&["inspect", path(&fixture(dir)), "--json"], &[]);
         assert_eq!(
             json["parameters"].as_u64(),
             Some(params),
@@ -182,8 +187,8 @@ fn generate_streams_the_reference_greedy_tokens() {
 #[test]
 fn bench_reports_speed_memory_and_roofline() {
     let model = fixture("exl3/glm4-moe-lite-tiny-4.0bpw");
-    let bench = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
+    let bench = |extra: &[&str]| {
+        let args = [
             "bench",
             path(&model),
             "--prompt-tokens",
@@ -195,8 +200,7 @@ fn bench_reports_speed_memory_and_roofline() {
             "--threads",
             "2",
         ];
-        args.extend_from_slice(extra);
-        serde_json::from_str(&ok(&args)).expect("bench prints JSON")
+        ok_json(&args, extra)
     };
     let json = bench(&[]);
     for field in [
@@ -391,8 +395,7 @@ fn synth_tiny_model_loads_and_generates() {
         "--out",
         path(&out),
     ]);
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(&["inspect", path(&out), "--json"])).unwrap();
+    let json = ok_json(&["inspect", path(&out), "--json"], &[]);
     assert_eq!(json["parameters"].as_u64(), Some(25_812_256));
     assert_eq!(json["bpw_excluding_head"].as_f64(), Some(3.0));
     let text = ok(&[
@@ -534,8 +537,8 @@ fn kld_against_itself_measures_int8_kv_b() {
         .map(|i| ((i * 677 + 31) % 2028).to_string())
         .collect();
     std::fs::write(&tokens, ids.join(" ")).unwrap();
-    let kld = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
+    let kld = |extra: &[&str]| {
+        let args = [
             "kld",
             path(&model),
             "--reference",
@@ -546,8 +549,7 @@ fn kld_against_itself_measures_int8_kv_b() {
             "48",
             "--json",
         ];
-        args.extend_from_slice(extra);
-        serde_json::from_str(&ok(&args)).expect("kld prints JSON")
+        ok_json(&args, extra)
     };
     let same = kld(&[]);
     assert_eq!(same["kld_mean"].as_f64(), Some(0.0), "{same}");
