@@ -317,7 +317,7 @@ impl Backend for CpuBackend {
             });
         }
         Ok(CpuRouter {
-            gate: weight.to_f32()?,
+            gate: copy_dense(weight)?,
             hidden,
             selection_bias: selection_bias.map(<[f32]>::to_vec),
             spec: spec.clone(),

@@ -1,7 +1,7 @@
 //! Mixture of experts on the CPU: routing (sigmoid or softmax scores, optional selection
 //! bias and group limits, top-k, renormalisation, scaling) and gathered expert evaluation.
 
-use super::linear::CpuLinear;
+use super::linear::{CpuLinear, DenseData};
 use super::ops::silu_mul;
 use super::scratch::{with_layer_scratch, with_task_scratch};
 use super::trellis_kernels::{
@@ -15,8 +15,10 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 8;
 
 pub struct CpuRouter {
-    /// `[num_experts, hidden]`, widened to f32: routing runs in f32.
-    pub gate: Vec<f32>,
+    /// `[num_experts, hidden]` in the precision the file stores (16-bit in the models we
+    /// know): each logit widens its row on the fly and sums in f32, the same sums as over
+    /// widened rows, with half the bytes read a layer.
+    pub gate: DenseData,
     pub hidden: usize,
     pub selection_bias: Option<Vec<f32>>,
     pub spec: RouterSpec,
@@ -36,8 +38,7 @@ pub struct CpuExperts {
 /// The router's logits of one token, split over the pool when `split` (a few experts a
 /// task); each logit is the same dot product either way.
 fn router_logits(router: &CpuRouter, x: &[f32], scores: &mut [f32], split: bool) {
-    let logit =
-        |j: usize| super::linear::dot(&router.gate[j * router.hidden..(j + 1) * router.hidden], x);
+    let logit = |j: usize| router.gate.row_dot(j, &x[..router.hidden]);
     if split {
         scores
             .par_iter_mut()
@@ -554,9 +555,11 @@ mod tests {
             .expect("a thread pool");
         for n_group in [1, 4] {
             let router = CpuRouter {
-                gate: (0..e * hidden)
-                    .map(|_| rng.random_range(-0.2f32..0.2))
-                    .collect(),
+                gate: DenseData::F32(
+                    (0..e * hidden)
+                        .map(|_| rng.random_range(-0.2f32..0.2))
+                        .collect(),
+                ),
                 hidden,
                 selection_bias: Some((0..e).map(|_| rng.random_range(-0.1f32..0.1)).collect()),
                 spec: RouterSpec {
@@ -599,6 +602,75 @@ mod tests {
                 assert_eq!(bits(&all.weights[r * k..(r + 1) * k]), bits(&one.weights));
                 let sum: f32 = one.weights.iter().sum();
                 assert!((sum - 1.8).abs() < 1e-5, "row {r}: weights sum to {sum}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_16_bit_router_routes_as_its_widened_copy() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let bits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // Widths with and without a tail after the vector loop.
+        for hidden in [2048, 200] {
+            let (e, k) = (64, 4);
+            let values: Vec<f32> = (0..e * hidden)
+                .map(|_| rng.random_range(-0.05f32..0.05))
+                .collect();
+            let spec = RouterSpec {
+                num_experts: e,
+                top_k: k,
+                scoring: ScoringFunction::Sigmoid,
+                n_group: 1,
+                topk_group: 1,
+                group_ranking: GroupRanking::TopTwoSum,
+                normalize: true,
+                scaling: 1.8,
+            };
+            let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.01f32..0.01)).collect();
+            let router = |gate: DenseData| CpuRouter {
+                gate,
+                hidden,
+                selection_bias: Some(bias.clone()),
+                spec: spec.clone(),
+            };
+            let as_bf16: Vec<half::bf16> =
+                values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let as_f16: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let pairs = [
+                (
+                    router(DenseData::BF16(as_bf16.iter().copied().collect())),
+                    router(DenseData::F32(as_bf16.iter().map(|v| v.to_f32()).collect())),
+                ),
+                (
+                    router(DenseData::F16(as_f16.iter().copied().collect())),
+                    router(DenseData::F32(as_f16.iter().map(|v| v.to_f32()).collect())),
+                ),
+            ];
+            let rows = 3;
+            let x: Vec<f32> = (0..rows * hidden)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            for (narrow, wide) in &pairs {
+                for r in 0..rows {
+                    let x = &x[r * hidden..(r + 1) * hidden];
+                    let route_one = |router: &CpuRouter| {
+                        let mut out = CpuRouting {
+                            top_k: 0,
+                            ids: vec![u32::MAX; k],
+                            weights: vec![f32::NAN; k],
+                        };
+                        route(router, x, 1, &mut out);
+                        out
+                    };
+                    let (a, b) = (route_one(narrow), route_one(wide));
+                    assert_eq!(a.ids, b.ids, "hidden {hidden}, row {r}");
+                    assert_eq!(
+                        bits(&a.weights),
+                        bits(&b.weights),
+                        "hidden {hidden}, row {r}"
+                    );
+                    assert!(a.weights.iter().all(|w| w.is_finite() && *w > 0.0));
+                }
             }
         }
     }
