@@ -544,6 +544,21 @@ mod tests {
         out
     }
 
+    /// GLM's rule (sigmoid scores, renormalised, scaled by 1.8), with `n_group` groups of
+    /// which the better half are kept.
+    fn sigmoid_routing(num_experts: usize, top_k: usize, n_group: usize) -> RouterSpec {
+        RouterSpec {
+            num_experts,
+            top_k,
+            scoring: ScoringFunction::Sigmoid,
+            n_group,
+            topk_group: n_group.div_ceil(2),
+            group_ranking: GroupRanking::TopTwoSum,
+            normalize: true,
+            scaling: 1.8,
+        }
+    }
+
     #[test]
     fn routing_many_tokens_in_parallel_matches_each_token_alone() {
         let mut rng = StdRng::seed_from_u64(5);
@@ -562,16 +577,7 @@ mod tests {
                 ),
                 hidden,
                 selection_bias: Some((0..e).map(|_| rng.random_range(-0.1f32..0.1)).collect()),
-                spec: RouterSpec {
-                    num_experts: e,
-                    top_k: k,
-                    scoring: ScoringFunction::Sigmoid,
-                    n_group,
-                    topk_group: n_group.div_ceil(2),
-                    group_ranking: GroupRanking::TopTwoSum,
-                    normalize: true,
-                    scaling: 1.8,
-                },
+                spec: sigmoid_routing(e, k, n_group),
             };
             let x: Vec<f32> = (0..rows * hidden)
                 .map(|_| rng.random_range(-1.0f32..1.0))
@@ -616,16 +622,7 @@ mod tests {
             let values: Vec<f32> = (0..e * hidden)
                 .map(|_| rng.random_range(-0.05f32..0.05))
                 .collect();
-            let spec = RouterSpec {
-                num_experts: e,
-                top_k: k,
-                scoring: ScoringFunction::Sigmoid,
-                n_group: 1,
-                topk_group: 1,
-                group_ranking: GroupRanking::TopTwoSum,
-                normalize: true,
-                scaling: 1.8,
-            };
+            let spec = sigmoid_routing(e, k, 1);
             let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.01f32..0.01)).collect();
             let router = |gate: DenseData| CpuRouter {
                 gate,
